@@ -1,0 +1,110 @@
+"""Input validation and coefficient normalisation shared by every op's public function.
+
+Rules (math.md section 8): tensors fp32/bf16/fp16 (fp64 accepted for gradcheck), mixed allowed;
+per-sample coefficients are Python numbers, 0-dim tensors or [B] tensors and are normalised to a
+contiguous fp32 [B] tensor on the op's device (fp64 when the primary input is fp64);
+hyperparameters are finite Python floats. Errors name the offending argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ETA_MODES = {"quad": 0, "linear": 1, "constant": 2}
+
+
+def check_tensor(name: str, x: object, like: torch.Tensor | None = None, like_name: str = "") -> torch.Tensor:
+    """``x`` must be a floating tensor; with ``like``, of the same shape and device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if like is not None:
+        if x.device != like.device:
+            raise ValueError(
+                f"{name} is on {x.device} but {like_name} is on {like.device}; move both to one device"
+            )
+        if x.shape != like.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)} but {like_name} has shape {tuple(like.shape)}"
+            )
+    elif x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    return x
+
+
+def coef_dtype(primary: torch.Tensor) -> torch.dtype:
+    return torch.float64 if primary.dtype == torch.float64 else torch.float32
+
+
+def per_sample(name: str, value: object, primary: torch.Tensor, *, finite: bool = True) -> torch.Tensor:
+    """A per-sample coefficient as a contiguous [B] tensor (fp32, fp64 for fp64 inputs)."""
+    batch, dtype, device = primary.shape[0], coef_dtype(primary), primary.device
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.Tensor):
+        raise TypeError(f"{name} must be a float, a 0-dim tensor or a [B] tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64, torch.bool)):
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
+        if value.dim() == 0:
+            out = value.to(dtype).reshape(1).expand(batch)
+        elif value.dim() == 1 and value.shape[0] == batch:
+            out = value.to(dtype)
+        else:
+            raise ValueError(
+                f"{name} must be a scalar or have shape [B]=[{batch}], got shape {tuple(value.shape)}"
+            )
+        out = out.detach().contiguous()
+    else:
+        out = torch.full((batch,), float(value), dtype=dtype, device=device)
+    # data-dependent check: CPU eager only (a GPU sync or a graph break otherwise)
+    checkable = out.device.type == "cpu" and not torch.compiler.is_compiling()
+    if finite and checkable and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return out
+
+
+def check_float(name: str, value: object, *, positive: bool = False, minimum: float | None = None) -> float:
+    """A finite Python float hyperparameter (optionally > 0 or > minimum)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if minimum is not None and value <= minimum:
+        raise ValueError(f"{name} must be > {minimum}, got {value}")
+    return value
+
+
+def eta_code(eta_mode: object) -> int:
+    if eta_mode not in ETA_MODES:
+        raise ValueError(f"eta_mode must be one of {sorted(ETA_MODES)}, got {eta_mode!r}")
+    return ETA_MODES[eta_mode]  # type: ignore[index]
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def loss_dtype(primary: torch.Tensor) -> torch.dtype:
+    """Losses and norms are fp32 (fp64 when the primary input is fp64, for gradcheck)."""
+    return coef_dtype(primary)
+
+
+def common_compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """One dtype for kernels that take a single element type: the shared dtype, else fp32/fp64."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return torch.float64 if torch.float64 in dtypes else torch.float32

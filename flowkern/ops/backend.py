@@ -1,0 +1,147 @@
+"""Backend selection for the fused ops (design.md section 2).
+
+Backends: ``torch`` (reference, any device), ``triton`` (CUDA; CPU under TRITON_INTERPRET=1),
+``cpp`` (C++ CPU kernels in flowkern._C), ``cuda`` (CUDA C++ kernels in flowkern._C).
+Priority: ``use_backend(...)`` context > ``FLOWKERN_BACKEND`` env var > automatic
+(CUDA tensor: cuda, else triton; CPU tensor: cpp, else triton when interpreting, else torch).
+Selection runs inside the op body at call time, so torch.compile never sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+BACKEND_NAMES = ("torch", "triton", "cpp", "cuda")
+
+try:  # the package works without the extension (pure-Python install or ABI mismatch)
+    from flowkern import _C  # type: ignore[attr-defined]
+
+    HAS_EXT = True
+    EXT_IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _C = None
+    HAS_EXT = False
+    EXT_IMPORT_ERROR = str(exc)
+
+HAS_CUDA_EXT = HAS_EXT and bool(getattr(_C, "WITH_CUDA", False))
+
+try:  # never query the Triton driver here: it raises on machines without a GPU
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("flowkern_backend", default=None)
+_warned_no_ext = False
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot serve the given op/tensor."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"{source} must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force a backend for every flowkern op called inside the block (``None`` = automatic)."""
+    if name is not None:
+        _check_name(name, "use_backend(name)")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced_backend() -> str | None:
+    name = _FORCED.get()
+    if name is not None:
+        return name
+    env = os.environ.get("FLOWKERN_BACKEND", "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    return _check_name(env, "FLOWKERN_BACKEND")
+
+
+def ext_function(name: str) -> Callable | None:
+    """The compiled entry point ``flowkern._C.<name>``, or None without the extension."""
+    return getattr(_C, name, None) if HAS_EXT else None
+
+
+def _why_unavailable(backend: str, device: torch.device, impls: Mapping[str, Callable | None]) -> str | None:
+    if impls.get(backend) is None:
+        if backend in ("cpp", "cuda") and not HAS_EXT:
+            return f"flowkern._C is not built ({EXT_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation -e .`"
+        return "this op has no such implementation"
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        return None if device.type == "cpu" else "cpp serves CPU tensors only"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return "cuda serves CUDA tensors only"
+        return (
+            None
+            if HAS_CUDA_EXT
+            else "flowkern._C was built without CUDA (torch without CUDA or no nvcc at build time)"
+        )
+    if backend == "triton":
+        if not HAS_TRITON:
+            return "triton is not installed (`pip install triton`)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if triton_interpreting():
+                return None
+            return "triton on CPU needs TRITON_INTERPRET=1 set before importing flowkern"
+        return f"triton does not serve {device.type} tensors"
+    return "unknown backend"
+
+
+def available_backends(impls: Mapping[str, Callable | None], device: torch.device) -> list[str]:
+    return [b for b in BACKEND_NAMES if _why_unavailable(b, device, impls) is None]
+
+
+def select_backend(op: str, impls: Mapping[str, Callable | None], device: torch.device) -> Callable:
+    """Return the implementation of ``op`` to run on ``device`` (see module docstring)."""
+    global _warned_no_ext
+    forced = forced_backend()
+    if forced is not None:
+        why = _why_unavailable(forced, device, impls)
+        if why is not None:
+            raise BackendUnavailableError(
+                f"flowkern.{op}: backend {forced!r} cannot serve {device.type} tensors: {why}"
+            )
+        return impls[forced]  # type: ignore[return-value]
+    if device.type == "cuda":
+        order = ("cuda", "triton", "torch")
+    else:
+        order = ("cpp", "triton", "torch") if triton_interpreting() else ("cpp", "torch")
+    if not HAS_EXT and not _warned_no_ext:
+        _warned_no_ext = True
+        warnings.warn(
+            f"flowkern._C is not available ({EXT_IMPORT_ERROR}); falling back to Triton/PyTorch. "
+            "'undefined symbol' means it was built against another torch: rebuild with "
+            "`pip install --no-build-isolation -e .`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    for name in order:
+        if _why_unavailable(name, device, impls) is None:
+            return impls[name]  # type: ignore[return-value]
+    return impls["torch"]  # type: ignore[return-value]

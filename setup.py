@@ -1,0 +1,71 @@
+"""Build flowkern._C (design.md section 4).
+
+FLOWKERN_BUILD_EXT=auto (default): C++ CPU kernels whenever torch imports; CUDA kernels added
+when torch has CUDA and nvcc is found. 0: pure Python. 1: fail unless the extension builds.
+Honours TORCH_CUDA_ARCH_LIST (Hopper: 9.0a), MAX_JOBS (ninja) and NVCC_THREADS.
+Install with `pip install --no-build-isolation -e .` so the extension links the torch you have.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODE = os.environ.get("FLOWKERN_BUILD_EXT", "auto").lower()
+if MODE not in ("0", "1", "auto"):
+    sys.exit(f"FLOWKERN_BUILD_EXT must be 0, 1 or auto, got {MODE!r}")
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def _cuda_arch_list(torch):
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    archs = set()
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            archs.add(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else ""))
+    return ";".join(sorted(archs)) or "8.0+PTX;9.0a"
+
+
+def extension_modules():
+    if MODE == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:
+        if MODE == "1":
+            raise
+        print(f"flowkern: torch not importable ({exc}); building pure Python", file=sys.stderr)
+        return [], {}
+
+    sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
+    include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
+    cxx_flags = ["-O3", "-std=c++20"]
+    nvcc_found = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
+    with_cuda = torch.version.cuda is not None and nvcc_found
+    if with_cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(torch)
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags += ["--threads", os.environ.get("NVCC_THREADS", "4")]
+        ext = CUDAExtension(
+            "flowkern._C",
+            sources + _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))),
+            include_dirs=include_dirs,
+            define_macros=[("FLOWKERN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags + ["-DFLOWKERN_WITH_CUDA"], "nvcc": nvcc_flags},
+        )
+    else:
+        ext = CppExtension("flowkern._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,72 @@
+"""Shared test helpers: the tolerance rule of design.md section 5 and exact CPU peak memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-10}
+
+
+def hi_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def assert_close_to_reference(
+    y: torch.Tensor, y_torch: torch.Tensor, y_hi: torch.Tensor, dtype: torch.dtype, name: str = "output"
+) -> None:
+    """max|y - y_hi| <= 2 max|y_torch - y_hi| + atol max(1, max|y_hi|) (+1 bf16 ulp under the interpreter).
+
+    y: backend under test; y_torch: reference in the test dtype; y_hi: reference on upcast inputs.
+    """
+    assert y.shape == y_hi.shape, f"{name}: shape {tuple(y.shape)} != reference {tuple(y_hi.shape)}"
+    y64, yt64, yh64 = (v.detach().to(torch.float64).cpu() for v in (y, y_torch, y_hi))
+    assert torch.isfinite(yh64).all(), f"{name}: the high-precision reference is not finite"
+    bad = ~torch.isfinite(y64)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: non-finite values at {idx}")
+    scale = max(1.0, yh64.abs().max().item()) if yh64.numel() else 1.0
+    tol = 2 * (yt64 - yh64).abs().max().item() if yh64.numel() else 0.0
+    tol += ATOL[dtype] * scale
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        tol += 2.0**-7 * scale  # the interpreter rounds fp32->bf16 toward zero
+    err = (y64 - yh64).abs()
+    if err.numel() and err.max().item() > tol:
+        worst = torch.nonzero(err == err.max())[:3].tolist()
+        raise AssertionError(
+            f"{name} ({dtype}): max error {err.max().item():.3e} > tolerance {tol:.3e} at {worst}; "
+            f"value {y64.flatten()[err.flatten().argmax()].item():.6g} vs {yh64.flatten()[err.flatten().argmax()].item():.6g}"
+        )
+
+
+def make_noncontiguous(x: torch.Tensor) -> torch.Tensor:
+    """Same values, non-contiguous storage (every other element of a doubled last dim)."""
+    big = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    big[..., ::2] = x
+    out = big[..., ::2]
+    assert not out.is_contiguous()
+    return out
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Exact peak of CPU allocator bytes above the starting point while `fn` runs (design.md section 6).
+
+    Uses the torch profiler's [memory] events (sorted by time, running sum of nbytes).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    for evt in prof.events():
+        if evt.name == "[memory]":
+            events.append((evt.time_range.start, evt.cpu_memory_usage))
+    events.sort(key=lambda e: e[0])
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
