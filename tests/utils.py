@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-
 import torch
+
+from flowkern.profiling import peak_memory  # noqa: F401  (re-exported for tests)
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-10}
 
@@ -49,24 +49,3 @@ def make_noncontiguous(x: torch.Tensor) -> torch.Tensor:
     out = big[..., ::2]
     assert not out.is_contiguous()
     return out
-
-
-def peak_memory(fn: Callable[[], object]) -> int:
-    """Exact peak of CPU allocator bytes above the starting point while `fn` runs (design.md section 6).
-
-    Uses the torch profiler's [memory] events (sorted by time, running sum of nbytes).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-    for evt in prof.events():
-        if evt.name == "[memory]":
-            events.append((evt.time_range.start, evt.cpu_memory_usage))
-    events.sort(key=lambda e: e[0])
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak

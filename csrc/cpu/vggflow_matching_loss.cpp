@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "flowkern/cpu_vec.h"
@@ -25,7 +26,8 @@ static double matching_loss_kernel(const T* v_ft, const T* v_base, const T* ghat
   const A grad_scale = A(2) / A(static_cast<double>(batch) * static_cast<double>(d));
   std::vector<A> partial(batch * chunks);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(4 * kChunk), diff(kChunk);
+    std::vector<A> buf(5 * kChunk);
+    A* scaled = buf.data() + 4 * kChunk;  // 2*diff/D before the store (bf16/fp16 only)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, d - start), off = b * d + start;
@@ -34,25 +36,24 @@ static double matching_loss_kernel(const T* v_ft, const T* v_base, const T* ghat
       const A* vb = as_acc(v_base + off, n, buf.data() + kChunk);
       const A* g = as_acc(ghat + off, n, buf.data() + 2 * kChunk);
       const A* c = as_acc(value_out + off, n, buf.data() + 3 * kChunk);
+      // fp32/fp64: write the gradient straight to the output; bf16/fp16: through `scaled`
+      A* out = grad == nullptr ? nullptr : (std::is_same_v<T, A> ? reinterpret_cast<A*>(grad + off) : scaled);
       Vec acc(A(0));
       int64_t i = 0;
       for (; i + Vec::size() <= n; i += Vec::size()) {
-        Vec x = Vec::loadu(vf + i) - Vec::loadu(vb + i) - Vec(coef) * Vec::loadu(g + i) + Vec::loadu(c + i);
+        const Vec x = Vec::loadu(vf + i) - Vec::loadu(vb + i) - Vec(coef) * Vec::loadu(g + i) + Vec::loadu(c + i);
         acc = acc + x * x;
-        x.store(diff.data() + i);
+        if (out != nullptr) (x * Vec(grad_scale)).store(out + i);
       }
       A tail = 0;
       for (; i < n; ++i) {
         const A x = vf[i] - vb[i] - coef * g[i] + c[i];
         tail += x * x;
-        diff[i] = x;
+        if (out != nullptr) out[i] = x * grad_scale;
       }
       partial[task] = lane_sum(acc) + tail;
-      if (grad != nullptr) {
-        int64_t j = 0;
-        for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(diff.data() + j) * Vec(grad_scale)).store(diff.data() + j);
-        for (; j < n; ++j) diff[j] *= grad_scale;
-        store_from_acc<T>(diff.data(), grad + off, n);
+      if constexpr (!std::is_same_v<T, A>) {
+        if (grad != nullptr) store_from_acc<T>(scaled, grad + off, n);
       }
     }
   });

@@ -10,9 +10,17 @@ from __future__ import annotations
 import torch
 
 
-def register_saved_grad_autograd(
-    op, name: str, num_inputs: int, grad_inputs: tuple[int, ...], n_grads: int = 1
-):
+def _is_one(grad_loss: torch.Tensor) -> bool:
+    """True when the incoming cotangent is exactly 1 (checked on CPU only: no GPU sync, no graph break)."""
+    # only plain eager tensors: fake/functional tensors (AOT tracing, opcheck) carry no value
+    if type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    if grad_loss.device.type != "cpu" or grad_loss.numel() != 1:
+        return False
+    return bool(grad_loss.item() == 1.0)
+
+
+def register_saved_grad_autograd(op, name: str, num_inputs: int, grad_inputs: tuple[int, ...], n_grads: int = 1):
     """Wire `op` (returning loss, then `n_grads` saved gradients) into autograd.
 
     grad_inputs[k] is the input position that the k-th saved gradient belongs to.
@@ -28,13 +36,21 @@ def register_saved_grad_autograd(
         return [torch.empty_like(g) for g in saved]
 
     def setup_context(ctx, inputs, output):
+        # the saved-gradient outputs never receive a cotangent: don't let autograd fill zeros for them
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*output[1 : 1 + n_grads])
 
     def backward(ctx, grad_loss, *unused):
         saved = list(ctx.saved_tensors)
         grads: list = [None] * num_inputs
         live = [k for k, g in enumerate(saved) if g.numel() > 0 and ctx.needs_input_grad[grad_inputs[k]]]
-        if live:
+        if live and grad_loss is None:
+            return tuple(grads)
+        if live and _is_one(grad_loss):
+            # loss.backward() from this loss: the saved gradient is the answer, no copy (peak +0)
+            for k in live:
+                grads[grad_inputs[k]] = saved[k]
+        elif live:
             scaled = backward_op(grad_loss, [saved[k] for k in live])
             for k, g in zip(live, scaled):
                 grads[grad_inputs[k]] = g

@@ -1,0 +1,103 @@
+"""Summarise a pytest-benchmark JSON: a markdown table of median times per provider, the speed-up of
+the fastest flowkern backend over eager PyTorch and torch.compile, GB/s and peak extra memory.
+
+    python benchmarks/plot.py RESULT.json [--png OUT.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def load_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        text = f.read()
+    if not text.strip():
+        raise SystemExit(f"{path} is empty: was the run made with --benchmark-disable?")
+    data = json.loads(text)
+    rows = []
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "provider" not in info:
+            continue
+        median = info.get("ms_p50")
+        median = median * 1e-3 if median is not None else (bench.get("stats") or {}).get("median")
+        if median is None:
+            continue
+        rows.append({**info, "seconds": median})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        groups[(r["op"], r.get("shape_name", str(r["shape"])), r["mode"], r["dtype"])][r["provider"]] = r
+    lines = [
+        "| op | shape | mode | dtype | eager ms | compile ms | flowkern ms (backend) | vs eager | vs compile "
+        "| GB/s | extra mem / input |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (op, shape, mode, dtype), by in sorted(groups.items()):
+        fk = [r for p, r in by.items() if p.startswith("flowkern_")]
+        if not fk:
+            continue
+        best = min(fk, key=lambda r: r["seconds"])
+        eager, comp = by.get("torch"), by.get("torch_compile")
+        numel = 1
+        for s in best["shape"]:
+            numel *= s
+        input_bytes = numel * (2 if dtype in ("bf16", "fp16") else 4)
+
+        def ms(r):
+            return f"{r['seconds'] * 1e3:.3f}" if r else "-"
+
+        def ratio(r):
+            return f"{r['seconds'] / best['seconds']:.2f}x" if r else "-"
+
+        gbs = best.get("gb_per_s")
+        mem = best.get("peak_extra_memory_bytes")
+        lines.append(
+            f"| {op} | {shape} | {mode} | {dtype} | {ms(eager)} | {ms(comp)} | "
+            f"{ms(best)} ({best['provider'].removeprefix('flowkern_')}) | {ratio(eager)} | {ratio(comp)} | "
+            f"{gbs:.1f} | {mem / input_bytes:.2f} |"
+            if gbs is not None and mem is not None
+            else f"| {op} | {shape} | {mode} | {dtype} | {ms(eager)} | {ms(comp)} | "
+            f"{ms(best)} ({best['provider'].removeprefix('flowkern_')}) | {ratio(eager)} | {ratio(comp)} | - | - |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json")
+    parser.add_argument("--png", help="also write a bar chart of the speed-ups (needs matplotlib)")
+    args = parser.parse_args(argv)
+    rows = load_rows(args.json)
+    print(table(rows))
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels, speedups = [], []
+        by = defaultdict(dict)
+        for r in rows:
+            by[(r["op"], r.get("shape_name"), r["mode"], r["dtype"])][r["provider"]] = r["seconds"]
+        for key, d in sorted(by.items()):
+            fk = [v for p, v in d.items() if p.startswith("flowkern_")]
+            if fk and "torch" in d:
+                labels.append(" ".join(str(k) for k in key))
+                speedups.append(d["torch"] / min(fk))
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1))
+        ax.barh(labels, speedups)
+        ax.axvline(1.0, color="k", lw=0.5)
+        ax.set_xlabel("speed-up over eager PyTorch")
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

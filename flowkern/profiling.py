@@ -1,0 +1,46 @@
+"""Exact peak-memory measurement (design.md section 6), shared by tests and benchmarks.
+
+CPU: the torch profiler's [memory] allocator events, sorted by time; the maximum running sum of
+nbytes is the peak above the starting point. RSS/VmHWM/tracemalloc are wrong here (allocator
+reuse, C++ allocations unseen). CUDA: reset_peak_memory_stats + max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def cpu_peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by the CPU allocator above the level at entry while `fn` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Raw kineto events carry every allocation (+nbytes) and free (-nbytes); prof.events() folds
+    # allocations into their ops' totals, so it cannot give a running sum.
+    raw = prof.profiler.kineto_results.events()
+    events = sorted((e.start_ns(), e.nbytes()) for e in raw if e.name() == "[memory]" and e.device_type().name == "CPU")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def cuda_peak_memory(fn: Callable[[], object], device: torch.device | str | None = None) -> int:
+    """Peak bytes allocated on the CUDA device above the level at entry while `fn` runs."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Exact peak memory of `fn` above the entry level on `device` (CPU or CUDA)."""
+    if torch.device(device).type == "cuda":
+        return cuda_peak_memory(fn, device)
+    return cpu_peak_memory(fn)
