@@ -53,7 +53,7 @@ def table(rows: list[dict]) -> str:
         def ms(r):
             return f"{r['seconds'] * 1e3:.3f}" if r else "-"
 
-        def ratio(r):
+        def ratio(r, best=best):
             return f"{r['seconds'] / best['seconds']:.2f}x" if r else "-"
 
         gbs = best.get("gb_per_s")

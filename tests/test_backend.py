@@ -74,7 +74,7 @@ def test_selection_is_invisible_to_compile():
 
 def test_works_and_warns_once_without_extension(tmp_path):
     """Hide flowkern._C: the package imports, warns once, and falls back to Triton/PyTorch."""
-    code = f"""
+    code = """
 import sys, warnings, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import torch
 
 from flowkern.profiling import peak_memory  # noqa: F401  (re-exported for tests)
@@ -36,9 +37,10 @@ def assert_close_to_reference(
     err = (y64 - yh64).abs()
     if err.numel() and err.max().item() > tol:
         worst = torch.nonzero(err == err.max())[:3].tolist()
+        at = err.flatten().argmax()
         raise AssertionError(
             f"{name} ({dtype}): max error {err.max().item():.3e} > tolerance {tol:.3e} at {worst}; "
-            f"value {y64.flatten()[err.flatten().argmax()].item():.6g} vs {yh64.flatten()[err.flatten().argmax()].item():.6g}"
+            f"value {y64.flatten()[at].item():.6g} vs {yh64.flatten()[at].item():.6g}"
         )
 
 
