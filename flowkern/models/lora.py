@@ -1,0 +1,155 @@
+"""LoRA through peft on diffusers transformers (docs/ecosystem.md (b)).
+
+`add_lora` attaches a peft adapter with `transformer.add_adapter(LoraConfig(...))` and keeps its
+parameters in fp32 even when the base weights are bf16 (diffusers' `cast_training_params` recipe).
+`save_lora` writes the file a *stock* diffusers pipeline loads with `pipe.load_lora_weights(path)`:
+`pytorch_lora_weights.safetensors` with keys `transformer.<module>.lora_{A,B}.weight` and the
+LoraConfig in the safetensors metadata (so a rank != alpha scale survives the round trip).
+`load_lora` reads such a file back into a transformer, trainable, for resuming.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_TARGETS", "LORA_WEIGHT_NAME", "add_lora", "has_lora", "load_lora", "lora_parameters", "save_lora"]
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
+
+
+def has_lora(transformer: nn.Module) -> bool:
+    """True when peft adapters are attached (`add_adapter`/`load_lora_adapter` was called)."""
+    return bool(getattr(transformer, "_hf_peft_config_loaded", False))
+
+
+def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters (names containing ``lora_``) in module order."""
+    return [p for name, p in transformer.named_parameters() if "lora_" in name]
+
+
+def add_lora(
+    transformer: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    *,
+    init_lora_weights: bool | str = "gaussian",
+    trainable_dtype: torch.dtype = torch.float32,
+) -> list[nn.Parameter]:
+    """Attach a peft LoRA (rank ``rank``, scale ``alpha / rank``; alpha defaults to rank) to a diffusers
+    transformer and return its trainable parameters.
+
+    The base weights are frozen; the LoRA parameters are cast to ``trainable_dtype`` (fp32 by default:
+    bf16 base, fp32 trainable, as diffusers' `cast_training_params`). peft's LoRA layers cast the
+    activations to the adapter's dtype and the result back, so mixed dtypes are safe.
+    """
+    from peft import LoraConfig
+
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if alpha is not None and not float(alpha) > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if isinstance(target_modules, str) or not target_modules:
+        raise ValueError(f"target_modules must be a non-empty sequence of module names, got {target_modules!r}")
+    if has_lora(transformer):
+        raise ValueError("the transformer already has a LoRA adapter; flowkern trains exactly one")
+    transformer.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(rank if alpha is None else alpha),
+        init_lora_weights=init_lora_weights,
+        target_modules=list(target_modules),
+    )
+    transformer.add_adapter(config)
+    params = lora_parameters(transformer)
+    if not params:
+        raise ValueError(f"no module of the transformer matches target_modules={list(target_modules)}")
+    for p in params:
+        p.data = p.data.to(trainable_dtype)
+        p.requires_grad_(True)
+    return params
+
+
+def _pipeline_class(transformer: nn.Module):
+    """The stock pipeline whose `save_lora_weights` matches this transformer's LoRA file format."""
+    import diffusers
+
+    name = type(transformer).__name__
+    if name == "SD3Transformer2DModel":
+        return diffusers.StableDiffusion3Pipeline
+    if name == "FluxTransformer2DModel":
+        return diffusers.FluxPipeline
+    if name == "Flux2Transformer2DModel" and hasattr(diffusers, "Flux2Pipeline"):
+        return diffusers.Flux2Pipeline
+    raise TypeError(f"save_lora supports SD3/FLUX transformers, got {name}")
+
+
+def _adapter_config(transformer: nn.Module):
+    configs = getattr(transformer, "peft_config", None) or {}
+    if "default" in configs:
+        return configs["default"]
+    if len(configs) == 1:
+        return next(iter(configs.values()))
+    raise ValueError("the transformer has no single LoRA adapter to save (call add_lora first)")
+
+
+def save_lora(transformer: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> str:
+    """Write the LoRA to directory ``path`` in diffusers' format; returns the file written.
+
+    ``StableDiffusion3Pipeline.load_lora_weights(path)`` (``FluxPipeline`` for FLUX) loads it unchanged.
+    ``dtype``: cast the saved tensors (default: keep the trainable dtype, fp32).
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    if not has_lora(transformer):
+        raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
+    config = _adapter_config(transformer)
+    state = get_peft_model_state_dict(transformer)
+    state = {k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous() for k, v in state.items()}
+    metadata = config.to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])  # a set in peft: not JSON-serialisable
+    _pipeline_class(transformer).save_lora_weights(
+        os.fspath(path), transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
+    )
+    return os.path.join(os.fspath(path), LORA_WEIGHT_NAME)
+
+
+def load_lora(transformer: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> list[nn.Parameter]:
+    """Load a LoRA file written by `save_lora` (directory or file) into ``transformer``'s existing adapter
+    (attach it with `add_lora` with the same rank/targets first); returns the trainable parameters.
+
+    With ``strict`` every adapter parameter must be in the file and every file key must match.
+    """
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not has_lora(transformer):
+        raise ValueError("the transformer has no LoRA adapter to load into (call add_lora first)")
+    file = os.path.join(path, LORA_WEIGHT_NAME) if os.path.isdir(path) else os.fspath(path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no LoRA weights at {file}")
+    raw = load_file(file)
+    prefix = "transformer."
+    state = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{file} holds no 'transformer.*' LoRA keys")
+    try:
+        result = set_peft_model_state_dict(transformer, state)
+    except RuntimeError as err:  # shape mismatch (another rank or targets)
+        raise ValueError(f"LoRA file does not match the adapter (rank/targets differ?): {err}") from None
+    if strict:
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        unexpected = list(result.unexpected_keys)
+        if missing or unexpected:
+            raise ValueError(
+                f"LoRA file does not match the adapter: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    params = lora_parameters(transformer)
+    for p in params:
+        p.requires_grad_(True)
+    return params
