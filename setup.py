@@ -8,6 +8,7 @@ Install with `pip install --no-build-isolation -e .` so the extension links the 
 
 import glob
 import os
+import platform
 import shutil
 import sys
 
@@ -49,6 +50,10 @@ def extension_modules():
     sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
     include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
     cxx_flags = ["-O3", "-std=c++20"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # ATen's Vectorized<float> is scalar unless a CPU capability is defined. AVX2 covers every
+        # x86-64 CPU of the last decade; flowkern/ops/backend.py refuses to load _C on CPUs without it.
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     nvcc_found = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
     with_cuda = torch.version.cuda is not None and nvcc_found
     if with_cuda:

@@ -16,6 +16,17 @@ _EXPORTS = {
     "available_backends": "flowkern.ops.backend",
     "BackendUnavailableError": "flowkern.ops.backend",
     "vggflow_matching_loss": "flowkern.ops.vggflow_matching_loss",
+    "consistency_probes": "flowkern.ops.consistency_probes",
+    "consistency_residual": "flowkern.ops.consistency_residual",
+    "consistency_residual_exact": "flowkern.ops.consistency_residual",
+    "time_probe": "flowkern.ops.consistency_residual",
+    "reward_grad_clip": "flowkern.ops.reward_grad_clip",
+    "adjoint_matching_loss": "flowkern.ops.adjoint_matching_loss",
+    "truncated_backprop": "flowkern.adjoint",
+    "lean_adjoint": "flowkern.adjoint",
+    "terminal_reward_grad": "flowkern.adjoint",
+    "cfg_euler": "flowkern.ops.cfg_euler",
+    "adjoint_step": "flowkern.ops.adjoint_step",
     # @@exports (one line per public name)
 }
 

@@ -19,15 +19,28 @@ import torch
 
 BACKEND_NAMES = ("torch", "triton", "cpp", "cuda")
 
-try:  # the package works without the extension (pure-Python install or ABI mismatch)
-    from flowkern import _C  # type: ignore[attr-defined]
 
-    HAS_EXT = True
-    EXT_IMPORT_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the install
-    _C = None
-    HAS_EXT = False
-    EXT_IMPORT_ERROR = str(exc)
+def _cpu_lacks_avx2() -> bool:
+    """_C's CPU kernels are compiled for AVX2 on x86-64: loading them elsewhere would be SIGILL."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "VSX", "ZVECTOR")
+
+
+_C = None
+HAS_EXT = False
+EXT_IMPORT_ERROR: str | None = None
+if _cpu_lacks_avx2():  # pragma: no cover - depends on the machine
+    EXT_IMPORT_ERROR = "this CPU has no AVX2, which flowkern._C's CPU kernels are compiled for"
+else:
+    try:  # the package works without the extension (pure-Python install or ABI mismatch)
+        from flowkern import _C  # type: ignore[attr-defined,no-redef]
+
+        HAS_EXT = True
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        EXT_IMPORT_ERROR = str(exc)
 
 HAS_CUDA_EXT = HAS_EXT and bool(getattr(_C, "WITH_CUDA", False))
 

@@ -58,7 +58,8 @@ def _run(call: Callable, backend: str | None, inputs: dict, grad_names, cotangen
                 total = total + (o * cot).sum()
         if isinstance(total, torch.Tensor):
             params = [inputs[n] for n in grad_names]
-            gs = torch.autograd.grad(total, params, allow_unused=True)
+            with use_backend(backend):  # backward custom ops select their backend at call time too
+                gs = torch.autograd.grad(total, params, allow_unused=True)
             grads = {n: g for n, g in zip(grad_names, gs)}
     return outs, grads
 
@@ -81,7 +82,5 @@ def check_against_reference(
             assert g.get(n) is None or not g[n].abs().any(), f"{backend}: unexpected gradient for {n}"
             continue
         assert g.get(n) is not None, f"{backend}: missing gradient for {n}"
-        assert g[n].dtype == lo[n].dtype, (
-            f"{backend}: gradient of {n} has dtype {g[n].dtype}, input {lo[n].dtype}"
-        )
+        assert g[n].dtype == lo[n].dtype, f"{backend}: gradient of {n} has dtype {g[n].dtype}, input {lo[n].dtype}"
         assert_close_to_reference(g[n], g_torch[n], g_hi[n], dtype, f"{backend} d/d{n}")
