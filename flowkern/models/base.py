@@ -26,7 +26,9 @@ class FlowModel(Protocol):
     - ``trainable_parameters()``: the parameters an optimizer updates (LoRA, residual net).
     """
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, detach_uncond: bool = False) -> torch.Tensor: ...
+    def velocity(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, detach_uncond: bool = False
+    ) -> torch.Tensor: ...
 
     def base_velocity(self) -> contextlib.AbstractContextManager[None]: ...
 

@@ -25,13 +25,9 @@ def check_tensor(name: str, x: object, like: torch.Tensor | None = None, like_na
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
     if like is not None:
         if x.device != like.device:
-            raise ValueError(
-                f"{name} is on {x.device} but {like_name} is on {like.device}; move both to one device"
-            )
+            raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}; move both to one device")
         if x.shape != like.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(x.shape)} but {like_name} has shape {tuple(like.shape)}"
-            )
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but {like_name} has shape {tuple(like.shape)}")
     elif x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     return x
@@ -56,9 +52,7 @@ def per_sample(name: str, value: object, primary: torch.Tensor, *, finite: bool 
         elif value.dim() == 1 and value.shape[0] == batch:
             out = value.to(dtype)
         else:
-            raise ValueError(
-                f"{name} must be a scalar or have shape [B]=[{batch}], got shape {tuple(value.shape)}"
-            )
+            raise ValueError(f"{name} must be a scalar or have shape [B]=[{batch}], got shape {tuple(value.shape)}")
         out = out.detach().contiguous()
     else:
         out = torch.full((batch,), float(value), dtype=dtype, device=device)

@@ -99,7 +99,9 @@ def ext_function(name: str) -> Callable | None:
 def _why_unavailable(backend: str, device: torch.device, impls: Mapping[str, Callable | None]) -> str | None:
     if impls.get(backend) is None:
         if backend in ("cpp", "cuda") and not HAS_EXT:
-            return f"flowkern._C is not built ({EXT_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation -e .`"
+            return (
+                f"flowkern._C is not built ({EXT_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation -e .`"
+            )
         return "this op has no such implementation"
     if backend == "torch":
         return None
@@ -109,9 +111,7 @@ def _why_unavailable(backend: str, device: torch.device, impls: Mapping[str, Cal
         if device.type != "cuda":
             return "cuda serves CUDA tensors only"
         return (
-            None
-            if HAS_CUDA_EXT
-            else "flowkern._C was built without CUDA (torch without CUDA or no nvcc at build time)"
+            None if HAS_CUDA_EXT else "flowkern._C was built without CUDA (torch without CUDA or no nvcc at build time)"
         )
     if backend == "triton":
         if not HAS_TRITON:

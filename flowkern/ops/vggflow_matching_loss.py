@@ -66,9 +66,7 @@ if HAS_TRITON:
         tl.store(partial_ptr + b * n_chunks + c, tl.sum(acc, axis=0))
 
     def _triton_impl(v_ft, v_base, reward_grad, value_out, t, beta, eta_mode, compute_grad):
-        v_ft, v_base, reward_grad, value_out = (
-            x.contiguous() for x in (v_ft, v_base, reward_grad, value_out)
-        )
+        v_ft, v_base, reward_grad, value_out = (x.contiguous() for x in (v_ft, v_base, reward_grad, value_out))
         batch, d = v_ft.shape[0], v_ft.numel() // v_ft.shape[0]
         block, chunk, n_chunks = reduction_layout(d)
         grad = torch.empty_like(v_ft) if compute_grad else v_ft.new_empty(0)
@@ -124,9 +122,7 @@ def _(v_ft, v_base, reward_grad, value_out, t, beta, eta_mode, compute_grad):
         torch._check(other.shape == v_ft.shape)
     torch._check(t.shape == (v_ft.shape[0],))
     loss = v_ft.new_empty((), dtype=V.loss_dtype(v_ft))
-    return loss, (
-        torch.empty_like(v_ft, memory_format=torch.contiguous_format) if compute_grad else v_ft.new_empty(0)
-    )
+    return loss, (torch.empty_like(v_ft, memory_format=torch.contiguous_format) if compute_grad else v_ft.new_empty(0))
 
 
 register_saved_grad_autograd(_op, OP, num_inputs=8, grad_inputs=(0,))
