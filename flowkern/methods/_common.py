@@ -1,0 +1,208 @@
+"""Shared helpers of the methods (layer L4): argument checks, reward evaluation, batch gathering.
+
+Methods take callables and tensors, never a model (design.md section 1):
+
+- ``velocity(x, t, cond)``: the fine-tuned CFG-combined velocity v_theta in paper time (M1, M5), with the
+  parameter path of the unconditional branch detached (``detach_uncond=True``) for training forwards;
+- ``base_velocity(x, t, cond)``: the frozen base v_base;
+- ``reward(x) -> [B]``: the differentiable reward r(x) (decode + reward model, fp32).
+
+``t`` is a [B] fp32 tensor. :func:`flow_callables` builds the first two from any object with the
+``FlowModel`` shape (``velocity``, ``base_velocity()``) by duck typing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from flowkern.adjoint import terminal_reward_grad
+from flowkern.ops import _validate as V
+from flowkern.sampling import validate_grid
+
+Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+Reward = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- arguments
+def check_positive(name: str, value: object) -> float:
+    """A finite float > 0 (beta, lambda, alpha, eps, ...); TypeError/ValueError naming ``name``."""
+    return V.check_float(name, value, positive=True)
+
+
+def check_int(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
+    return value
+
+
+def check_callable(name: str, value: object) -> Callable:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value  # type: ignore[return-value]
+
+
+def check_time_grid(ts: object) -> torch.Tensor:
+    """ts: one shared grid 0 = t_0 < ... < t_N = 1 (M2), checked by ``flowkern.sampling.validate_grid``; fp64 [N+1]."""
+    grid = validate_grid(ts)
+    if grid.dim() != 1:
+        raise ValueError(f"ts must be one shared grid [N+1] for the methods, got shape {tuple(grid.shape)}")
+    return grid
+
+
+# ---------------------------------------------------------------- FlowModel adapter (duck typing)
+def flow_callables(model: Any, *, detach_uncond: bool = True) -> tuple[Velocity, Velocity]:
+    """(velocity, base_velocity) callables for any object shaped like ``FlowModel`` (models/base.py).
+
+    ``velocity`` detaches the parameter path of the unconditional CFG branch (M5) when
+    ``detach_uncond``; ``base_velocity`` evaluates the model inside its ``base_velocity()`` context.
+    """
+    for attr in ("velocity", "base_velocity"):
+        if not callable(getattr(model, attr, None)):
+            raise TypeError(f"model must provide {attr}() (the FlowModel protocol), got {type(model).__name__}")
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return model.velocity(x, t, cond, detach_uncond=detach_uncond)
+
+    def base_velocity(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        with model.base_velocity():
+            return model.velocity(x, t, cond)
+
+    return velocity, base_velocity
+
+
+# ---------------------------------------------------------------- reward
+def check_reward_output(r: object, x: torch.Tensor, name: str = "reward") -> torch.Tensor:
+    """The reward must return a floating [B] tensor (values may be non-finite: the trainer skips those)."""
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"{name}(x) must return a torch.Tensor of shape [B], got {type(r).__name__}")
+    if not r.dtype.is_floating_point:
+        raise TypeError(f"{name}(x) must return a floating tensor, got {r.dtype}")
+    if tuple(r.shape) != (x.shape[0],):
+        raise ValueError(
+            f"{name}(x) must return shape [B]=[{x.shape[0]}] (one reward per sample), got {tuple(r.shape)}"
+        )
+    return r
+
+
+def evaluate_reward(reward: Reward, x: torch.Tensor, name: str = "reward") -> torch.Tensor:
+    """r(x) as fp32 [B], shape-checked (M7: reward in fp32)."""
+    return check_reward_output(reward(x), x, name).to(acc_dtype(x))
+
+
+def reward_and_grad(reward: Reward, y: torch.Tensor, name: str = "reward") -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(y) [B], grad_y r(y)) in fp32 (fp64 for fp64 y) via ``flowkern.adjoint.terminal_reward_grad`` (M7).
+
+    Only y gets a gradient (frozen reward parameters get no ``.grad``).
+
+    The reward is per sample, so the gradient of the sum is the per-sample gradient.
+    """
+    checked = lambda image: check_reward_output(reward(image), image, name)
+    acc = acc_dtype(y)
+    g, r = terminal_reward_grad(y.detach().to(acc), None, checked)
+    return r.to(acc), g.to(acc)
+
+
+def reward_grad_functional(reward: Reward) -> Callable[[torch.Tensor], torch.Tensor]:
+    """y -> grad_y r(y) as a torch.func transform: composable with ``torch.func.jvp`` (forward-over-reverse, M21)."""
+    return torch.func.grad(lambda y: reward(y).sum())
+
+
+# ---------------------------------------------------------------- batches
+def gather_cond(cond: Any, index: torch.Tensor) -> Any:
+    """cond rows ``index`` (tensors along dim 0; tuples, lists and dicts recursively; None and others as is)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond if cond.dim() == 0 else cond[index.to(cond.device)]
+    if isinstance(cond, Mapping):
+        return type(cond)({k: gather_cond(v, index) for k, v in cond.items()})
+    if isinstance(cond, tuple | list):
+        return type(cond)(gather_cond(v, index) for v in cond)
+    return cond
+
+
+def unpack_batch(batch: Mapping) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(states [N+1, B, ...], ts fp64 [N+1], cond) of a rollout batch {'states', 'ts', optional 'cond'}."""
+    if not isinstance(batch, Mapping) or "states" not in batch or "ts" not in batch:
+        raise TypeError("batch must be a mapping with 'states' (x_0..x_N) and 'ts' (the grid), e.g. from rollout()")
+    states = stack_states(batch["states"])
+    ts = check_time_grid(batch["ts"])
+    if states.dim() < 2 or states.shape[0] != ts.numel():
+        raise ValueError(
+            f"states must be [N+1, B, ...] with N+1 = {ts.numel()} (one per grid time), got {tuple(states.shape)}"
+        )
+    return states, ts, batch.get("cond")
+
+
+def stack_states(states: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """States x_0..x_N as one [N+1, B, ...] tensor."""
+    if isinstance(states, torch.Tensor):
+        return states
+    return torch.stack(list(states))
+
+
+def per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] coefficient broadcastable against [B, ...]."""
+    return coef.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def eta(t: torch.Tensor, eta_mode: str) -> torch.Tensor:
+    """eta_t of (M15): 'quad' t^2 | 'linear' t | 'constant' 1 (differentiable in t, for the JVP of M21)."""
+    if eta_mode == "quad":
+        return t * t
+    if eta_mode == "linear":
+        return t
+    return torch.ones_like(t)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Loss/difference dtype: fp32, or fp64 for fp64 inputs (tests with analytic fields)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def sq_norm_per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(acc_dtype(x)).flatten(1).square().sum(1)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off (M20: the network calls entering a finite difference run in fp32)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ---------------------------------------------------------------- deferred backward
+class _DeferredBackward(torch.autograd.Function):
+    """A scalar loss whose backward runs ``backward_fn(scale)`` (e.g. the truncated adjoint of M23).
+
+    Lets memory-lean methods (DRaFT) expose the same ``loss.backward()`` interface as autograd losses:
+    the caller may scale the loss (gradient accumulation) and the scale reaches ``backward_fn``.
+    """
+
+    @staticmethod
+    def forward(ctx, value, anchor, backward_fn):
+        ctx.backward_fn = backward_fn
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ctx.backward_fn(grad_output.detach())
+        return None, None, None
+
+
+def deferred_loss(value: torch.Tensor, backward_fn: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """A scalar equal to ``value`` whose ``.backward()`` calls ``backward_fn(grad_output)`` once."""
+    anchor = torch.zeros((), dtype=value.dtype, device=value.device, requires_grad=True)
+    return _DeferredBackward.apply(value.reshape(()), anchor, backward_fn)
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,372 @@
+"""VGG-Flow (math.md section 3, M6-M22): value-gradient guidance for flow-matching alignment.
+
+Per selected transition (x, t) of an on-policy rollout (M22 subsampling, M2 Euler):
+
+    x_hat1 = x + (1 - t) sg(v_theta(x, t))                               (M6, one definition everywhere)
+    ghat   = rho_b grad r(x_hat1),  rho_b = min(n_b, tau) / max(n_b, 1e-12)  (M7, M8)
+    G_phi  = -beta eta_t ghat + c_phi(x, t, y)                           (M15, velocity units M14)
+    L      = mean((v_theta - sg(v_base - G_phi))^2)                      (M16, ops.vggflow_matching_loss)
+           + mean(R^2)                                                   (M18; R by 'fd' M20 or 'exact' M21)
+           + alpha 1[i = N-1] mean(c_phi^2)                              (M17)
+
+theta (the flow model) and phi (the value network c_phi) are disjoint; one backward, one optimizer step
+(M19); after it tau <- Quantile_0.8 of the unperturbed norms n_b of that update (M9).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowkern.methods import _common as C
+from flowkern.ops import _validate as V
+from flowkern.ops import (
+    consistency_probes,
+    consistency_residual,
+    consistency_residual_exact,
+    reward_grad_clip,
+    time_probe,
+    vggflow_matching_loss,
+)
+from flowkern.sampling import sample_euler, subsample_transitions
+
+CONSISTENCY_MODES = ("fd", "exact")
+
+
+class SmallValueNet(nn.Module):
+    """c_phi(x, t, cond) for the 'small' value-net option (M15, section 3 'Value net'): zero-initialised output.
+
+    Vector samples [B, d] (and any layout that is not [B, C, H, W]): an MLP on (flattened x, time features,
+    cond). Image-like samples [B, C, H, W]: a small conv net, time/cond features added per channel (FiLM
+    shift). ``cond``: None, a floating tensor [B, ..., cond_dim] (mean-pooled over the middle dims; the prompt
+    embedding, never the negative prompt, M15) or an integer label tensor [B] (``num_classes``).
+    """
+
+    def __init__(
+        self,
+        sample_shape: Sequence[int],
+        *,
+        hidden: int = 128,
+        depth: int = 3,
+        n_freq: int = 4,
+        cond_dim: int | None = None,
+        num_classes: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.sample_shape = tuple(C.check_int("sample_shape entry", s) for s in sample_shape)
+        if not self.sample_shape:
+            raise ValueError("sample_shape must have at least one dimension")
+        hidden, depth = C.check_int("hidden", hidden), C.check_int("depth", depth)
+        self.n_freq = C.check_int("n_freq", n_freq, minimum=0)
+        self.register_buffer("freqs", 2 * math.pi * torch.arange(1, self.n_freq + 1, dtype=dtype))
+        emb_in = 1 + 2 * self.n_freq
+        self.cond_proj = None
+        self.label_emb = None
+        if cond_dim is not None:
+            self.cond_proj = nn.Linear(C.check_int("cond_dim", cond_dim), hidden, dtype=dtype)
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(C.check_int("num_classes", num_classes), hidden, dtype=dtype)
+        self.time_proj = nn.Linear(emb_in, hidden, dtype=dtype)
+        self.image = len(self.sample_shape) == 3
+        act = nn.SiLU
+        if self.image:
+            ch = self.sample_shape[0]
+            self.inp = nn.Conv2d(ch, hidden, 3, padding=1, dtype=dtype)
+            self.body = nn.ModuleList(nn.Conv2d(hidden, hidden, 3, padding=1, dtype=dtype) for _ in range(depth - 1))
+            self.out = nn.Conv2d(hidden, ch, 3, padding=1, dtype=dtype)
+        else:
+            d = math.prod(self.sample_shape)
+            self.inp = nn.Linear(d, hidden, dtype=dtype)
+            self.body = nn.ModuleList(nn.Linear(hidden, hidden, dtype=dtype) for _ in range(depth - 1))
+            self.out = nn.Linear(hidden, d, dtype=dtype)
+        self.act = act()
+        nn.init.zeros_(self.out.weight)  # c_phi = 0 at init (paper: "tiny weights")
+        nn.init.zeros_(self.out.bias)
+
+    def _embedding(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        batch = x.shape[0]
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = t.expand(batch) if t.dim() == 0 else t.reshape(batch)
+        ft = t[:, None] * self.freqs.to(x.dtype)[None]
+        emb = self.time_proj(torch.cat([t[:, None], torch.sin(ft), torch.cos(ft)], dim=1))
+        if cond is not None:
+            if not isinstance(cond, torch.Tensor):
+                raise TypeError(f"SmallValueNet: cond must be a tensor or None, got {type(cond).__name__}")
+            if cond.dtype.is_floating_point:
+                if self.cond_proj is None:
+                    raise ValueError("SmallValueNet got a floating cond but was built without cond_dim")
+                pooled = cond.reshape(batch, -1, cond.shape[-1]).mean(1) if cond.dim() > 2 else cond
+                emb = emb + self.cond_proj(pooled.to(x.dtype))
+            else:
+                if self.label_emb is None:
+                    raise ValueError("SmallValueNet got integer labels but was built without num_classes")
+                emb = emb + self.label_emb(cond.reshape(batch))
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"SmallValueNet: x must be [B, {self.sample_shape}], got {tuple(x.shape)}")
+        emb = self._embedding(x, t, cond)
+        if self.image:
+            h = self.act(self.inp(x) + emb[:, :, None, None])
+            for layer in self.body:
+                h = self.act(layer(h) + emb[:, :, None, None])
+            return self.out(h)
+        h = self.act(self.inp(x.flatten(1)) + emb)
+        for layer in self.body:
+            h = self.act(layer(h) + emb)
+        return self.out(h).reshape(x.shape)
+
+
+class VGGFlow:
+    """VGG-Flow (M6-M22). One entry point: ``loss(batch) -> (loss, metrics)``; then the caller's backward and
+    optimizer step on ``flow parameters`` (theta) and :meth:`value_parameters` (phi), then
+    :meth:`after_optimizer_step` (tau update, M9).
+
+    Args:
+        velocity: v_theta(x, t, cond), CFG-combined, unconditional branch's parameters detached (M5).
+        base_velocity: v_base(x, t, cond) (frozen).
+        reward: r(x) -> [B] (differentiable, fp32).
+        value_net: 'small' (a :class:`SmallValueNet` on ``sample_shape``) or any module/callable
+            ``(x, t, cond) -> c_phi`` shaped like x, in velocity units (e.g. a LoRA copy of the transformer).
+        beta: 1/lambda > 0 (M10). alpha: boundary weight (M17, M19). eta_mode: 'quad' | 'linear' | 'constant'.
+        consistency: 'fd' (M20) or 'exact' (M21). eps_x, eps_t: finite-difference steps (per-element RMS step
+            and paper time, per unit t).
+        subsample_fraction: f of (M22); None uses every transition.
+        clip_quantile, tau0: running-quantile clipping (M9); clip=False disables clipping (rho = 1).
+        tau_gather: optional callable gathering the update's norms over ranks before the quantile (M9).
+        generator: torch.Generator for the subsampling draws.
+    """
+
+    has_value_net = True
+
+    def __init__(
+        self,
+        velocity: C.Velocity,
+        base_velocity: C.Velocity,
+        reward: C.Reward,
+        *,
+        value_net: str | nn.Module | Callable = "small",
+        sample_shape: Sequence[int] | None = None,
+        cond_dim: int | None = None,
+        beta: float,
+        alpha: float = 1e4,
+        eta_mode: str = "quad",
+        consistency: str = "fd",
+        eps_x: float = 1e-3,
+        eps_t: float = 1e-3,
+        subsample_fraction: float | None = 0.25,
+        clip: bool = True,
+        clip_quantile: float = 0.8,
+        tau0: float = 1.0,
+        tau_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        self.velocity = C.check_callable("velocity", velocity)
+        self.base_velocity = C.check_callable("base_velocity", base_velocity)
+        self.reward = C.check_callable("reward", reward)
+        self.beta = C.check_positive("beta", beta)
+        self.alpha = C.check_positive("alpha", alpha)
+        V.eta_code(eta_mode)  # ValueError naming eta_mode
+        self.eta_mode = eta_mode
+        self.consistency = V.check_choice("consistency", consistency, CONSISTENCY_MODES)
+        self.eps_x = C.check_positive("eps_x", eps_x)
+        self.eps_t = C.check_positive("eps_t", eps_t)
+        if self.eps_t >= 0.5:
+            raise ValueError(f"eps_t must be < 0.5 (a time step inside [0, 1]), got {eps_t}")
+        if subsample_fraction is not None:
+            subsample_fraction = C.check_positive("subsample_fraction", subsample_fraction)
+            if subsample_fraction > 1:
+                raise ValueError(f"subsample_fraction must be in (0, 1], got {subsample_fraction}")
+        self.subsample_fraction = subsample_fraction
+        self.clip = bool(clip)
+        self.clip_quantile = C.check_positive("clip_quantile", clip_quantile)
+        if self.clip_quantile > 1:
+            raise ValueError(f"clip_quantile must be in (0, 1], got {clip_quantile}")
+        self.tau = C.check_positive("tau0", tau0)
+        self.tau_gather = tau_gather
+        self.generator = generator
+        if isinstance(value_net, str):
+            if value_net != "small":
+                raise ValueError(f"value_net must be 'small' or a module/callable, got {value_net!r}")
+            if sample_shape is None:
+                raise ValueError("value_net='small' needs sample_shape (the shape of one sample x)")
+            value_net = SmallValueNet(sample_shape, cond_dim=cond_dim)
+        self.value_net = C.check_callable("value_net", value_net)
+        self._pending_norms: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------ parameters and hooks
+    def value_parameters(self) -> list[nn.Parameter]:
+        """phi: the value network's trainable parameters (their own optimizer group, M19 update)."""
+        if isinstance(self.value_net, nn.Module):
+            return [p for p in self.value_net.parameters() if p.requires_grad]
+        params = getattr(self.value_net, "trainable_parameters", None)
+        return list(params()) if callable(params) else []
+
+    def after_optimizer_step(self) -> None:
+        """tau <- linear Quantile_q of the n_b of all unperturbed evaluations of this update (M9)."""
+        if not self._pending_norms:
+            return
+        norms = torch.cat(self._pending_norms)
+        self._pending_norms = []
+        if self.tau_gather is not None:
+            norms = self.tau_gather(norms)
+        norms = norms[torch.isfinite(norms)].double()
+        if norms.numel():
+            tau = float(torch.quantile(norms, self.clip_quantile, interpolation="linear"))
+            if math.isfinite(tau) and tau > 0:
+                self.tau = tau
+
+    def discard_step(self) -> None:
+        """The update was skipped (non-finite loss or gradient): forget its norms, keep tau."""
+        self._pending_norms = []
+
+    def state_dict(self) -> dict:
+        return {"tau": self.tau}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tau = C.check_positive("tau", state["tau"])
+
+    # ------------------------------------------------------------ rollout
+    def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
+        """On-policy Euler rollout (M2) without grad: {'states' [N+1, B, ...], 'ts', 'cond'}."""
+        traj = sample_euler(self.velocity, x0, ts, cond)
+        return {"states": traj.states, "ts": traj.ts, "cond": cond}
+
+    # ------------------------------------------------------------ pieces
+    def _transitions(self, n_steps: int, batch: int, device: torch.device) -> torch.Tensor:
+        """[B, n] transition indices per trajectory (M22), or every transition."""
+        if self.subsample_fraction is None:
+            return torch.arange(n_steps, device=device).expand(batch, n_steps)
+        rows = subsample_transitions(n_steps, batch, self.generator, fraction=self.subsample_fraction)
+        return torch.tensor(rows, dtype=torch.long, device=device)
+
+    def _x_hat1(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """x_hat1 = x + (1-t) sg(v_theta(x, t)) (M6), re-evaluated at each point."""
+        with torch.no_grad():
+            v = self.velocity(x, t, cond)
+        return x + C.per_sample(1 - t, x) * v.detach().to(x.dtype)
+
+    def _ghat_at(self, x: torch.Tensor, t: torch.Tensor, cond: Any, rho: torch.Tensor) -> torch.Tensor:
+        """rho_b grad r(x_hat1(x, t)) at a perturbed point, rho_b from the unperturbed (x, t) (M9)."""
+        _, g = C.reward_and_grad(self.reward, self._x_hat1(x, t, cond))
+        return g * C.per_sample(rho, g)
+
+    def _value(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        c = self.value_net(x, t, cond)
+        if not isinstance(c, torch.Tensor) or c.shape != x.shape:
+            raise ValueError(
+                f"value_net(x, t, cond) must return a tensor shaped like x {tuple(x.shape)}, "
+                f"got {tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}"
+            )
+        return c
+
+    # ------------------------------------------------------------ loss
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = L_match + L_cons + alpha L_bnd over the selected transitions of ``batch`` (M16-M19).
+
+        batch: 'states' [N+1, B, ...] (or a list of N+1 [B, ...] tensors) from an on-policy rollout,
+        'ts' [N+1] (M2), optional 'cond' (per trajectory, gathered along dim 0).
+        """
+        states, ts, cond = C.unpack_batch(batch)
+        n_steps, n_traj = ts.numel() - 1, states.shape[1]
+        device = states.device
+        idx = self._transitions(n_steps, n_traj, device)  # [B, n]
+        traj = torch.arange(n_traj, device=device)[:, None].expand_as(idx).reshape(-1)
+        step = idx.reshape(-1)
+        acc = C.acc_dtype(states)  # fp32 (fp64 for fp64 states): losses and differences in fp32 at least (M20)
+        x = states[step, traj].detach().to(acc)
+        t = ts.to(device=device, dtype=acc)[step]
+        mask = (step == n_steps - 1).to(acc)  # boundary transitions (M17)
+        c_y = C.gather_cond(cond, traj)
+
+        v_ft = self.velocity(x, t, c_y)  # grad to theta
+        with torch.no_grad(), C.no_autocast(device):
+            v_b = self.base_velocity(x, t, c_y).to(acc)
+        g_raw = C.reward_and_grad(self.reward, self._x_hat1(x, t, c_y))[1]
+        tau = self.tau if self.clip else float("inf")
+        if self.clip:
+            ghat, norms = reward_grad_clip(g_raw, tau)
+        else:
+            ghat, norms = g_raw, g_raw.flatten(1).norm(dim=1)
+        ghat = ghat.to(acc)
+        rho = norms.clamp(max=tau) / norms.clamp(min=1e-12) if self.clip else torch.ones_like(norms)
+        self._pending_norms.append(norms.detach().double().cpu())
+
+        if self.consistency == "fd":
+            with C.no_autocast(device):
+                c = self._value(x, t, c_y)
+            l_cons, l_bnd = self._consistency_fd(x, t, c_y, c, v_b, ghat, rho, mask)
+        else:
+            c, l_cons, l_bnd = self._consistency_exact(x, t, c_y, v_b, ghat, rho, mask)
+        c = c.to(acc)
+        l_match = vggflow_matching_loss(v_ft, v_b, ghat, c.detach(), t, self.beta, self.eta_mode)
+        total = l_match + l_cons + self.alpha * l_bnd  # (M19)
+
+        metrics = {
+            "loss": float(total.detach()),
+            "loss_match": float(l_match.detach()),
+            "loss_cons": float(l_cons.detach()),
+            "loss_bnd": float(l_bnd.detach()),
+            "tau": tau,
+            "reward_grad_norm": float(norms.mean()),
+            "clip_fraction": float((norms > tau).float().mean()) if self.clip else 0.0,
+            "value_rms": float(c.detach().square().mean().sqrt()),
+            "transitions": float(step.numel()),
+        }
+        return total, metrics
+
+    def _consistency_fd(self, x, t, cond, c, v_b, ghat, rho, mask):
+        """(M20) forward differences at (x, t+e_b) and (x + eps_x w/rho_w, t), T3 along sg(G); fp32, autocast off."""
+        device = x.device
+        x_w, x_g, rho_w, rho_g = consistency_probes(
+            x, v_b, c.detach(), ghat, t, self.beta, eta_mode=self.eta_mode, eps_x=self.eps_x
+        )
+        t_p = time_probe(t, self.eps_t)  # t + e_b, e_b = -eps_t where t + eps_t > 1 (M20)
+        with C.no_autocast(device):
+            c_t = self._value(x, t_p, cond)
+            c_x = self._value(x_w.to(x.dtype), t, cond)
+            with torch.no_grad():
+                g_t = self._ghat_at(x, t_p, cond, rho)
+                g_x = self._ghat_at(x_w.to(x.dtype), t, cond, rho)
+                vb_g = self.base_velocity(x_g.to(x.dtype), t, cond).to(x.dtype)
+        return consistency_residual(
+            c.to(x.dtype), c_t.to(x.dtype), c_x.to(x.dtype), ghat, g_t, g_x, v_b, vb_g, t, self.beta,
+            self.eta_mode, self.eps_t, self.eps_x, rho_w, rho_g, mask,
+        )  # fmt: skip
+
+    def _consistency_exact(self, x, t, cond, v_b, ghat, rho, mask):
+        """(M21) T1+T2 = d/ds G_phi(x + s w, t + s) by one forward-mode JVP (c_phi with grad to phi; the ghat
+        branch through v_theta in x_hat1 and forward-over-reverse through the reward, detached), T3 = J_vb^T sg(G)."""
+        device = x.device
+        beta, mode = self.beta, self.eta_mode
+        with torch.no_grad(), C.no_autocast(device):
+            c0 = self._value(x, t, cond).to(x.dtype)
+        eta_t = C.per_sample(C.eta(t, mode), x)
+        g_phi = c0 - beta * eta_t * ghat  # G_phi (M15)
+        w = (v_b - g_phi).detach()  # w = sg(v_base - G_phi) (shared by M20/M21)
+        ones = torch.ones_like(t)
+        with C.no_autocast(device):
+            c, dc = torch.func.jvp(lambda xx, tt: self._value(xx, tt, cond), (x, t), (w, ones))
+            grad_r = C.reward_grad_functional(self.reward)
+            rho_b = C.per_sample(rho, x)
+
+            def eta_ghat(xx, tt):
+                v = self.velocity(xx, tt, cond)
+                y = xx + C.per_sample(1 - tt, xx) * v.to(xx.dtype)  # x_hat1 (M6), differentiated along (w, 1)
+                return C.per_sample(C.eta(tt, mode), xx) * rho_b * grad_r(y).to(xx.dtype)
+
+            with torch.no_grad():
+                _, d_eta_ghat = torch.func.jvp(eta_ghat, (x, t), (w, ones))
+            with torch.enable_grad():
+                xr = x.detach().requires_grad_(True)
+                vb = self.base_velocity(xr, t, cond)
+                (t3,) = torch.autograd.grad(vb, xr, grad_outputs=g_phi.detach().to(vb.dtype))
+        dg = dc.to(x.dtype) - beta * d_eta_ghat.to(x.dtype)  # DG = d/ds c_phi - beta d/ds (eta ghat)
+        l_cons, l_bnd = consistency_residual_exact(dg, t3.to(x.dtype).detach(), c.to(x.dtype), mask)
+        return c, l_cons, l_bnd
