@@ -1,7 +1,7 @@
 """Summarise a pytest-benchmark JSON: a markdown table of median times per provider, the speed-up of
 the fastest flowkern backend over eager PyTorch and torch.compile, GB/s and peak extra memory.
 
-    python benchmarks/plot.py RESULT.json [--png OUT.png]
+    python benchmarks/plot.py RESULT.json [--png OUT.png] [--strip]
 """
 
 from __future__ import annotations
@@ -73,7 +73,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("json")
     parser.add_argument("--png", help="also write a bar chart of the speed-ups (needs matplotlib)")
+    parser.add_argument("--strip", action="store_true", help="drop per-round raw timings from the JSON, in place")
     args = parser.parse_args(argv)
+    if args.strip:  # pytest-benchmark keeps every round: MBs per run; the statistics are what gets committed
+        with open(args.json) as f:
+            data = json.load(f)
+        for bench in data["benchmarks"]:
+            bench.get("stats", {}).pop("data", None)
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
     rows = load_rows(args.json)
     print(table(rows))
     if args.png:

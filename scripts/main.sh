@@ -9,4 +9,4 @@ mkdir -p benchmarks/results/local
 out="benchmarks/results/local/$(date +%Y%m%d-%H%M%S).json"
 "$PY" -m pytest benchmarks -q -p no:cacheprovider -k "B4" --benchmark-json "$out" \
   --benchmark-columns=median,iqr,rounds --benchmark-sort=fullname --benchmark-group-by=param:case,param:mode,param:dtype "$@"
-"$PY" benchmarks/plot.py "$out"
+"$PY" benchmarks/plot.py --strip "$out"
