@@ -23,7 +23,7 @@ import torch
 
 from flowkern.adjoint import terminal_reward_grad
 from flowkern.ops import _validate as V
-from flowkern.sampling import validate_grid
+from flowkern.sampling import sample_euler, validate_grid
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -206,3 +206,24 @@ def deferred_loss(value: torch.Tensor, backward_fn: Callable[[torch.Tensor], Non
 
 def finite_or_nan(x: float) -> float:
     return x if math.isfinite(x) else float("nan")
+
+
+class RewardFeedbackMethod:
+    """Shared by the unregularised baselines ReFL (M34) and DRaFT (M35): a velocity and a reward, an
+    on-policy Euler rollout (M2) without grad, no value network."""
+
+    has_value_net = False
+
+    def __init__(self, velocity: Velocity, reward: Reward, *, relu: bool = True, generator=None):
+        self.velocity = check_callable("velocity", velocity)
+        self.reward = check_callable("reward", reward)
+        self.relu = bool(relu)
+        self.generator = generator
+
+    def value_parameters(self) -> list:
+        return []
+
+    def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
+        """Euler rollout (M2) without grad: {'states', 'ts', 'cond'}."""
+        traj = sample_euler(self.velocity, x0, ts, cond)
+        return {"states": traj.states, "ts": traj.ts, "cond": cond}

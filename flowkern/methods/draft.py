@@ -8,16 +8,13 @@ Unregularised: no fixed point (M35).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from flowkern.adjoint import truncated_backprop
 from flowkern.methods import _common as C
-from flowkern.sampling import sample_euler
 
 
-class DRaFT:
+class DRaFT(C.RewardFeedbackMethod):
     """DRaFT-K (M35). ``loss(batch) -> (loss, metrics)``; ``loss.backward()`` runs the truncated adjoint (M23),
     accumulating theta's ``.grad`` scaled by the incoming gradient (so ``(loss / A).backward()`` accumulates).
 
@@ -27,8 +24,6 @@ class DRaFT:
         relu: use -ReLU(r) (M35); False uses -r.
         generator: torch.Generator for the K draws.
     """
-
-    has_value_net = False
 
     def __init__(
         self,
@@ -40,20 +35,9 @@ class DRaFT:
         relu: bool = True,
         generator: torch.Generator | None = None,
     ):
-        self.velocity = C.check_callable("velocity", velocity)
-        self.reward = C.check_callable("reward", reward)
+        super().__init__(velocity, reward, relu=relu, generator=generator)
         self.K = C.check_int("K", K)
         self.random_K = bool(random_K)
-        self.relu = bool(relu)
-        self.generator = generator
-
-    def value_parameters(self) -> list:
-        return []
-
-    def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
-        """Euler rollout (M2) without grad: {'states', 'ts', 'cond'}."""
-        traj = sample_euler(self.velocity, x0, ts, cond)
-        return {"states": traj.states, "ts": traj.ts, "cond": cond}
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         states, ts, cond = C.unpack_batch(batch)

@@ -11,15 +11,12 @@ maximises reward and collapses; it has no fixed point (M35).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from flowkern.methods import _common as C
-from flowkern.sampling import sample_euler
 
 
-class ReFL:
+class ReFL(C.RewardFeedbackMethod):
     """ReFL (M34). ``loss(batch) -> (loss, metrics)`` with a differentiable loss.
 
     Args:
@@ -28,8 +25,6 @@ class ReFL:
         relu: use -ReLU(r) (M34); False uses -r.
         generator: torch.Generator for the step draws.
     """
-
-    has_value_net = False
 
     def __init__(
         self,
@@ -40,19 +35,8 @@ class ReFL:
         relu: bool = True,
         generator: torch.Generator | None = None,
     ):
-        self.velocity = C.check_callable("velocity", velocity)
-        self.reward = C.check_callable("reward", reward)
+        super().__init__(velocity, reward, relu=relu, generator=generator)
         self.last_steps = C.check_int("last_steps", last_steps)
-        self.relu = bool(relu)
-        self.generator = generator
-
-    def value_parameters(self) -> list:
-        return []
-
-    def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
-        """Euler rollout (M2) without grad: {'states', 'ts', 'cond'}."""
-        traj = sample_euler(self.velocity, x0, ts, cond)
-        return {"states": traj.states, "ts": traj.ts, "cond": cond}
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         states, ts, cond = C.unpack_batch(batch)
