@@ -7,6 +7,7 @@ an fp64 model).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -48,7 +49,7 @@ def validate_prompts(prompts: object, batch: int) -> list[str]:
     return prompts
 
 
-class Reward(nn.Module):
+class Reward(nn.Module, abc.ABC):
     """Base class: frozen, eval-mode; subclasses implement ``score(images, prompts) -> [B]`` on validated inputs."""
 
     needs_prompts = True
@@ -61,8 +62,9 @@ class Reward(nn.Module):
     def train(self, mode: bool = True) -> Reward:  # rewards stay in eval mode (no dropout)
         return super().train(False)
 
+    @abc.abstractmethod
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+        """[B] scores of validated images in [0, 1]; subclasses define it."""
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
         images = validate_images(images)
@@ -94,7 +96,7 @@ class WeightedReward(Reward):
         """Each reward's [B] output (with graph), by name."""
         return {name: reward(images, prompts) for name, reward in self.rewards.items()}
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         parts = self.components(images, prompts)
         self.last_outputs = {name: v.detach() for name, v in parts.items()}
         return sum(self.weights[name] * v for name, v in parts.items())
