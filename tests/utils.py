@@ -51,3 +51,11 @@ def make_noncontiguous(x: torch.Tensor) -> torch.Tensor:
     out = big[..., ::2]
     assert not out.is_contiguous()
     return out
+
+
+def misaligned(x):
+    """A contiguous copy of x whose data pointer is one element past a 16-byte boundary."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    out = buf[1:].view(x.shape)
+    out.copy_(x)
+    return out

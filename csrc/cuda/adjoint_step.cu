@@ -14,27 +14,6 @@
 
 namespace flowkern {
 namespace cuda {
-namespace {
-
-template <typename T>
-T* opt_ptr(const std::optional<at::Tensor>& x) {
-  return x ? reinterpret_cast<T*>(const_cast<void*>(x->const_data_ptr())) : nullptr;
-}
-
-bool all_aligned16(std::initializer_list<const void*> ptrs) {
-  for (const void* p : ptrs)
-    if (p != nullptr && !aligned16(p)) return false;
-  return true;
-}
-
-// (tiles per sample, samples); blocks never straddle samples.
-dim3 step_grid(int64_t batch, int64_t d) {
-  TORCH_CHECK(batch <= 65535, "flowkern: batch ", batch, " exceeds the CUDA grid limit of 65535 samples");
-  return dim3(static_cast<unsigned>((d + kStepTile - 1) / kStepTile), static_cast<unsigned>(batch));
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> adjoint_step(const at::Tensor& a, const at::Tensor& vjp_u,
                                                 const std::optional<at::Tensor>& vjp_c, const at::Tensor& h,
                                                 const std::optional<at::Tensor>& w,
@@ -49,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> adjoint_step(const at::Tensor& a, const at::T
   cot_shape[0] *= cfg ? 2 : 1;
   at::Tensor cot = return_cot ? at::empty(cot_shape, vjp_u.options()) : at::empty({0}, vjp_u.options());
   if (d == 0) return {a_new, cot};
-  const dim3 grid = step_grid(batch, d);
+  const dim3 grid = tiled_grid(batch, d, kStepTile);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_velocity_state(vjp_u.scalar_type(), a.scalar_type(), "adjoint_step_cuda", [&]<typename TVa, typename TXa>() {
     using TV = cuda_t<TVa>;
@@ -94,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adjoint_step_backward(
   if (d == 0 || !(need_a || need_u || need_c)) return {da, du, dc};
   const AdjointStepBackwardFlags flags{grad_a_new.has_value(), grad_cot.has_value(), cfg, mode == 1,
                                        need_a,                 need_u,               need_c};
-  const dim3 grid = step_grid(batch, d);
+  const dim3 grid = tiled_grid(batch, d, kStepTile);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_velocity_state(velocity_type, state_type, "adjoint_step_backward_cuda", [&]<typename TVa, typename TXa>() {
     using TV = cuda_t<TVa>;

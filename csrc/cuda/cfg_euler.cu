@@ -12,27 +12,6 @@
 
 namespace flowkern {
 namespace cuda {
-namespace {
-
-template <typename T>
-T* opt_ptr(const std::optional<at::Tensor>& x) {
-  return x ? reinterpret_cast<T*>(const_cast<void*>(x->const_data_ptr())) : nullptr;
-}
-
-bool all_aligned16(std::initializer_list<const void*> ptrs) {
-  for (const void* p : ptrs)
-    if (p != nullptr && !aligned16(p)) return false;
-  return true;
-}
-
-// (tiles per sample, samples); blocks never straddle samples.
-dim3 step_grid(int64_t batch, int64_t d) {
-  TORCH_CHECK(batch <= 65535, "flowkern: batch ", batch, " exceeds the CUDA grid limit of 65535 samples");
-  return dim3(static_cast<unsigned>((d + kStepTile - 1) / kStepTile), static_cast<unsigned>(batch));
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cfg_euler(const std::optional<at::Tensor>& v_uncond,
                                                          const at::Tensor& v_cond, const at::Tensor& x,
                                                          const at::Tensor& w, const at::Tensor& h, const at::Tensor& t,
@@ -45,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cfg_euler(const std::optional<at:
   at::Tensor x_next = at::empty(x.sizes(), x.options()), x_hat = at::empty(x.sizes(), x.options());
   if (d == 0) return {v, x_next, x_hat};
   const bool cfg = v_uncond.has_value(), memoryless = mode == 1;
-  const dim3 grid = step_grid(batch, d);
+  const dim3 grid = tiled_grid(batch, d, kStepTile);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_velocity_state(v_cond.scalar_type(), x.scalar_type(), "cfg_euler_cuda", [&]<typename TVa, typename TXa>() {
     using TV = cuda_t<TVa>;
@@ -91,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cfg_euler_backward(
   if (d == 0 || !(need_uncond || need_cond || need_x)) return {du, dc, dx};
   const CfgEulerBackwardFlags flags{grad_v.has_value(), grad_next.has_value(), grad_hat.has_value(), !stopgrad_xhat,
                                     mode == 1,          need_uncond,         need_cond,          need_x};
-  const dim3 grid = step_grid(batch, d);
+  const dim3 grid = tiled_grid(batch, d, kStepTile);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_velocity_state(velocity_type, state_type, "cfg_euler_backward_cuda", [&]<typename TVa, typename TXa>() {
     using TV = cuda_t<TVa>;

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops.backend import HAS_TRITON, ext_function, select_backend
+from flowkern.ops.backend import HAS_TRITON, ext_function, implementations, select_backend
 from flowkern.ops.cfg_euler import _cast, _coef, _common, _dtype, ext_dtypes
 from flowkern.ops.reference.adjoint_step import MODE_MEMORYLESS, MODE_ODE
 from flowkern.ops.reference.adjoint_step import adjoint_step as reference
@@ -206,18 +206,8 @@ def _ext_backward(grad_a_new, grad_cot, h, w, kappa, mode, cfg, need_a, need_u, 
     return d_a.to(a_dtype), d_u.to(u_dtype), d_c.to(c_dtype)
 
 
-IMPLS = {
-    "torch": reference,
-    "triton": _triton_forward,
-    "cpp": _ext_forward if _ext_fwd else None,
-    "cuda": _ext_forward if _ext_fwd else None,
-}
-BACKWARD_IMPLS = {
-    "torch": reference_backward,
-    "triton": _triton_backward,
-    "cpp": _ext_backward if _ext_bwd else None,
-    "cuda": _ext_backward if _ext_bwd else None,
-}
+IMPLS = implementations(reference, _triton_forward, _ext_forward if _ext_fwd else None)
+BACKWARD_IMPLS = implementations(reference_backward, _triton_backward, _ext_backward if _ext_bwd else None)
 
 
 # ---------------------------------------------------------------- custom ops

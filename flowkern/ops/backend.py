@@ -96,6 +96,11 @@ def ext_function(name: str) -> Callable | None:
     return getattr(_C, name, None) if HAS_EXT else None
 
 
+def implementations(reference: Callable, triton_impl: Callable | None, ext_impl: Callable | None) -> dict:
+    """An op's backend table. flowkern._C serves CPU (cpp) and CUDA (cuda) tensors through one entry point."""
+    return {"torch": reference, "triton": triton_impl, "cpp": ext_impl, "cuda": ext_impl}
+
+
 def _why_unavailable(backend: str, device: torch.device, impls: Mapping[str, Callable | None]) -> str | None:
     if impls.get(backend) is None:
         if backend in ("cpp", "cuda") and not HAS_EXT:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops.backend import HAS_TRITON, ext_function, select_backend
+from flowkern.ops.backend import HAS_TRITON, ext_function, implementations, select_backend
 from flowkern.ops.reference.cfg_euler import MODE_MEMORYLESS, MODE_ODE
 from flowkern.ops.reference.cfg_euler import cfg_euler as reference
 from flowkern.ops.reference.cfg_euler import cfg_euler_backward as reference_backward
@@ -246,18 +246,8 @@ def _ext_backward(
     return d_uncond.to(uncond_dtype), d_cond.to(cond_dtype), d_x.to(x_dtype)
 
 
-IMPLS = {
-    "torch": reference,
-    "triton": _triton_forward,
-    "cpp": _ext_forward if _ext_fwd else None,
-    "cuda": _ext_forward if _ext_fwd else None,
-}
-BACKWARD_IMPLS = {
-    "torch": reference_backward,
-    "triton": _triton_backward,
-    "cpp": _ext_backward if _ext_bwd else None,
-    "cuda": _ext_backward if _ext_bwd else None,
-}
+IMPLS = implementations(reference, _triton_forward, _ext_forward if _ext_fwd else None)
+BACKWARD_IMPLS = implementations(reference_backward, _triton_backward, _ext_backward if _ext_bwd else None)
 
 
 # ---------------------------------------------------------------- custom ops

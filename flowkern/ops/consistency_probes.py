@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops.backend import HAS_TRITON, ext_function, select_backend
+from flowkern.ops.backend import HAS_TRITON, ext_function, implementations, select_backend
 from flowkern.ops.reference.consistency_probes import RMS_FLOOR
 from flowkern.ops.reference.consistency_probes import consistency_probes as reference
 
@@ -151,12 +151,7 @@ def _ext_impl(x, v_base, value_out, reward_grad, t, beta, eta_mode, eps_x):
     return tuple(o.to(out_dtype) for o in outs)
 
 
-IMPLS = {
-    "torch": reference,
-    "triton": _triton_impl,
-    "cpp": _ext_impl if _ext_fwd else None,
-    "cuda": _ext_impl if _ext_fwd else None,
-}
+IMPLS = implementations(reference, _triton_impl, _ext_impl if _ext_fwd else None)
 
 
 # ---------------------------------------------------------------- custom op

@@ -35,7 +35,7 @@ import torch
 
 from flowkern.ops import _validate as V
 from flowkern.ops._loss_autograd import _is_one
-from flowkern.ops.backend import HAS_TRITON, ext_function, select_backend
+from flowkern.ops.backend import HAS_TRITON, ext_function, implementations, select_backend
 from flowkern.ops.reference.consistency_residual import boundary_grad, signed_time_step
 from flowkern.ops.reference.consistency_residual import consistency_residual as reference
 from flowkern.ops.reference.consistency_residual import consistency_residual_backward as reference_backward
@@ -297,24 +297,9 @@ def _ext_exact_impl(dG, t3, c, mask, compute_grad):
     return l_cons.to(acc), l_bnd.to(acc), grad.to(dG.dtype) if compute_grad else grad
 
 
-IMPLS = {
-    "torch": reference,
-    "triton": _triton_impl,
-    "cpp": _ext_impl if _ext_fwd else None,
-    "cuda": _ext_impl if _ext_fwd else None,
-}
-BACKWARD_IMPLS = {
-    "torch": reference_backward,
-    "triton": _triton_backward_impl,
-    "cpp": _ext_backward_impl if _ext_bwd else None,
-    "cuda": _ext_backward_impl if _ext_bwd else None,
-}
-EXACT_IMPLS = {
-    "torch": reference_exact,
-    "triton": _triton_exact_impl,
-    "cpp": _ext_exact_impl if _ext_exact_fwd else None,
-    "cuda": _ext_exact_impl if _ext_exact_fwd else None,
-}
+IMPLS = implementations(reference, _triton_impl, _ext_impl if _ext_fwd else None)
+BACKWARD_IMPLS = implementations(reference_backward, _triton_backward_impl, _ext_backward_impl if _ext_bwd else None)
+EXACT_IMPLS = implementations(reference_exact, _triton_exact_impl, _ext_exact_impl if _ext_exact_fwd else None)
 
 
 def _loss_fakes(primary: torch.Tensor, others, coefs) -> tuple[torch.Tensor, torch.Tensor]:

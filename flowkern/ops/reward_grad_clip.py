@@ -21,7 +21,7 @@ import math
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops.backend import HAS_TRITON, ext_function, select_backend
+from flowkern.ops.backend import HAS_TRITON, ext_function, implementations, select_backend
 from flowkern.ops.reference.reward_grad_clip import NORM_FLOOR
 from flowkern.ops.reference.reward_grad_clip import reward_grad_clip as reference
 
@@ -118,12 +118,7 @@ def _ext_impl(grad, tau):
     return _ext_fwd(grad.contiguous(), tau)
 
 
-IMPLS = {
-    "torch": reference,
-    "triton": _triton_impl,
-    "cpp": _ext_impl if _ext_fwd else None,
-    "cuda": _ext_impl if _ext_fwd else None,
-}
+IMPLS = implementations(reference, _triton_impl, _ext_impl if _ext_fwd else None)
 
 
 # ---------------------------------------------------------------- custom op (no autograd: see docstring)

@@ -15,7 +15,7 @@ import torch
 
 from flowkern.ops import _validate as V
 from flowkern.ops._loss_autograd import register_saved_grad_autograd
-from flowkern.ops.backend import HAS_TRITON, ext_function, select_backend
+from flowkern.ops.backend import HAS_TRITON, ext_function, implementations, select_backend
 from flowkern.ops.reference.vggflow_matching_loss import vggflow_matching_loss as reference
 
 OP = "vggflow_matching_loss"
@@ -92,12 +92,7 @@ def _ext_impl(v_ft, v_base, reward_grad, value_out, t, beta, eta_mode, compute_g
     return loss, grad.to(v_ft.dtype) if compute_grad else grad
 
 
-IMPLS = {
-    "torch": reference,
-    "triton": _triton_impl,
-    "cpp": _ext_impl if _ext_fwd else None,
-    "cuda": _ext_impl if _ext_fwd else None,
-}
+IMPLS = implementations(reference, _triton_impl, _ext_impl if _ext_fwd else None)
 
 
 # ---------------------------------------------------------------- custom op

@@ -6,7 +6,7 @@ import torch
 
 import flowkern
 from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module
-from tests.utils import make_noncontiguous
+from tests.utils import make_noncontiguous, misaligned
 
 mod = op_module("cfg_euler")
 BACKENDS = cpu_backends(mod.IMPLS)
@@ -276,14 +276,6 @@ def test_coefficient_on_other_device_rejected():
     x["h"] = x["h"].to("meta")
     with pytest.raises(ValueError, match="h"):
         call(**x)
-
-
-def misaligned(x):
-    """A contiguous copy of x whose data pointer is one element past a 16-byte boundary."""
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
-    out = buf[1:].view(x.shape)
-    out.copy_(x)
-    return out
 
 
 @pytest.mark.gpu
