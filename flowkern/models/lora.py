@@ -6,25 +6,69 @@ parameters in fp32 even when the base weights are bf16 (diffusers' `cast_trainin
 `pytorch_lora_weights.safetensors` with keys `transformer.<module>.lora_{A,B}.weight` and the
 LoraConfig in the safetensors metadata (so a rank != alpha scale survives the round trip).
 `load_lora` reads such a file back into a transformer, trainable, for resuming.
+
+Models without diffusers' `PeftAdapterMixin` (e.g. `DiTTransformer2DModel`, used for SiT) get the adapter
+through peft's `inject_adapter_in_model`; `lora_disabled` switches the LoRA off for either kind. Their file has
+the same layout, written directly (no stock diffusers pipeline loads LoRA for them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_TARGETS", "LORA_WEIGHT_NAME", "add_lora", "has_lora", "load_lora", "lora_parameters", "save_lora"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LORA_WEIGHT_NAME",
+    "add_lora",
+    "has_lora",
+    "load_lora",
+    "lora_disabled",
+    "lora_parameters",
+    "save_lora",
+]
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
 
 
 def has_lora(transformer: nn.Module) -> bool:
-    """True when peft adapters are attached (`add_adapter`/`load_lora_adapter` was called)."""
-    return bool(getattr(transformer, "_hf_peft_config_loaded", False))
+    """True when peft adapters are attached (`add_adapter`/`load_lora_adapter`, or `add_lora` on a model
+    without diffusers' peft mixin)."""
+    return bool(getattr(transformer, "_hf_peft_config_loaded", False)) or bool(_tuner_layers(transformer))
+
+
+def _tuner_layers(module: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def lora_disabled(transformer: nn.Module) -> Iterator[None]:
+    """Inside, every peft LoRA layer of ``transformer`` is off (the frozen base model); on exit each layer's
+    previous on/off state and the LoRA parameters' ``requires_grad`` are restored, even on error.
+
+    Per layer (peft's ``enable_adapters``), so it also works on models without diffusers' peft mixin.
+    """
+    layers = _tuner_layers(transformer)
+    was_on = [not layer.disable_adapters for layer in layers]
+    grads = [(p, p.requires_grad) for p in lora_parameters(transformer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, on in zip(layers, was_on, strict=True):
+            if on:
+                layer.enable_adapters(True)
+        for p, requires_grad in grads:  # peft's enable/disable also toggles requires_grad
+            p.requires_grad_(requires_grad)
 
 
 def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
@@ -65,7 +109,16 @@ def add_lora(
         init_lora_weights=init_lora_weights,
         target_modules=list(target_modules),
     )
-    transformer.add_adapter(config)
+    if hasattr(transformer, "add_adapter"):
+        transformer.add_adapter(config)
+    else:  # no diffusers peft mixin (DiT): peft directly; keep the config where get/set_peft_model_state_dict look
+        from peft import inject_adapter_in_model
+
+        try:
+            inject_adapter_in_model(config, transformer, adapter_name="default")
+        except ValueError as err:  # peft: "Target modules ... not found in the base model"
+            raise ValueError(f"no module of the transformer matches target_modules={list(target_modules)}") from err
+        transformer.peft_config = {"default": config}
     params = lora_parameters(transformer)
     if not params:
         raise ValueError(f"no module of the transformer matches target_modules={list(target_modules)}")
@@ -76,7 +129,8 @@ def add_lora(
 
 
 def _pipeline_class(transformer: nn.Module):
-    """The stock pipeline whose `save_lora_weights` matches this transformer's LoRA file format."""
+    """The stock pipeline whose `save_lora_weights` matches this transformer's LoRA file format (None: no stock
+    pipeline loads LoRA for it; `save_lora` then writes the same layout itself)."""
     import diffusers
 
     name = type(transformer).__name__
@@ -85,8 +139,21 @@ def _pipeline_class(transformer: nn.Module):
     if name == "FluxTransformer2DModel":
         return diffusers.FluxPipeline
     if name == "Flux2Transformer2DModel" and hasattr(diffusers, "Flux2Pipeline"):
-        return diffusers.Flux2Pipeline
-    raise TypeError(f"save_lora supports SD3/FLUX transformers, got {name}")
+        return diffusers.Flux2Pipeline  # Flux2KleinPipeline shares its Flux2LoraLoaderMixin
+    if name == "DiTTransformer2DModel":
+        return None
+    raise TypeError(f"save_lora supports SD3/FLUX/FLUX.2/DiT transformers, got {name}")
+
+
+def _write_lora_file(directory: str, state: dict[str, torch.Tensor], metadata: dict) -> None:
+    """diffusers' LoRA file layout without a pipeline class: ``transformer.``-prefixed keys, the LoraConfig as
+    JSON under the ``lora_adapter_metadata`` safetensors metadata key (keys prefixed the same way)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    config = {f"transformer.{k}": v for k, v in metadata.items()}
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
+    save_file({f"transformer.{k}": v for k, v in state.items()}, os.path.join(directory, LORA_WEIGHT_NAME), header)
 
 
 def _adapter_config(transformer: nn.Module):
@@ -101,7 +168,8 @@ def _adapter_config(transformer: nn.Module):
 def save_lora(transformer: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> str:
     """Write the LoRA to directory ``path`` in diffusers' format; returns the file written.
 
-    ``StableDiffusion3Pipeline.load_lora_weights(path)`` (``FluxPipeline`` for FLUX) loads it unchanged.
+    ``StableDiffusion3Pipeline.load_lora_weights(path)`` (``FluxPipeline`` for FLUX, ``Flux2Pipeline`` /
+    ``Flux2KleinPipeline`` for FLUX.2) loads it unchanged; for DiT (SiT) the same layout is written directly.
     ``dtype``: cast the saved tensors (default: keep the trainable dtype, fp32).
     """
     from peft.utils import get_peft_model_state_dict
@@ -113,10 +181,21 @@ def save_lora(transformer: nn.Module, path: str | os.PathLike, *, dtype: torch.d
     state = {k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous() for k, v in state.items()}
     metadata = config.to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set in peft: not JSON-serialisable
-    _pipeline_class(transformer).save_lora_weights(
-        os.fspath(path), transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
-    )
+    pipeline = _pipeline_class(transformer)
+    if pipeline is None:
+        _write_lora_file(os.fspath(path), state, json.loads(json.dumps(metadata, default=_jsonable)))
+    else:
+        pipeline.save_lora_weights(
+            os.fspath(path), transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
+        )
     return os.path.join(os.fspath(path), LORA_WEIGHT_NAME)
+
+
+def _jsonable(value: object) -> object:
+    """LoraConfig.to_dict() may hold sets and enums."""
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    return getattr(value, "value", str(value))
 
 
 def load_lora(transformer: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> list[nn.Parameter]:
