@@ -14,6 +14,7 @@ Methods take callables and tensors, never a model (design.md section 1):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -119,7 +120,8 @@ def reward_grad_functional(reward: Reward) -> Callable[[torch.Tensor], torch.Ten
 
 # ---------------------------------------------------------------- batches
 def gather_cond(cond: Any, index: torch.Tensor) -> Any:
-    """cond rows ``index`` (tensors along dim 0; tuples, lists and dicts recursively; None and others as is)."""
+    """cond rows ``index`` (tensors along dim 0; tuples, lists, dicts and dataclass fields recursively; None and
+    others as is)."""
     if cond is None:
         return None
     if isinstance(cond, torch.Tensor):
@@ -128,6 +130,9 @@ def gather_cond(cond: Any, index: torch.Tensor) -> Any:
         return type(cond)({k: gather_cond(v, index) for k, v in cond.items()})
     if isinstance(cond, tuple | list):
         return type(cond)(gather_cond(v, index) for v in cond)
+    if dataclasses.is_dataclass(cond) and not isinstance(cond, type):  # adapter conditionings (SD3/FLUX/SiT)
+        fields = {f.name: gather_cond(getattr(cond, f.name), index) for f in dataclasses.fields(cond) if f.init}
+        return dataclasses.replace(cond, **fields)
     return cond
 
 
