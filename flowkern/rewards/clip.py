@@ -4,24 +4,68 @@ aesthetic predictor. Frozen, differentiable with respect to the pixels (M7), ten
 Loading: a `CLIPModel` instance, a local directory or a hub id (``CLIPModel.from_pretrained(...,
 local_files_only=...)``); the aesthetic head from a safetensors file or the original ``.pth`` state dict
 (keys ``layers.{0,2,4,6,7}.{weight,bias}``, improved-aesthetic-predictor's layout).
+
+Memory (shared by every reward here and in pickscore/hps/image_reward): ``checkpoint=True`` recomputes each
+vision-tower layer in backward (`set_layer_checkpointing`), so the reward backward keeps one layer's
+activations alive instead of all of them; towers may be bf16 (``torch_dtype``), scores are fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from flowkern.rewards.base import Reward
 from flowkern.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
-__all__ = ["AESTHETIC_DIMS", "AestheticHead", "AestheticReward", "CLIPScoreReward", "load_clip"]
+__all__ = [
+    "AESTHETIC_DIMS",
+    "AestheticHead",
+    "AestheticReward",
+    "CLIPScoreReward",
+    "layer_checkpointing_enabled",
+    "load_clip",
+    "set_layer_checkpointing",
+]
 
 AESTHETIC_DIMS = (768, 1024, 128, 64, 16, 1)  # sac+logos+ava1-l14-linearMSE: no activations between layers
 _TEXT_CACHE_LIMIT = 4096
+
+
+def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
+    forward = type(layer).forward
+    if not torch.is_grad_enabled():
+        return forward(layer, *args, **kwargs)
+    # Non-reentrant: gradients reach inputs even though the (frozen) weights need none; kwargs are allowed.
+    return torch.utils.checkpoint.checkpoint(forward, layer, *args, use_reentrant=False, **kwargs)
+
+
+def set_layer_checkpointing(layers: Iterable[nn.Module], enabled: bool = True) -> None:
+    """Activation checkpointing per layer: each layer's forward runs under `torch.utils.checkpoint` when grad
+    is enabled (its inputs are saved, its internals recomputed in backward).
+
+    transformers' own ``gradient_checkpointing_enable`` acts only in train mode, and rewards stay in eval
+    mode, so the layer's ``forward`` is overridden on the instance (state dict and hooks are unchanged; a
+    ``functools.partial`` so `copy.deepcopy` rebinds it to the copy).
+    """
+    for layer in layers:
+        patched = isinstance(layer.__dict__.get("forward"), functools.partial)
+        if enabled and not patched:
+            layer.forward = functools.partial(_checkpointed_forward, layer)
+        elif not enabled and patched:
+            del layer.forward
+
+
+def layer_checkpointing_enabled(layers: Iterable[nn.Module]) -> bool:
+    """Whether `set_layer_checkpointing` is on for every layer of ``layers`` (False when empty)."""
+    flags = [isinstance(layer.__dict__.get("forward"), functools.partial) for layer in layers]
+    return bool(flags) and all(flags)
 
 
 def load_clip(
@@ -56,21 +100,41 @@ def _load_tokenizer(tokenizer, source, local_files_only: bool):
 class _CLIPReward(Reward):
     """Shared CLIP machinery: differentiable image features, cached text features."""
 
-    def __init__(self, clip: nn.Module, *, clamp: str = "hard", size: int | None = None):
+    crop_offset = "floor"  # CLIPImageProcessor's center crop; "round" for torchvision-preprocessed models (HPS)
+
+    def __init__(self, clip: nn.Module, *, clamp: str = "hard", size: int | None = None, checkpoint: bool = False):
         super().__init__()
         self.clip = clip
         vision = clip.config.vision_config
         self.size = int(size or vision.image_size)
         self.clamp = clamp
+        if checkpoint:
+            self.set_checkpointing(True)
         self.freeze()
 
     @property
     def dtype(self) -> torch.dtype:
         return self.clip.visual_projection.weight.dtype
 
+    def checkpointed_layers(self) -> list[nn.Module]:
+        """The layers `set_checkpointing` acts on: the vision tower's (text features are cached, no grad)."""
+        return list(self.clip.vision_model.encoder.layers)
+
+    def set_checkpointing(self, enabled: bool = True) -> None:
+        """Per-layer activation checkpointing of the vision tower (see `set_layer_checkpointing`); it lives on
+        the layers, so rewards sharing one `CLIPModel` share it."""
+        set_layer_checkpointing(self.checkpointed_layers(), enabled)
+
+    @property
+    def checkpointing(self) -> bool:
+        return layer_checkpointing_enabled(self.checkpointed_layers())
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised projected image embeddings [B, P] (fp32) from validated [0, 1] images."""
-        pixels = clip_preprocess(images, self.size, mean=CLIP_MEAN, std=CLIP_STD, clamp=self.clamp, dtype=self.dtype)
+        pixels = clip_preprocess(
+            images, self.size, mean=CLIP_MEAN, std=CLIP_STD, clamp=self.clamp, dtype=self.dtype,
+            crop_offset=self.crop_offset,
+        )  # fmt: skip
         pooled = self.clip.vision_model(pixel_values=pixels).pooler_output
         emb = self.clip.visual_projection(pooled)
         acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
@@ -83,8 +147,17 @@ class CLIPScoreReward(_CLIPReward):
     Each prompt is tokenized and encoded once (cached; the text tower is frozen).
     """
 
-    def __init__(self, clip: nn.Module, tokenizer, *, scale: float = 1.0, clamp: str = "hard", size: int | None = None):
-        super().__init__(clip, clamp=clamp, size=size)
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer,
+        *,
+        scale: float = 1.0,
+        clamp: str = "hard",
+        size: int | None = None,
+        checkpoint: bool = False,
+    ):
+        super().__init__(clip, clamp=clamp, size=size, checkpoint=checkpoint)
         self.tokenizer = tokenizer
         self.scale = float(scale)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -188,8 +261,16 @@ class AestheticReward(_CLIPReward):
 
     needs_prompts = False
 
-    def __init__(self, clip: nn.Module, head: AestheticHead, *, clamp: str = "hard", size: int | None = None):
-        super().__init__(clip, clamp=clamp, size=size)
+    def __init__(
+        self,
+        clip: nn.Module,
+        head: AestheticHead,
+        *,
+        clamp: str = "hard",
+        size: int | None = None,
+        checkpoint: bool = False,
+    ):
+        super().__init__(clip, clamp=clamp, size=size, checkpoint=checkpoint)
         if head.dims[0] != clip.config.projection_dim:
             raise ValueError(f"head input {head.dims[0]} != CLIP projection_dim {clip.config.projection_dim}")
         self.head = head.to(device=clip.visual_projection.weight.device)

@@ -44,13 +44,17 @@ def resize_short_side(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
 
 
-def center_crop(images: torch.Tensor, crop: int | tuple[int, int]) -> torch.Tensor:
-    """Center crop to ``crop`` (top/left offsets ``(H - h) // 2``, as transformers' ``center_crop``)."""
+def center_crop(images: torch.Tensor, crop: int | tuple[int, int], offset: str = "floor") -> torch.Tensor:
+    """Center crop to ``crop``. Top/left offsets: ``offset="floor"``: ``(H - h) // 2`` (transformers'
+    ``center_crop``); ``"round"``: ``round((H - h) / 2)``, half to even (torchvision's ``CenterCrop``, used by
+    open_clip/HPSv2 and ImageReward); they differ by one pixel when ``H - h`` is 3 mod 4."""
     ch, cw = (crop, crop) if isinstance(crop, int) else crop
     h, w = images.shape[-2:]
     if ch > h or cw > w:
         raise ValueError(f"crop {ch}x{cw} is larger than the resized image {h}x{w}")
-    top, left = (h - ch) // 2, (w - cw) // 2
+    if offset not in ("floor", "round"):
+        raise ValueError(f"offset must be 'floor' or 'round', got {offset!r}")
+    top, left = ((h - ch) // 2, (w - cw) // 2) if offset == "floor" else (round((h - ch) / 2), round((w - cw) / 2))
     return images[..., top : top + ch, left : left + cw]
 
 
@@ -62,17 +66,18 @@ def clip_preprocess(
     std: Sequence[float] = CLIP_STD,
     clamp: str = "hard",
     dtype: torch.dtype | None = None,
+    crop_offset: str = "floor",
 ) -> torch.Tensor:
     """[B, 3, H, W] images in [0, 1] -> CLIP pixel values [B, 3, crop, crop] (in ``dtype``, default images').
 
     Resize and crop run in fp32 (fp64 for fp64 inputs) before the cast, so bf16 towers still get
-    accurately resampled pixels.
+    accurately resampled pixels. ``crop_offset``: see `center_crop`.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
     work = images if images.dtype == torch.float64 else images.float()
     x = apply_clamp(work, clamp)
-    x = center_crop(resize_short_side(x, size), size if crop_size is None else crop_size)
+    x = center_crop(resize_short_side(x, size), size if crop_size is None else crop_size, crop_offset)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return ((x - m) / s).to(dtype or images.dtype)
