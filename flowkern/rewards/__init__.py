@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from flowkern.rewards.base import RANGE_TOLERANCE, Reward, WeightedReward, validate_images, validate_prompts
-from flowkern.rewards.clip import AestheticHead, AestheticReward, CLIPScoreReward, load_clip
+from flowkern.rewards.clip import (
+    AestheticHead,
+    AestheticReward,
+    CLIPScoreReward,
+    layer_checkpointing_enabled,
+    load_clip,
+    set_layer_checkpointing,
+)
+from flowkern.rewards.convert import imagereward_to_transformers, open_clip_to_transformers
+from flowkern.rewards.hps import HPSReward, HPSv21Reward, clip_from_open_clip
+from flowkern.rewards.image_reward import ImageRewardModel, ImageRewardReward, load_blip_tokenizer
+from flowkern.rewards.pickscore import PickScoreReward
 from flowkern.rewards.preprocess import CLIP_MEAN, CLIP_STD, apply_clamp, clip_preprocess
 
 __all__ = [
@@ -14,22 +27,64 @@ __all__ = [
     "AestheticHead",
     "AestheticReward",
     "CLIPScoreReward",
+    "HPSReward",
+    "HPSv21Reward",
+    "ImageRewardModel",
+    "ImageRewardReward",
+    "PickScoreReward",
     "Reward",
     "WeightedReward",
     "apply_clamp",
     "build_reward",
+    "build_weighted_reward",
+    "clip_from_open_clip",
     "clip_preprocess",
+    "imagereward_to_transformers",
+    "layer_checkpointing_enabled",
+    "load_blip_tokenizer",
     "load_clip",
+    "open_clip_to_transformers",
+    "set_layer_checkpointing",
     "validate_images",
     "validate_prompts",
 ]
 
-REWARDS = {"aesthetic": AestheticReward, "clipscore": CLIPScoreReward}
+REWARDS = {
+    "aesthetic": AestheticReward,
+    "clipscore": CLIPScoreReward,
+    "hpsv2": HPSReward,
+    "hpsv2.1": HPSv21Reward,
+    "imagereward": ImageRewardReward,
+    "pickscore": PickScoreReward,
+}
 
 
-def build_reward(name: str, *args, **kwargs) -> Reward:
-    """``REWARDS[name].from_pretrained(*args, **kwargs)``; an unknown name raises a ValueError listing the known."""
+def _reward_class(name: object) -> type[Reward]:
     key = name.lower().replace("-", "").replace("_", "") if isinstance(name, str) else name
     if key not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; known: {sorted(REWARDS)}")
-    return REWARDS[key].from_pretrained(*args, **kwargs)
+    return REWARDS[key]
+
+
+def build_reward(name: str, *args, **kwargs) -> Reward:
+    """``REWARDS[name].from_pretrained(*args, **kwargs)``; an unknown name raises a ValueError listing the known.
+    Names ignore case, ``-`` and ``_`` (``"HPS-v2.1"`` is ``"hpsv2.1"``)."""
+    return _reward_class(name).from_pretrained(*args, **kwargs)
+
+
+def build_weighted_reward(specs: Mapping[str, Mapping]) -> WeightedReward:
+    """``{label: {"name": reward name (default: label), "weight": float (default 1), "args": [...], **kwargs}}``
+    -> `WeightedReward` of ``build_reward(name, *args, **kwargs)`` per label. All names are checked first."""
+    if not isinstance(specs, Mapping) or not specs:
+        raise ValueError("specs must be a non-empty mapping {label: {'name': ..., 'weight': ..., ...}}")
+    parsed = {}
+    for label, spec in specs.items():
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"specs[{label!r}] must be a mapping, got {type(spec).__name__}")
+        spec = dict(spec)
+        cls = _reward_class(spec.pop("name", label))
+        weight = float(spec.pop("weight", 1.0))
+        args = spec.pop("args", ())
+        parsed[label] = (cls, weight, list(args), spec)
+    rewards = {label: cls.from_pretrained(*args, **kw) for label, (cls, _, args, kw) in parsed.items()}
+    return WeightedReward(rewards, {label: weight for label, (_, weight, _, _) in parsed.items()})
