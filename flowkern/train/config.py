@@ -19,6 +19,8 @@ class TrainConfig:
     grad_clip: max grad norm per parameter group (M19 update), None = off.
     residual_probe: log E||v_theta - v_base||^2 at one transition per trajectory drawn with probability h_i
     (an estimate of int_0^1 E||v_theta - v_base||^2 dt, M41); 0 disables, n > 0 probes n trajectories.
+    checkpoint_every: with ``Trainer.train(checkpoint_dir=...)``, a checkpoint every k updates (0: only after the
+    last update); keep_checkpoints: how many of the newest complete checkpoints to keep (0 = all).
     """
 
     batch_size: int = 32
@@ -39,6 +41,8 @@ class TrainConfig:
     residual_probe: int = 8
     seed: int = 0
     log_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -46,7 +50,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
-        for name in ("num_updates", "residual_probe", "log_every", "seed", "warmup_updates"):
+        for name in (
+            "num_updates", "residual_probe", "log_every", "seed", "warmup_updates", "checkpoint_every",
+            "keep_checkpoints",
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")

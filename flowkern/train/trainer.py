@@ -13,15 +13,21 @@ One update (design.md section 1, "One update"):
 
 A skipped update zeroes the gradients and leaves weights, optimizer state and method state untouched; it is
 logged (``logging`` warning and :attr:`Trainer.skipped`) and appears in the metrics with ``skipped = 1``.
-The micro-step and the optimizer step are separate methods and ``backward`` is an attribute, so an
-``accelerate`` loop can wrap them later (``trainer.backward = accelerator.backward``).
+
+Data parallel: ``Trainer(..., accelerator=accelerate.Accelerator())`` under ``accelerate launch`` (see
+:mod:`flowkern.train.distributed` for the command lines and what is synchronised). Checkpoints:
+:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` hold everything an exact resume needs;
+:mod:`flowkern.train.checkpoint` writes them atomically (``train(checkpoint_dir=..., checkpoint_every=k)``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import random
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +35,15 @@ import torch
 
 from flowkern.methods import _common as C
 from flowkern.sampling import sd3_shifted_grid, uniform_grid
+from flowkern.train import checkpoint as ckpt
 from flowkern.train.config import TrainConfig
+from flowkern.train.distributed import Processes
 
 log = logging.getLogger("flowkern.train")
+
+STATE_FORMAT = "flowkern-trainer-state"
+STATE_VERSION = 1
+PROCESS_SEED_STRIDE = 1_000_003  # per-process random streams: seed + stride * (process index + 1)
 
 
 class Trainer:
@@ -46,7 +58,16 @@ class Trainer:
         sample_shape: shape of one sample x (without the batch dimension).
         cond_sampler: optional ``(n, generator) -> cond`` drawing per-trajectory conditioning.
         ts: optional explicit time grid [N+1] (overrides config.num_steps/time_grid).
-        device, dtype: where x0 is drawn and in which dtype.
+        device, dtype: where x0 is drawn and in which dtype (device default: the accelerator's, else CPU).
+        accelerator: optional ``accelerate.Accelerator`` for data parallel training (module
+            :mod:`flowkern.train.distributed`); ``config.batch_size`` is then per process. With more than one
+            process, a method's own ``generator`` is reseeded on processes > 0 (seed offset by the process index)
+            and VGG-Flow's ``tau_gather`` is set to gather the norms of all processes (M9).
+
+    Random streams: :attr:`generator` (seed ``config.seed``) draws only x0 and cond, identically on every process;
+    :attr:`process_generator` (seed ``config.seed + 1_000_003 (process index + 1)``) drives the per-process
+    randomness (stochastic rollouts, the residual probe). Kept apart even for one process, so that W processes of
+    batch B draw exactly the x0 of one process of batch W B.
     """
 
     def __init__(
@@ -59,8 +80,9 @@ class Trainer:
         sample_shape: tuple[int, ...],
         cond_sampler: Callable[[int, torch.Generator], Any] | None = None,
         ts: torch.Tensor | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        accelerator: Any = None,
     ):
         self.config = config or TrainConfig()
         if not isinstance(self.config, TrainConfig):
@@ -75,6 +97,10 @@ class Trainer:
         self.method = method
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.cond_sampler = cond_sampler
+        self.accelerator = accelerator
+        self.processes = Processes(accelerator)
+        if device is None:
+            device = self.processes.device or "cpu"
         self.device = torch.device(device)
         self.dtype = dtype
         self.ts = C.check_time_grid(ts if ts is not None else self._time_grid()).to(self.device)
@@ -96,12 +122,34 @@ class Trainer:
         self.param_groups = {g["name"]: g["params"] for g in groups}
         self.optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self._named_theta = _names(theta, model, "theta")
+        value_net = self._value_module()
+        self._named_phi = _names(phi, value_net, "phi")
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward()
+        index = self.processes.index
+        self.process_generator = torch.Generator().manual_seed(cfg.seed + PROCESS_SEED_STRIDE * (index + 1))
+        self.backward: Callable[[torch.Tensor], None] = self.processes.backward
         self.step = 0  # attempted updates
         self.updates = 0  # applied optimizer steps
         self.history: list[dict[str, float]] = []
         self.skipped: list[tuple[int, str]] = []
+        self._saved_step: int | None = None  # step of the last checkpoint written or loaded by train()
+        if self.processes.count > 1:
+            self._setup_processes()
+
+    def _setup_processes(self) -> None:
+        """Identical starting weights, per-process method random streams, tau over all processes (M9)."""
+        index = self.processes.index
+        method_generator = getattr(self.method, "generator", None)
+        if isinstance(method_generator, torch.Generator) and index > 0 and method_generator is not self.generator:
+            method_generator.manual_seed(method_generator.initial_seed() + PROCESS_SEED_STRIDE * index)
+        if hasattr(self.method, "tau_gather") and self.method.tau_gather is None:
+            self.method.tau_gather = self.processes.gather_cat
+        self.processes.broadcast_parameters([p for params in self.param_groups.values() for p in params])
+
+    def _value_module(self) -> torch.nn.Module | None:
+        value_net = getattr(self.method, "value_net", None)
+        return value_net if isinstance(value_net, torch.nn.Module) else None
 
     def _lr_factor(self, applied: int) -> float:
         """Multiplier of the base learning rates after ``applied`` optimizer steps (warm-up, then cosine/constant)."""
@@ -130,17 +178,18 @@ class Trainer:
 
     def micro_step(self, x0: torch.Tensor, cond: Any, scale: float) -> tuple[dict[str, float], str | None]:
         """Rollout, reward, loss and backward(scale * loss) for one micro-batch; (metrics, skip reason)."""
-        batch = self.method.rollout(x0, self.ts, cond, generator=self.generator)
-        states = batch["states"]
-        x_end = states[-1]
-        with torch.no_grad():
-            r = C.evaluate_reward(self.reward, x_end)
-        metrics = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 0.0}
-        if not bool(torch.isfinite(r).all()):
-            return metrics, "non-finite reward"
-        if not bool(torch.isfinite(x_end).all()):
-            return metrics, "non-finite samples"
-        loss, method_metrics = self.method.loss(batch)
+        with self.processes.autocast():  # accelerate's mixed precision (no-op without an accelerator)
+            batch = self.method.rollout(x0, self.ts, cond, generator=self.process_generator)
+            states = batch["states"]
+            x_end = states[-1]
+            with torch.no_grad():
+                r = C.evaluate_reward(self.reward, x_end)
+            metrics = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 0.0}
+            if not bool(torch.isfinite(r).all()):
+                return metrics, "non-finite reward"
+            if not bool(torch.isfinite(x_end).all()):
+                return metrics, "non-finite samples"
+            loss, method_metrics = self.method.loss(batch)
         metrics.update(method_metrics)
         if not bool(torch.isfinite(loss.detach()).all()):
             return metrics, "non-finite loss"
@@ -156,7 +205,7 @@ class Trainer:
         states, ts = batch["states"], batch["ts"]
         n = min(self.config.residual_probe, states[0].shape[0])
         h = (ts[1:] - ts[:-1]).float().cpu()
-        step = torch.multinomial(h, n, replacement=True, generator=self.generator)
+        step = torch.multinomial(h, n, replacement=True, generator=self.process_generator)
         x = torch.stack([states[int(i)][b] for b, i in enumerate(step)])
         t = ts.to(x.device, torch.float32)[step.to(x.device)]
         cond = C.gather_cond(batch.get("cond"), torch.arange(n))
@@ -192,7 +241,10 @@ class Trainer:
         if callable(hook):
             hook()
         self.skipped.append((self.step, reason))
-        log.warning("flowkern.train: update %d skipped (%s); weights and optimizer state unchanged", self.step, reason)
+        if self.processes.is_main:
+            log.warning(
+                "flowkern.train: update %d skipped (%s); weights and optimizer state unchanged", self.step, reason
+            )
 
     # ------------------------------------------------------------ one update
     def train_step(self) -> dict[str, float]:
@@ -201,11 +253,15 @@ class Trainer:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         n_micro, size = cfg.grad_accum_steps, cfg.batch_size
-        x0_all, cond_all = self.draw(n_micro * size)
+        n_proc, index = self.processes.count, self.processes.index
+        # the whole update's draws on every process; micro-batch k of process r = rows (k W + r) B .. + B, so
+        # the processes' micro-batches concatenate to one process's micro-batch of W B (same seed)
+        x0_all, cond_all = self.draw(n_micro * n_proc * size)
         sums: dict[str, float] = {}
         reason = None
         for k in range(n_micro):
-            rows = torch.arange(k * size, (k + 1) * size)
+            first = (k * n_proc + index) * size
+            rows = torch.arange(first, first + size)
             metrics, reason = self.micro_step(
                 x0_all[rows.to(x0_all.device)], C.gather_cond(cond_all, rows), 1.0 / n_micro
             )
@@ -213,7 +269,10 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value / n_micro
             if reason is not None:
                 break
+        if n_proc > 1:
+            sums, reason = self._combine_processes(sums, reason)
         if reason is None:
+            self.processes.mean_gradients([p for params in self.param_groups.values() for p in params])
             norms = self.grad_norms()
             for name, value in norms.items():
                 sums[f"grad_norm_{name}"] = float(value)
@@ -233,23 +292,305 @@ class Trainer:
         )
         self.step += 1
         self.history.append(sums)
-        if cfg.log_every and self.step % cfg.log_every == 0:
+        if cfg.log_every and self.step % cfg.log_every == 0 and self.processes.is_main:
             log.info("step %d: %s", self.step, {k: _fmt(v) for k, v in sums.items()})
         return sums
 
+    def _combine_processes(self, sums: dict[str, float], reason: str | None) -> tuple[dict[str, float], str | None]:
+        """Metrics averaged over processes; the update is skipped everywhere if any process failed."""
+        gathered = self.processes.gather_objects((sums, reason))
+        failed = [(i, r) for i, (_, r) in enumerate(gathered) if r is not None]
+        merged: dict[str, float] = {}
+        for key in dict.fromkeys(k for metrics, _ in gathered for k in metrics):
+            values = [metrics[key] for metrics, _ in gathered if key in metrics]
+            merged[key] = sum(values) / len(values)
+        return merged, (f"{failed[0][1]} (process {failed[0][0]})" if failed else None)
+
     def train(
-        self, num_updates: int | None = None, callback: Callable[[Trainer, dict[str, float]], None] | None = None
+        self,
+        num_updates: int | None = None,
+        callback: Callable[[Trainer, dict[str, float]], None] | None = None,
+        *,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int | None = None,
     ) -> list[dict[str, float]]:
-        """Run ``num_updates`` (default config.num_updates) updates; ``callback(trainer, metrics)`` after each."""
+        """Run ``num_updates`` (default config.num_updates) updates; ``callback(trainer, metrics)`` after each.
+
+        checkpoint_dir: a run directory; a checkpoint (:func:`flowkern.train.save_checkpoint`) is written every
+        ``checkpoint_every`` updates (default config.checkpoint_every; 0 = only at the end) and after the last one,
+        keeping the newest ``keep_checkpoints`` (default config.keep_checkpoints; 0 = all). To resume, call
+        :func:`flowkern.train.load_checkpoint` (trainer, run directory) first, then ``train`` the remaining updates.
+        """
         n = self.config.num_updates if num_updates is None else C.check_int("num_updates", num_updates, minimum=0)
+        every = self.config.checkpoint_every if checkpoint_every is None else checkpoint_every
+        every = C.check_int("checkpoint_every", every, minimum=0)
+        keep = self.config.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
+        keep = C.check_int("keep_checkpoints", keep, minimum=0)
         out = []
         for _ in range(n):
             metrics = self.train_step()
             out.append(metrics)
+            if checkpoint_dir is not None and every and self.step % every == 0:
+                self._save(checkpoint_dir, keep)
             if callback is not None:
                 callback(self, metrics)
+        if checkpoint_dir is not None and self._saved_step != self.step:
+            self._save(checkpoint_dir, keep)
         return out
+
+    def _save(self, directory: str, keep: int) -> None:
+        path = ckpt.save_checkpoint(self, directory, keep_last=keep or None)
+        self._saved_step = self.step
+        if self.processes.is_main:
+            log.info("flowkern.train: checkpoint %s", path)
+
+    # ------------------------------------------------------------ state (exact resume)
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match: model/method types, theta and phi names, shapes and dtypes."""
+        return {
+            "model": type(self.model).__name__,
+            "method": type(self.method).__name__,
+            "theta": [[name, list(p.shape), str(p.dtype)] for name, p in self._named_theta],
+            "phi": [[name, list(p.shape), str(p.dtype)] for name, p in self._named_phi],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (cloned tensors) of everything an exact resume needs: theta (by name), the value net,
+        AdamW and LR-schedule state, method state (VGG-Flow tau, M9), RNG states, counters, history, config.
+
+        With ``accelerate`` this is collective: every process must call it (the per-process RNG states are
+        gathered into ``state['rng']['processes']``)."""
+        state = self._local_state()
+        state["rng"]["processes"] = self.processes.gather_objects(state["rng"]["processes"][0])
+        return state
+
+    def _local_state(self) -> dict[str, Any]:
+        value_net = self._value_module()
+        method_state = getattr(self.method, "state_dict", None)
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint(),
+            "config": self.config.to_dict(),
+            "counters": {
+                "step": self.step,
+                "updates": self.updates,
+                "history_length": len(self.history),
+                "num_processes": self.processes.count,
+            },  # fmt: skip
+            "history": copy.deepcopy(self.history),
+            "skipped": [tuple(s) for s in self.skipped],
+            "model": {name: p.detach().clone() for name, p in self._named_theta},
+            "value_net": _clone(value_net.state_dict()) if value_net is not None else None,
+            "phi": {name: p.detach().clone() for name, p in self._named_phi} if value_net is None else None,
+            "optimizer": _clone(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+            "method": _clone(method_state()) if callable(method_state) else None,
+            "rng": {"generator": self.generator.get_state(), "processes": [self._process_rng_state()]},
+        }
+
+    def _method_generator(self) -> torch.Generator | None:
+        g = getattr(self.method, "generator", None)
+        if isinstance(g, torch.Generator) and g is not self.generator and g is not self.process_generator:
+            return g
+        return None
+
+    def _process_rng_state(self) -> dict[str, Any]:
+        method_generator = self._method_generator()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return {
+            "process_generator": self.process_generator.get_state(),
+            "method_generator": None if method_generator is None else method_generator.get_state(),
+            "method_generator_device": None if method_generator is None else str(method_generator.device),
+            "torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if cuda else [],
+            "python": random.getstate(),
+            "numpy": _numpy_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output. ValueError (and the trainer unchanged) if it does not fit."""
+        self._check_state(state)
+        backup = self._local_state()
+        try:
+            self._apply_state(state)
+        except Exception as err:
+            self._apply_state(backup)
+            if isinstance(err, ValueError | TypeError | KeyError | RuntimeError):
+                raise ValueError(f"trainer state could not be restored ({type(err).__name__}: {err})") from err
+            raise
+
+    def _check_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a flowkern trainer state (format {STATE_FORMAT!r} expected)")
+        version = state.get("version")
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise ValueError(f"trainer state version {version!r}; this flowkern reads versions <= {STATE_VERSION}")
+        missing = [k for k in ("fingerprint", "counters", "model", "optimizer", "scheduler", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"trainer state lacks {missing}")
+        _compare_fingerprints(state["fingerprint"], self.fingerprint())
+        _check_tensors("model (theta)", state["model"], dict(self._named_theta))
+        value_net = self._value_module()
+        if value_net is not None:
+            _check_tensors("value_net", state.get("value_net"), value_net.state_dict())
+        else:
+            _check_tensors("phi", state.get("phi"), dict(self._named_phi))
+        saved_groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+        groups = self.optimizer.param_groups
+        if not isinstance(saved_groups, list) or [len(g.get("params", ())) for g in saved_groups] != [
+            len(g["params"]) for g in groups
+        ]:
+            raise ValueError("optimizer state: parameter groups differ from this trainer's")
+        params = [p for g in groups for p in g["params"]]
+        for index, entry in state["optimizer"].get("state", {}).items():
+            if not isinstance(index, int) or not 0 <= index < len(params):
+                raise ValueError(f"optimizer state: unknown parameter index {index!r}")
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
+                    raise ValueError(
+                        f"optimizer state {key} of parameter {index}: shape {list(value.shape)}, "
+                        f"parameter {list(params[index].shape)}"
+                    )
+        counters = state["counters"]
+        if not all(isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("step", "updates")):
+            raise ValueError(f"trainer state counters malformed: {counters!r}")
+        rng = state["rng"]
+        if not isinstance(rng, dict) or not isinstance(rng.get("processes"), list) or not rng["processes"]:
+            raise ValueError("trainer state: RNG states missing")
+        if self.processes.is_main and isinstance(state.get("config"), dict):
+            current = self.config.to_dict()
+            changed = sorted(k for k in current if k in state["config"] and state["config"][k] != current[k])
+            if changed:
+                log.warning("flowkern.train: resuming with a changed config: %s", changed)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        method_load = getattr(self.method, "load_state_dict", None)
+        if state.get("method") is not None and callable(method_load):
+            method_load(_clone(state["method"]))
+        with torch.no_grad():
+            for name, p in self._named_theta:
+                p.copy_(state["model"][name])
+            value_net = self._value_module()
+            if value_net is not None:
+                value_net.load_state_dict(state["value_net"], strict=True)
+            else:
+                for name, p in self._named_phi:
+                    p.copy_(state["phi"][name])
+        # cloned: AdamW updates its moments in place, the caller's state must not change
+        self.optimizer.load_state_dict(_clone(state["optimizer"]))
+        self.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
+        self._restore_rng(state["rng"], state["counters"])
+        self.step = state["counters"]["step"]
+        self.updates = state["counters"]["updates"]
+        self.history = copy.deepcopy(list(state.get("history", [])))
+        self.skipped = [tuple(s) for s in state.get("skipped", [])]
+        self._saved_step = self.step
+
+    def _restore_rng(self, rng: dict[str, Any], counters: dict[str, Any]) -> None:
+        self.generator.set_state(rng["generator"])
+        saved = rng["processes"]
+        index, count = self.processes.index, self.processes.count
+        entry = saved[index] if index < len(saved) else None
+        if len(saved) != count and self.processes.is_main:
+            warnings.warn(
+                f"checkpoint written by {len(saved)} process(es), resumed on {count}: per-process random streams "
+                "of new processes are reseeded (the run continues, not bitwise equal to an uninterrupted one)",
+                stacklevel=3,
+            )
+        if entry is None:
+            offset = PROCESS_SEED_STRIDE * (index + 1) + counters["step"]
+            self.process_generator.manual_seed(self.config.seed + offset)
+            return
+        self.process_generator.set_state(entry["process_generator"])
+        if entry.get("method_generator") is not None:
+            g = self._method_generator()
+            if g is None and getattr(self.method, "generator", None) is None:
+                g = torch.Generator(device=entry.get("method_generator_device") or "cpu")
+                self.method.generator = g  # a method that creates its generator lazily (memoryless AM)
+            if g is not None:
+                g.set_state(entry["method_generator"])
+        torch.set_rng_state(entry["torch"])
+        cuda_states = entry.get("cuda") or []
+        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        if entry.get("python") is not None:
+            random.setstate(entry["python"])
+        if entry.get("numpy") is not None:
+            _set_numpy_rng_state(entry["numpy"])
 
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+def _names(params: list[torch.nn.Parameter], module: Any, prefix: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) for an optimizer group: the module's parameter names, else ``prefix.i``."""
+    by_id = {}
+    if isinstance(module, torch.nn.Module):
+        by_id = {id(p): name for name, p in module.named_parameters(remove_duplicate=True)}
+    out, seen = [], set()
+    for i, p in enumerate(params):
+        name = by_id.get(id(p), f"{prefix}.{i}")
+        if name in seen:
+            name = f"{prefix}.{i}"
+        seen.add(name)
+        out.append((name, p))
+    return out
+
+
+def _clone(obj: Any) -> Any:
+    """Deep copy of a nested state with tensors detached and cloned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _check_tensors(what: str, saved: Any, current: dict[str, torch.Tensor]) -> None:
+    if not isinstance(saved, dict):
+        raise ValueError(f"trainer state: {what} missing")
+    missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    if missing or extra:
+        raise ValueError(f"{what}: names differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, tensor in current.items():
+        value = saved[name]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape or value.dtype != tensor.dtype:
+            got = f"{list(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{what} {name!r}: saved {got}, expected {list(tensor.shape)} {tensor.dtype}")
+
+
+def _compare_fingerprints(saved: Any, current: dict[str, Any]) -> None:
+    if not isinstance(saved, dict):
+        raise ValueError("trainer state: fingerprint malformed")
+    for key in ("model", "method"):
+        if saved.get(key) != current[key]:
+            raise ValueError(f"incompatible: saved for {key} {saved.get(key)!r}, this trainer has {current[key]!r}")
+    for key in ("theta", "phi"):
+        ours, theirs = current[key], [list(x) for x in saved.get(key, [])]
+        if len(ours) != len(theirs):
+            raise ValueError(f"incompatible: {len(theirs)} {key} parameters saved, this trainer has {len(ours)}")
+        for a, b in zip(theirs, ours):
+            if a != b:
+                raise ValueError(f"incompatible {key} parameter: saved {a}, this trainer has {b}")
+
+
+def _numpy_rng_state() -> dict[str, Any] | None:
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}  # fmt: skip
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    keys = np.asarray(state["keys"], dtype=np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
