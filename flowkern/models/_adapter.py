@@ -78,10 +78,14 @@ class TransformerFlowModel(nn.Module):
 
     def __init__(self, transformer: nn.Module, *, gradient_checkpointing: bool = False):
         super().__init__()
-        if self.transformer_class and type(transformer).__name__ != self.transformer_class:
-            raise TypeError(
-                f"{type(self).__name__} wraps a diffusers {self.transformer_class}, got {type(transformer).__name__}"
-            )
+        if self.transformer_class:
+            import diffusers
+
+            if not isinstance(transformer, getattr(diffusers, self.transformer_class)):
+                raise TypeError(
+                    f"{type(self).__name__} wraps a diffusers {self.transformer_class}, "
+                    f"got {type(transformer).__name__}"
+                )
         self.transformer = transformer.eval()  # train mode would enable dropout (DiT label dropout is random)
         for name, p in self.transformer.named_parameters():
             if "lora_" not in name:

@@ -124,9 +124,10 @@ class LatentDecoder(nn.Module):
             gradient_checkpointing=gradient_checkpointing,
         )
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
+    def set_gradient_checkpointing(self, enabled: bool, gradient_checkpointing_func=None) -> None:
+        """diffusers' decoder checkpointing (``fn(module, *args)`` per block, active only under grad)."""
         if enabled:
-            self.vae.enable_gradient_checkpointing()
+            self.vae.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func)
         elif getattr(self.vae, "gradient_checkpointing", False) or any(
             getattr(m, "gradient_checkpointing", False) for m in self.vae.modules()
         ):
