@@ -222,6 +222,14 @@ def test_run_dir_resolution_and_pruning(tmp_path):
     assert fresh.step == 5 and fresh.updates == 5
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(trainer, tmp_path, keep_last=-1)
+    # a writer killed between the two renames of a re-save: the next save puts the moved-aside directory back
+    os.replace(tmp_path / "step-00000005", tmp_path / ".old-step-00000005-999")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
+    trainer.train(1)
+    save_checkpoint(trainer, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["step-00000004", "step-00000005", "step-00000006"]
+    load_checkpoint(fresh, tmp_path / "step-00000005")
+    assert fresh.step == 5
 
 
 # ---------------------------------------------------------------- SIGKILL during a save

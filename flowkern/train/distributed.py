@@ -26,9 +26,10 @@ adjoint engines call it many times per backward, which DistributedDataParallel's
 - ``config.batch_size`` is per process; an update sees ``batch_size * grad_accum_steps * num_processes``
   trajectories. Every process draws the whole update's x0 and cond from the same seeded generator and keeps its own
   rows (micro-batch k of process r = rows (k W + r) B .. (k W + r + 1) B of the draw, W processes), so the W
-  processes' micro-batches concatenate to one process's micro-batch of W B with the same seed. Other randomness
-  (stochastic rollouts, the residual probe, a method's own ``generator``) uses per-process streams (seed offset by the
-  process index).
+  processes' micro-batches concatenate to one process's micro-batch of W B with the same seed (so
+  ``cond_sampler`` runs for W B trajectories on every process: keep it cheap, e.g. index precomputed embeddings).
+  Other randomness (stochastic rollouts, the residual probe, a method's own ``generator``) uses per-process
+  streams (seed offset by the process index).
 - Gradients: ``accelerator.backward`` per micro-batch, then one ``accelerator.reduce(..., "mean")`` of all theta and
   phi gradients flattened into one buffer, before the per-group norms and clipping (M19), so every process applies
   the same AdamW step and the weights stay identical (they are broadcast from process 0 at construction).
