@@ -8,6 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "flowkern"
 # module prefix -> layer
 LAYERS = [
     ("flowkern.cli", 6),
+    ("flowkern.app", 6),
     ("flowkern.train", 6),
     ("flowkern.metrics", 6),
     ("flowkern.models", 5),
@@ -22,7 +23,7 @@ LAYERS = [
 # third-party packages allowed from a layer upward (L1-L4 need only torch, Triton optional)
 THIRD_PARTY_MIN_LAYER = {"diffusers": 5, "transformers": 5, "peft": 5, "accelerate": 6}
 # within L6: cli -> train -> metrics
-L6_ORDER = {"flowkern.cli": 3, "flowkern.train": 2, "flowkern.metrics": 1}
+L6_ORDER = {"flowkern.cli": 3, "flowkern.app": 3, "flowkern.train": 2, "flowkern.metrics": 1}
 
 
 def layer_of(module: str) -> int | None:

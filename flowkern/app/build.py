@@ -1,0 +1,738 @@
+"""Build what a run needs from plain settings: the flow model (+ LoRA), its conditioning, rewards and a method.
+
+Models (``load_model(spec)``):
+
+- ``"tiny"`` (the default): the pixel-space SD3 transformer that ships in ``flowkern/assets/tiny_flow``
+  (``scripts/train_tiny_flow.py``), conditioned on a fixed table of encoded prompts, one per class.
+- a local directory (or a hub id): dispatched on the transformer's class name in ``model_index.json`` /
+  ``transformer/config.json`` / ``config.json``: ``SD3Transformer2DModel`` through ``flowkern.models.sd3``;
+  FLUX and SiT through their adapters (``flowkern.models.flux``, ``flowkern.models.sit``, imported lazily).
+  SD3 prompts are encoded once by the pipeline's text encoders; the reward sees ``vae.decode(x) / 2 + 0.5``.
+- ``"toy"``: the 2-D Gaussian-mixture toy (``flowkern.models.toy``; exact base velocity + residual MLP).
+
+Every model is wrapped so that ``cond`` is an integer tensor of prompt indices [B] (``PromptBankFlow``): the
+methods gather conditioning by indexing rows, and the VGG-Flow value net embeds the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ASSET_DIR",
+    "METHODS",
+    "MODEL_KINDS",
+    "MethodSettings",
+    "PromptBankFlow",
+    "RunSetup",
+    "build_method",
+    "build_reward",
+    "load_model",
+    "parse_reward_spec",
+    "resolve_model",
+]
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_flow"
+TINY_INFO = "flowkern_tiny.json"
+MODEL_KINDS = ("tiny", "sd3", "flux", "sit", "toy")
+METHODS = ("vggflow", "dam", "am", "refl", "draft")
+METHOD_HELP = {
+    "vggflow": "VGG-Flow: value-gradient matching with a learned value net (M6-M22)",
+    "dam": "deterministic adjoint matching, truncated to the last K steps (M24-M28)",
+    "am": "memoryless adjoint matching, the stochastic baseline (M29-M33)",
+    "refl": "ReFL: reward of the one-step prediction from a late step, no regulariser (M34)",
+    "draft": "DRaFT-K: backprop through the last K sampling steps, no regulariser (M35)",
+}
+IMAGE_REWARDS = ("redness", "brightness")
+TOY_REWARDS = ("linear", "bump")
+CLASS_NAMES = {  # transformer class -> model kind
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+    "Flux2Transformer2DModel": "flux",
+    "DiTTransformer2DModel": "sit",
+    "SiTTransformer2DModel": "sit",
+}
+
+
+# ---------------------------------------------------------------- conditioning by prompt index
+class PromptBankFlow(nn.Module):
+    """A FlowModel over an SD3 adapter whose ``cond`` is a LongTensor [B] of indices into fixed encoded prompts.
+
+    ``velocity(x, t, labels)`` builds the `SD3Conditioning` rows ``labels`` of the table (with the negative prompt
+    and ``guidance_scale`` for CFG, M5) and calls the adapter, so rollouts, losses and adjoints go through
+    ``SD3FlowModel`` exactly as for SD3 itself. Indexing makes the conditioning gatherable by the methods.
+    """
+
+    def __init__(
+        self,
+        flow: nn.Module,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        prompts: Sequence[str] = (),
+    ):
+        super().__init__()
+        self.flow = flow
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
+        self.register_buffer("pooled_prompt_embeds", pooled_prompt_embeds, persistent=False)
+        if guidance_scale is not None:
+            if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+                raise ValueError("guidance_scale needs negative_prompt_embeds and negative_pooled_prompt_embeds")
+            self.register_buffer("negative_prompt_embeds", negative_prompt_embeds[:1], persistent=False)
+            self.register_buffer("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds[:1], persistent=False)
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.prompts = list(prompts) or [f"prompt {i}" for i in range(prompt_embeds.shape[0])]
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def conditioning(self, labels: torch.Tensor):
+        from flowkern.models.sd3 import SD3Conditioning
+
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) or labels.dim() != 1:
+            raise TypeError(f"cond must be an integer tensor [B] of prompt indices, got {_describe(labels)}")
+        labels = labels.to(self.prompt_embeds.device)
+        embeds, pooled = self.prompt_embeds[labels], self.pooled_prompt_embeds[labels]
+        if self.guidance_scale is None:
+            return SD3Conditioning(embeds, pooled)
+        b = labels.shape[0]
+        return SD3Conditioning(
+            embeds,
+            pooled,
+            self.negative_prompt_embeds.expand(b, *embeds.shape[1:]),
+            self.negative_pooled_prompt_embeds.expand(b, pooled.shape[1]),
+            guidance_scale=self.guidance_scale,
+        )
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, detach_uncond: bool = False):
+        return self.flow.velocity(x, t, self.conditioning(cond), detach_uncond=detach_uncond)
+
+    def forward(self, x, t, cond=None):
+        return self.velocity(x, t, cond)
+
+    def base_velocity(self) -> contextlib.AbstractContextManager[None]:
+        return self.flow.base_velocity()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.flow.trainable_parameters()
+
+    def save_lora(self, path: str | os.PathLike) -> str:
+        return self.flow.save_lora(path)
+
+
+class ToyFlow(nn.Module):
+    """The 2-D toy (``flowkern.models.toy``) with the same interface: ``cond`` is ignored (no prompts)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def velocity(self, x, t, cond=None, *, detach_uncond=False):
+        return self.model.velocity(x, t)
+
+    def base_velocity(self):
+        return self.model.base_velocity()
+
+    def trainable_parameters(self):
+        return self.model.trainable_parameters()
+
+    def save_lora(self, path: str | os.PathLike) -> str:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        file = os.path.join(path, "toy_residual.safetensors")
+        save_file({k: v.detach().contiguous() for k, v in self.model.residual.state_dict().items()}, file)
+        return file
+
+    def load_lora(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        file = os.path.join(path, "toy_residual.safetensors") if os.path.isdir(path) else os.fspath(path)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no toy residual weights at {file}")
+        try:
+            self.model.residual.load_state_dict(load_file(file))
+        except RuntimeError as err:
+            raise ValueError(f"{file} does not match the toy model: {str(err).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- a loaded model and what goes with it
+@dataclass
+class RunSetup:
+    """A loaded model and its defaults: sample shape, prompts, sampler grid, decoder to [0, 1] images."""
+
+    model: nn.Module
+    kind: str
+    source: str
+    sample_shape: tuple[int, ...]
+    prompts: list[str]
+    num_steps: int
+    time_grid: str
+    shift: float = 3.0
+    guidance_scale: float | None = None
+    to_images: Callable[[torch.Tensor], torch.Tensor] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def cond_sampler(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Prompt indices drawn uniformly (the trainer's per-trajectory conditioning)."""
+        if not self.prompts:
+            return None
+        return torch.randint(len(self.prompts), (n,), generator=generator).to(self.device)
+
+    def eval_labels(self, n: int) -> torch.Tensor | None:
+        """Fixed prompts for evaluation: 0, 1, ..., C-1, 0, 1, ..."""
+        if not self.prompts:
+            return None
+        return (torch.arange(n) % len(self.prompts)).to(self.device)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor {tuple(x.shape)} {x.dtype}"
+    return type(x).__name__
+
+
+def resolve_model(spec: str) -> tuple[str, str]:
+    """(kind, location) for ``spec``: 'tiny' | 'toy' | a local directory | a hub id ``org/name``.
+
+    Raises FileNotFoundError for a path that does not exist and ValueError for a directory that holds no
+    supported transformer.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"--model must be 'tiny', 'toy', a model directory or a hub id, got {spec!r}")
+    if spec in ("tiny", "default"):
+        return "tiny", str(ASSET_DIR)
+    if spec == "toy":
+        return "toy", "toy"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / TINY_INFO).is_file():
+            return "tiny", str(path)
+        cls = _transformer_class(path)
+        if cls not in CLASS_NAMES:
+            raise ValueError(f"model directory {spec} holds a {cls}; supported: {sorted(CLASS_NAMES)}")
+        return CLASS_NAMES[cls], str(path)
+    if path.exists():
+        raise ValueError(f"--model must be a directory (a diffusers pipeline or transformer), got the file {spec}")
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and "\\" not in spec
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"model directory {spec} does not exist")
+    return _hub_kind(spec), spec
+
+
+def _transformer_class(path: Path) -> str:
+    index = path / "model_index.json"
+    if index.is_file():
+        entry = _read_json(index).get("transformer")
+        if isinstance(entry, list) and len(entry) == 2 and entry[1]:
+            return str(entry[1])
+    for config in (path / "transformer" / "config.json", path / "config.json"):
+        if config.is_file():
+            return str(_read_json(config).get("_class_name", "an unknown model"))
+    raise ValueError(f"model directory {path} has no model_index.json, transformer/config.json or config.json")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def _hub_kind(repo: str) -> str:
+    try:
+        from diffusers import DiffusionPipeline
+
+        config = DiffusionPipeline.load_config(repo)
+    except Exception as err:  # offline, unknown repo, gated: say so in one line
+        raise ValueError(f"cannot read the model index of {repo!r} from the hub: {str(err).splitlines()[0]}") from None
+    entry = config.get("transformer")
+    cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if cls not in CLASS_NAMES:
+        raise ValueError(f"{repo} has transformer {cls}; supported: {sorted(CLASS_NAMES)}")
+    return CLASS_NAMES[cls]
+
+
+def _dtype(precision: str) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    raise ValueError(f"--precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+def load_model(
+    spec: str,
+    *,
+    lora_rank: int | None = 8,
+    lora_alpha: float | None = None,
+    lora_path: str | os.PathLike | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    resolution: int | None = None,
+    prompts: Sequence[str] = (),
+    guidance_scale: float | None = None,
+    num_steps: int | None = None,
+    seed: int = 0,
+) -> RunSetup:
+    """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), optionally
+    loading ``lora_path`` (a saved LoRA directory) into it."""
+    kind, location = resolve_model(spec)
+    device = torch.device(device)
+    if kind == "toy":
+        return _load_toy(lora_path, device, num_steps, seed)
+    if kind == "tiny":
+        return _load_tiny(
+            location, lora_rank, lora_alpha, lora_path, precision, device, resolution, guidance_scale, num_steps, seed
+        )
+    if kind == "sd3":
+        return _load_sd3(
+            location,
+            lora_rank,
+            lora_alpha,
+            lora_path,
+            precision,
+            device,
+            resolution,
+            prompts,
+            guidance_scale,
+            num_steps,
+            seed,
+        )
+    return _load_adapter(kind, location)
+
+
+def _lora_rank_of(lora_path: str | os.PathLike) -> tuple[int, float]:
+    """(rank, alpha) stored in a saved LoRA's safetensors metadata (diffusers' adapter metadata)."""
+    from safetensors import safe_open
+
+    from flowkern.models.lora import LORA_WEIGHT_NAME
+
+    file = os.path.join(lora_path, LORA_WEIGHT_NAME) if os.path.isdir(lora_path) else os.fspath(lora_path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no LoRA weights at {file}")
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            rank = None
+            for key in keys:
+                if "lora_A" in key:
+                    rank = int(f.get_slice(key).get_shape()[0])
+                    break
+    except Exception as err:
+        raise ValueError(f"{file} is not a readable safetensors LoRA file: {str(err).splitlines()[0]}") from None
+    if rank is None:
+        raise ValueError(f"{file} holds no lora_A weights")
+    alpha = float(rank)
+    for value in meta.values():
+        try:
+            config = json.loads(value)
+        except (TypeError, json.JSONDecodeError):
+            continue
+        if isinstance(config, dict) and "lora_alpha" in config:
+            alpha = float(config["lora_alpha"])
+    return rank, alpha
+
+
+def _load_toy(lora_path, device, num_steps, seed) -> RunSetup:
+    from flowkern.models.toy import GaussianMixture, make_toy_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ToyFlow(make_toy_model(GaussianMixture.ring(8, radius=4.0, std=0.4), hidden=64, depth=2))
+    if lora_path is not None:
+        model.load_lora(lora_path)
+    return RunSetup(model.to(device), "toy", "toy", (2,), [], num_steps or 20, "uniform", device=device)
+
+
+def _check_resolution(resolution: int | None, default: int, multiple: int, maximum: int | None) -> int:
+    if resolution is None:
+        return default
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < multiple:
+        raise ValueError(f"--resolution must be an int >= {multiple}, got {resolution!r}")
+    if resolution % multiple:
+        raise ValueError(f"--resolution must be a multiple of {multiple} for this model, got {resolution}")
+    if maximum is not None and resolution > maximum:
+        raise ValueError(f"--resolution must be <= {maximum} for this model, got {resolution}")
+    return resolution
+
+
+def _attach_lora(flow, lora_rank, lora_alpha, lora_path, seed):
+    if lora_path is not None:
+        rank, alpha = _lora_rank_of(lora_path)
+        lora_rank, lora_alpha = rank, alpha
+    if lora_rank is None:
+        return
+    from flowkern.models.lora import load_lora
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow.add_lora(lora_rank, lora_alpha)
+    if lora_path is not None:
+        load_lora(flow.transformer, lora_path)
+
+
+def _load_tiny(
+    location, lora_rank, lora_alpha, lora_path, precision, device, resolution, guidance_scale, num_steps, seed
+) -> RunSetup:
+    from safetensors.torch import load_file
+
+    from flowkern.models.sd3 import SD3FlowModel
+
+    path = Path(location)
+    info = _read_json(path / TINY_INFO)
+    flow = SD3FlowModel.from_pretrained(
+        path, subfolder="transformer", torch_dtype=_dtype(precision), local_files_only=True, device=device
+    )
+    _attach_lora(flow, lora_rank, lora_alpha, lora_path, seed)
+    table = load_file(str(path / "prompts.safetensors"))
+    sampling = info.get("sampling", {})
+    w = sampling.get("guidance_scale") if guidance_scale is None else guidance_scale
+    w = None if w is not None and float(w) == 1.0 else w  # w = 1 is the conditional velocity: skip the [2B] batch
+    model = PromptBankFlow(
+        flow, **{k: v.to(device) for k, v in table.items()}, guidance_scale=w, prompts=info["class_names"]
+    )
+    config = flow.transformer.config
+    size = _check_resolution(
+        resolution,
+        int(info.get("image_size", config.sample_size)),
+        config.patch_size,
+        config.patch_size * config.pos_embed_max_size,
+    )
+    return RunSetup(
+        model,
+        "tiny",
+        str(path),
+        (config.in_channels, size, size),
+        list(info["class_names"]),
+        num_steps or int(sampling.get("num_steps", 20)),
+        sampling.get("time_grid", "uniform"),
+        guidance_scale=w,
+        to_images=pixels_to_images,
+        device=device,
+        info=info,
+    )
+
+
+def pixels_to_images(x: torch.Tensor) -> torch.Tensor:
+    """Pixel-space samples in [-1, 1] -> images in [0, 1] (hard clamp, as the reward peers do)."""
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _load_sd3(
+    location, lora_rank, lora_alpha, lora_path, precision, device, resolution, prompts, guidance_scale, num_steps, seed
+) -> RunSetup:
+    from flowkern.models.sd3 import SD3FlowModel
+
+    if not prompts:
+        raise ValueError("an SD3 model needs prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+    dtype = _dtype(precision)
+    local = Path(location).is_dir()
+    bare = local and not (Path(location) / "transformer").is_dir()
+    if bare:
+        raise ValueError(
+            f"{location} is a bare transformer: SD3 training needs the pipeline directory "
+            "(text encoders to encode the prompts, the VAE to decode for the reward)"
+        )
+    flow = SD3FlowModel.from_pretrained(
+        location, subfolder="transformer", torch_dtype=dtype, local_files_only=local, device=device
+    )
+    _attach_lora(flow, lora_rank, lora_alpha, lora_path, seed)
+    embeds, pooled, neg, neg_pooled = _encode_sd3_prompts(location, list(prompts), device, dtype, local)
+    w = 5.0 if guidance_scale is None else guidance_scale
+    w = None if float(w) == 1.0 else w
+    model = PromptBankFlow(flow, embeds, pooled, neg, neg_pooled, guidance_scale=w, prompts=prompts)
+    vae, factor, scaling, shift = _load_vae(location, device, local)
+    config = flow.transformer.config
+    size = _check_resolution(resolution, config.sample_size * factor, factor * config.patch_size, None)
+
+    def to_images(x: torch.Tensor) -> torch.Tensor:
+        latents = x.to(vae.dtype) / scaling + shift
+        return (vae.decode(latents, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    return RunSetup(
+        model,
+        "sd3",
+        location,
+        (config.in_channels, size // factor, size // factor),
+        list(prompts),
+        num_steps or 20,
+        "shifted",
+        guidance_scale=w,
+        to_images=to_images,
+        device=device,
+    )
+
+
+def _encode_sd3_prompts(location, prompts, device, dtype, local):
+    """Encode prompts (and the empty negative prompt) once with the pipeline's text encoders, then free them."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        location, transformer=None, vae=None, torch_dtype=dtype, local_files_only=local
+    ).to(device)
+    with torch.no_grad():
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=True,
+            negative_prompt=[""] * len(prompts),
+        )
+    del pipe
+    return embeds.float(), pooled.float(), neg[:1].float(), neg_pooled[:1].float()
+
+
+def _load_vae(location, device, local):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=local).to(device).eval()
+    vae.requires_grad_(False)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae, factor, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
+
+
+def _load_adapter(kind: str, location: str) -> RunSetup:
+    module = {"flux": "flowkern.models.flux", "sit": "flowkern.models.sit"}[kind]
+    try:
+        __import__(module)
+    except ImportError:
+        raise ValueError(
+            f"{location} is a {kind.upper()} model but {module} is not available in this install"
+        ) from None
+    raise ValueError(
+        f"{location} is a {kind.upper()} model: `flowkern train` drives SD3 and the built-in models so far; "
+        f"use {module} from Python (see README) for {kind.upper()}"
+    )
+
+
+# ---------------------------------------------------------------- rewards
+def parse_reward_spec(spec: str) -> tuple[str, float]:
+    """``name[:weight]`` -> (name, weight); the weight must be a finite non-zero number."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"--reward must be NAME or NAME:WEIGHT, got {spec!r}")
+    name, sep, weight = spec.strip().partition(":")
+    if not name:
+        raise ValueError(f"--reward must be NAME or NAME:WEIGHT, got {spec!r}")
+    if not sep:
+        return name.lower(), 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        raise ValueError(f"--reward weight must be a number (NAME:WEIGHT), got {spec!r}") from None
+    if not math.isfinite(value) or value == 0:
+        raise ValueError(f"--reward weight must be finite and non-zero, got {spec!r}")
+    return name.lower(), value
+
+
+def known_rewards(kind: str | None = None) -> list[str]:
+    """Reward names usable with a model kind (all names when ``kind`` is None)."""
+    from flowkern.rewards import REWARDS
+
+    if kind == "toy":
+        return sorted(TOY_REWARDS)
+    names = set(IMAGE_REWARDS) | set(REWARDS)
+    return sorted(names | (set(TOY_REWARDS) if kind is None else set()))
+
+
+def check_reward_names(specs: Sequence[str], kind: str) -> list[tuple[str, float]]:
+    """Parse and check names against the model kind before anything is loaded or written."""
+    parsed = [parse_reward_spec(s) for s in specs]
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--reward names must be distinct, got {names}")
+    known = known_rewards(kind)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown reward {name!r} for a {kind} model; known: {', '.join(known)}")
+    return parsed
+
+
+def build_reward(
+    specs: Sequence[str], setup: RunSetup, sources: dict[str, Sequence[str]] | None = None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module | None]:
+    """(r(x) -> [B] on the model's samples x, the reward module or None for the toy).
+
+    Image models: r(x) = sum_k w_k reward_k(to_images(x), prompts); prompt-dependent rewards need a run with one
+    prompt (the methods' reward interface r(x) carries no conditioning). ``sources`` maps a reward name to the
+    arguments of its ``from_pretrained`` (local paths or hub ids).
+    """
+    parsed = check_reward_names(specs, setup.kind)
+    sources = sources or {}
+    if setup.kind == "toy":
+        from flowkern.models.toy import BumpReward, LinearReward
+
+        makers = {"linear": lambda: LinearReward((1.0, 0.0)), "bump": lambda: BumpReward((4.0, 0.0), 1.5, 2.0)}
+        parts = [(makers[name](), w) for name, w in parsed]
+        return (lambda x: sum(w * r(x) for r, w in parts)), None
+
+    from flowkern.rewards import WeightedReward
+
+    modules = {name: _reward_module(name, sources.get(name, ())) for name, _ in parsed}
+    reward = WeightedReward(modules, {name: w for name, w in parsed}).to(setup.device)
+    prompts = None
+    if reward.needs_prompts:
+        if len(set(setup.prompts)) != 1:
+            needing = [n for n, m in modules.items() if getattr(m, "needs_prompts", True)]
+            raise ValueError(
+                f"reward(s) {needing} score image and prompt: train with exactly one --prompt "
+                "(the methods pass the reward samples only)"
+            )
+        prompts = setup.prompts[0]
+    to_images = setup.to_images
+
+    def reward_fn(x: torch.Tensor) -> torch.Tensor:
+        images = to_images(x)
+        return reward(images, None if prompts is None else [prompts] * images.shape[0])
+
+    return reward_fn, reward
+
+
+def _reward_module(name: str, args: Sequence[str]) -> nn.Module:
+    from flowkern.rewards import build_reward as registry_build
+    from flowkern.rewards.toy_image import BrightnessReward, RednessReward
+
+    if name == "redness":
+        return RednessReward()
+    if name == "brightness":
+        return BrightnessReward()
+    try:
+        return registry_build(name, *args)
+    except TypeError as err:
+        raise ValueError(
+            f"reward {name!r} needs its weights: pass --reward-source {name}=PATH[,PATH] ({err})"
+        ) from None
+
+
+# ---------------------------------------------------------------- methods
+@dataclass
+class MethodSettings:
+    """Hyperparameters of the methods (math.md; each method reads the ones it has).
+
+    beta = 1/lam (VGG-Flow M10, DAM/AM M26/M32); K: DAM's trained steps / DRaFT's backprop steps / ReFL's last
+    steps (1 <= K <= num_steps); p: DAM's cost power (> 1); eta: VGG-Flow's eta_t ('quad' | 'linear' |
+    'constant', M15); alpha: VGG-Flow's boundary weight (M17); subsample: VGG-Flow's transition fraction f (M22).
+    """
+
+    beta: float | None = None
+    lam: float | None = None
+    K: int | None = None
+    p: float = 2.0
+    eta: str = "quad"
+    alpha: float = 1e4
+    subsample: float | None = 0.25
+    value_hidden: int = 64
+    value_depth: int = 3
+
+    def check(self, num_steps: int) -> None:
+        if self.beta is not None and self.lam is not None:
+            raise ValueError("pass one of --beta and --lam (beta = 1/lam), not both")
+        for name in ("beta", "lam", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a finite number > 0, got {value!r}")
+        if self.K is not None and not (isinstance(self.K, int) and 1 <= self.K <= num_steps):
+            raise ValueError(f"--K must be an int in [1, {num_steps}] (the number of sampling steps), got {self.K!r}")
+        if not (isinstance(self.p, int | float) and math.isfinite(self.p) and self.p > 1):
+            raise ValueError(f"--p must be a finite number > 1 (a strictly convex cost, M26), got {self.p!r}")
+        if self.eta not in ("quad", "linear", "constant"):
+            raise ValueError(f"--eta must be 'quad', 'linear' or 'constant', got {self.eta!r}")
+        if self.subsample is not None and not (0 < self.subsample <= 1):
+            raise ValueError(f"--subsample must be in (0, 1], got {self.subsample!r}")
+
+    def beta_value(self, default: float) -> float:
+        if self.beta is not None:
+            return float(self.beta)
+        if self.lam is not None:
+            return 1.0 / float(self.lam)
+        return default
+
+
+def build_method(
+    name: str,
+    setup: RunSetup,
+    reward_fn: Callable[[torch.Tensor], torch.Tensor],
+    settings: MethodSettings,
+    *,
+    default_beta: float = 1.0,
+    seed: int = 0,
+) -> Any:
+    """A method of :data:`METHODS` on ``setup.model`` (velocity callables from ``flow_callables``)."""
+    from flowkern.methods import AdjointMatching, DRaFT, ReFL, SmallValueNet, VGGFlow, flow_callables
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    settings.check(setup.num_steps)
+    velocity, base_velocity = flow_callables(setup.model)
+    generator = torch.Generator().manual_seed(seed + 17)
+    beta = settings.beta_value(default_beta)
+    if name == "vggflow":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 11)
+            value_net = SmallValueNet(
+                setup.sample_shape,
+                hidden=settings.value_hidden,
+                depth=settings.value_depth,
+                num_classes=setup.num_prompts or None,
+            ).to(setup.device)
+        return VGGFlow(
+            velocity,
+            base_velocity,
+            reward_fn,
+            value_net=value_net,
+            beta=beta,
+            alpha=settings.alpha,
+            eta_mode=settings.eta,
+            subsample_fraction=settings.subsample,
+            generator=generator,
+        )
+    if name == "dam":
+        return AdjointMatching(velocity, base_velocity, reward_fn, beta=beta, K=settings.K, p=settings.p)
+    if name == "am":
+        n_last = max(1, setup.num_steps // 4)
+        return AdjointMatching(
+            velocity,
+            base_velocity,
+            reward_fn,
+            beta=beta,
+            kind="memoryless",
+            n_last=n_last,
+            n_random=n_last,
+            generator=generator,
+        )
+    if name == "refl":
+        return ReFL(velocity, reward_fn, last_steps=settings.K or max(1, setup.num_steps // 4), generator=generator)
+    return DRaFT(velocity, reward_fn, K=settings.K or 1, generator=generator)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
