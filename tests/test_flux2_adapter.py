@@ -14,6 +14,7 @@ import torch
 from tests.models_tiny_backbones import (
     check_base_velocity_restores_on_error,
     check_detach_uncond,
+    check_gradient_checkpointing,
     randn,
     randomize_lora,
     tiny_flux2_transformer,
@@ -142,6 +143,10 @@ def test_base_velocity_restores_adapters_on_error():
 def test_detach_uncond_parameter_path_only():
     cond = _cond(3.0)
     check_detach_uncond(_model(), _latents(), torch.tensor(0.4), cond, _cond(None), 3.0)
+
+
+def test_gradient_checkpointing_same_gradients():
+    check_gradient_checkpointing(_model(), _latents(), _cond(2.0))
 
 
 def test_bf16_weights_fp32_lora():

@@ -14,6 +14,7 @@ import torch
 from tests.models_tiny_backbones import (
     check_base_velocity_restores_on_error,
     check_detach_uncond,
+    check_gradient_checkpointing,
     randn,
     randomize_lora,
     tiny_flux_pipeline,
@@ -180,6 +181,10 @@ def test_sampler_cfg_pair_matches_model_cfg():
     a = sample_euler(model, x0, ts, cond).final
     b = sample_euler(model.velocity_pair, x0, ts, cond, guidance_scale=3.0).final
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_checkpointing_same_gradients():
+    check_gradient_checkpointing(_model(), _latents(), _cond(2.0))
 
 
 # ---------------------------------------------------------------- dtypes

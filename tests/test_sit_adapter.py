@@ -17,6 +17,7 @@ from tests.models_tiny_backbones import (
     DIT_TINY,
     check_base_velocity_restores_on_error,
     check_detach_uncond,
+    check_gradient_checkpointing,
     randn,
     randomize_lora,
     tiny_dit_transformer,
@@ -133,6 +134,10 @@ def test_time_derivative_through_adapter():
         fd = ((model.velocity(x, 0.4 + eps, cond) - model.velocity(x, 0.4 - eps, cond)) * g).sum() / (2 * eps)
     assert dt.abs() > 1e-6
     torch.testing.assert_close(dt, fd, rtol=2e-3, atol=1e-4)  # the timestep is passed in fp32
+
+
+def test_gradient_checkpointing_same_gradients():
+    check_gradient_checkpointing(_model(), _latents(), SiTConditioning(LABELS, guidance_scale=2.0))
 
 
 def test_bf16_weights_fp32_lora():
