@@ -52,23 +52,21 @@ def _tuner_layers(module: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def lora_disabled(transformer: nn.Module) -> Iterator[None]:
     """Inside, every peft LoRA layer of ``transformer`` is off (the frozen base model); on exit each layer's
-    previous on/off state and the LoRA parameters' ``requires_grad`` are restored, even on error.
+    previous on/off state is restored, even on error. ``requires_grad`` is never touched.
 
-    Per layer (peft's ``enable_adapters``), so it also works on models without diffusers' peft mixin.
+    Per layer, so it also works on models without diffusers' peft mixin.
     """
     layers = _tuner_layers(transformer)
-    was_on = [not layer.disable_adapters for layer in layers]
-    grads = [(p, p.requires_grad) for p in lora_parameters(transformer)]
+    was_disabled = [layer._disable_adapters for layer in layers]
+    # peft's layer.enable_adapters() also flips requires_grad (not allowed inside torch.func transforms such as the
+    # 'exact' consistency's jvp, M21); the flag it sets is all the forward reads, so set only the flag.
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield
     finally:
-        for layer, on in zip(layers, was_on, strict=True):
-            if on:
-                layer.enable_adapters(True)
-        for p, requires_grad in grads:  # peft's enable/disable also toggles requires_grad
-            p.requires_grad_(requires_grad)
+        for layer, disabled in zip(layers, was_disabled, strict=True):
+            layer._disable_adapters = disabled
 
 
 def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
