@@ -1,8 +1,8 @@
-"""Shared machinery of the diffusers-transformer `FlowModel` adapters (FLUX.1, FLUX.2, SiT).
+"""Shared machinery of the diffusers-transformer `FlowModel` adapters (SD3, FLUX.1, FLUX.2, SiT).
 
 An adapter subclasses `TransformerFlowModel` and supplies only what differs per backbone: the state check,
 the per-branch conditioning inputs, and `_forward` (the one place its convention is converted to paper time,
-M1/M3). Everything else is common and mirrors `flowkern.models.sd3.SD3FlowModel`:
+M1/M3). Everything else is common:
 
 - CFG (M5) as one [2B] batch, uncond first, combined v = v_u + w (v_c - v_u) like `flowkern.ops.cfg_euler`;
 - ``detach_uncond`` (M5): the unconditional branch's *parameter* path is detached, its state path kept;
