@@ -74,6 +74,8 @@ def _int_min(minimum: int):
 def _methods_list(text: str) -> tuple[str, ...]:
     from flowkern.app.build import METHODS
 
+    if text.strip().lower() == "all":
+        return tuple(METHODS)
     names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
@@ -112,7 +114,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="flowkern-demo", help="report folder (created; its files are replaced)")
     demo.add_argument(
-        "--methods", type=_methods_list, default=("vggflow",), help="comma-separated, e.g. vggflow,dam,refl,draft,am"
+        "--methods",
+        type=_methods_list,
+        default=("vggflow",),
+        help="comma-separated, e.g. vggflow,dam,refl,draft,am, or all",
     )
     demo.add_argument("--steps", type=_int_min(1), default=60, help="updates per method")
     demo.add_argument("--batch-size", type=_int_min(1), default=8, help="trajectories per update")
@@ -120,6 +125,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--reward", choices=IMAGE_REWARDS, default="redness", help="the reward to maximise")
     demo.add_argument("--eval-samples", type=_int_min(2), default=16, help="fixed-seed samples for the metrics")
     demo.add_argument("--seed", type=_int_min(0), default=0)
+    demo.add_argument("--model", default="tiny", help="'tiny' (shipped) or a directory in its format")
+    demo.add_argument("--threads", type=_int_min(1), default=1, help="torch CPU threads (the tiny model needs one)")
     demo.add_argument("--fast", action="store_true", help="a few tiny updates (the CI smoke test, ~20 s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -163,7 +170,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=S,
         help="weights of a model-based reward (local paths or hub ids)",
     )
-    g.add_argument("--beta", type=_float, default=S, help="beta = 1/lambda > 0 [toy 2, tiny 300, real models 5e4]")
+    g.add_argument("--beta", type=_float, default=S, help="beta = 1/lambda > 0 [toy 2, tiny 600, real models 5e4]")
     g.add_argument("--lam", type=_float, default=S, help="lambda = 1/beta > 0 (instead of --beta)")
     g.add_argument(
         "--K", type=int, default=S, help="DAM trained steps / DRaFT backprop steps / ReFL last steps, 1..num-steps"
@@ -298,6 +305,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     opts = DemoOptions(
         out=args.out,
+        model=args.model,
+        threads=args.threads,
         methods=args.methods,
         steps=args.steps,
         batch_size=args.batch_size,

@@ -265,6 +265,14 @@ def test_existing_run_is_not_overwritten_without_resume(toy_run, capsys):
     assert rc == 2
     one_error_line(err, "already holds a run", "--resume")
     assert tree(toy_run) == before
+    # --overwrite replaces a run only once the new one has started: a bad new run keeps the old one
+    rc, _, err = run(capsys, "train", *TOY, "--steps", "2", "--out", toy_run, "--overwrite", "--reward", "bump:0")
+    assert rc == 2
+    one_error_line(err, "non-zero")
+    rc, _, err = run(capsys, "train", *TOY, "--steps", "2", "--out", toy_run, "--overwrite", "--model", "./missing")
+    assert rc == 2
+    one_error_line(err, "does not exist")
+    assert tree(toy_run) == before
 
 
 def test_corrupt_and_incompatible_checkpoints_are_refused(toy_run, tmp_path, capsys):
@@ -405,3 +413,60 @@ def test_accelerate_launch_two_processes_matches_one_process_with_double_batch(t
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in a.values())  # training moved the residual
     rewards = lambda d: [json.loads(x)["reward_mean"] for x in (d / "log.jsonl").read_text().splitlines()]
     assert rewards(one) == pytest.approx(rewards(two), rel=1e-5)
+
+
+# ---------------------------------------------------------------- an SD3 pipeline directory
+def test_train_and_eval_an_sd3_pipeline_directory(tmp_path, capsys):
+    """A saved (tiny, random) StableDiffusion3Pipeline: prompts encoded by its text encoders, VAE-decoded reward."""
+    from tests.test_sd3_adapter import _tiny_pipeline
+
+    _tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    capsys.readouterr()  # drop the save's progress output
+    common = ["--model", tmp_path / "pipe", "--reward", "brightness", "--num-steps", "2", "--no-progress"]
+    rc, _, err = run(capsys, "train", *common, "--out", tmp_path / "r0")
+    assert rc == 2
+    one_error_line(err, "needs prompts")
+    assert not (tmp_path / "r0").exists()
+    out = tmp_path / "run"
+    rc, _, err = run(
+        capsys,
+        "train",
+        *common,
+        "--prompt",
+        "a cat",
+        "--method",
+        "draft",
+        "--K",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "2",
+        "--eval-samples",
+        "2",
+        "--out",
+        out,
+    )
+    assert rc == 0, err
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    rc, stdout, err = run(
+        capsys,
+        "eval",
+        "--model",
+        tmp_path / "pipe",
+        "--lora",
+        out,
+        "--prompt",
+        "a cat",
+        "--reward",
+        "brightness",
+        "--samples",
+        "2",
+        "--num-steps",
+        "2",
+    )
+    assert rc == 0, err
+    result = json.loads(stdout)
+    assert result["prompts"] == ["a cat"] and 0 <= result["tuned"]["reward_mean"] <= 1

@@ -19,6 +19,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from flowkern.app import report
 from flowkern.app.build import ASSET_DIR, METHODS, MethodSettings, build_method, build_reward, load_model
 from flowkern.app.evaluate import evaluate_samples, generate
@@ -30,10 +32,10 @@ __all__ = ["DEMO_SETTINGS", "DemoOptions", "run_demo"]
 # Per-method settings of the demo (chosen once on this model and reward; beta = 1/lambda).
 DEMO_SETTINGS = {
     "vggflow": dict(
-        lr=3e-3, value_lr=1e-3, settings=MethodSettings(beta=300.0, eta="quad", alpha=10.0, subsample=0.25)
+        lr=3e-3, value_lr=1e-3, settings=MethodSettings(beta=600.0, eta="quad", alpha=10.0, subsample=0.25)
     ),
-    "dam": dict(lr=3e-3, settings=MethodSettings(beta=300.0, K=3)),
-    "am": dict(lr=3e-3, settings=MethodSettings(beta=300.0)),
+    "dam": dict(lr=3e-3, settings=MethodSettings(beta=600.0, K=3)),
+    "am": dict(lr=3e-3, settings=MethodSettings(beta=600.0)),
     "refl": dict(lr=1e-3, settings=MethodSettings(K=3)),
     "draft": dict(lr=1e-3, settings=MethodSettings(K=1)),
 }
@@ -51,6 +53,7 @@ class DemoOptions:
     reward: str = "redness"
     model: str = str(ASSET_DIR)
     seed: int = 0
+    threads: int | None = 1  # the tiny model gains nothing from more; None keeps torch's setting
     fast: bool = False
     progress: bool = True
     overrides: dict = field(default_factory=dict)
@@ -79,6 +82,16 @@ def _setup(opts: DemoOptions):
 
 def run_demo(opts: DemoOptions, echo=print) -> dict:
     """Run the demo; returns the metrics written to ``metrics.json``."""
+    threads = torch.get_num_threads()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    try:
+        return _run_demo(opts, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(opts: DemoOptions, echo) -> dict:
     start = time.perf_counter()
     ensure_output_dir(opts.out, allow_existing=True)
     setup = _setup(opts)

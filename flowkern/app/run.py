@@ -240,9 +240,8 @@ def make_accelerator(device: str):
 # ---------------------------------------------------------------- the run
 def train_run(opts: TrainOptions, echo=print) -> dict:
     """Train as ``opts`` says; returns the final evaluation (also written to eval.json)."""
-    from flowkern.app.build import build_method, build_reward, check_reward_names, load_model, resolve_model
-    from flowkern.app.evaluate import evaluate_samples, generate
-    from flowkern.train import TrainConfig, Trainer, latest_checkpoint, load_checkpoint, save_checkpoint
+    from flowkern.app.build import check_reward_names, resolve_model
+    from flowkern.train import latest_checkpoint, save_checkpoint
 
     opts.check()
     kind, _ = resolve_model(opts.model)
@@ -257,14 +256,55 @@ def train_run(opts: TrainOptions, echo=print) -> dict:
             _check_same_run(json.loads(previous.read_text()), opts)
     accelerator = make_accelerator(opts.device)
     is_main = accelerator is None or accelerator.is_main_process
-    if is_main:
-        if opts.overwrite and out.is_dir():
-            _clear_run(out)
-        ensure_output_dir(out, allow_existing=opts.resume)
+    created = ensure_output_dir(out, allow_existing=opts.resume or opts.overwrite) if is_main else False
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    device = str(accelerator.device) if accelerator is not None else opts.device
+    try:
+        setup, reward_fn, reward_module, method, trainer = _build_run(opts, accelerator, checkpoints, echo)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed start leaves nothing behind
+        raise
+    if is_main and opts.overwrite:
+        _clear_run(out)  # only now that the new run has started: a bad --overwrite run keeps the old one
+    if is_main:
+        processes = 1 if accelerator is None else accelerator.num_processes
+        (out / "run_config.json").write_text(json.dumps({**opts.to_dict(), "num_processes": processes}, indent=2))
+    log = JsonlLog(out / "log.jsonl", keep_below_step=trainer.step) if is_main else None
+    writer = _tensorboard(out) if (opts.tensorboard and is_main) else None
+    bar = progress_bar(opts.steps, opts.method, enabled=opts.progress and is_main, initial=trainer.step)
+    start = time.perf_counter()
+    try:
+        while trainer.step < opts.steps:
+            metrics = trainer.train_step()
+            if log is not None:
+                log.write({"method": opts.method, **metrics})
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, trainer.step)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics.get('loss', float('nan')):.3g}")
+            bar.update(1)
+            if opts.checkpoint_every and trainer.step % opts.checkpoint_every == 0 and trainer.step < opts.steps:
+                save_checkpoint(trainer, checkpoints, keep_last=opts.keep_checkpoints or None)
+        save_checkpoint(trainer, checkpoints, keep_last=opts.keep_checkpoints or None)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        if writer is not None:
+            writer.close()
+    train_s = time.perf_counter() - start
+    if not is_main:
+        return {}
+    return _finish(opts, out, setup, reward_fn, reward_module, method, trainer, train_s, echo)
 
+
+def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
+    """Model, reward, method and Trainer (restored from the last checkpoint with --resume)."""
+    from flowkern.app.build import build_method, build_reward, load_model
+    from flowkern.train import TrainConfig, Trainer, load_checkpoint
+
+    device = str(accelerator.device) if accelerator is not None else opts.device
     setup = load_model(
         opts.model,
         lora_rank=opts.lora_rank,
@@ -309,35 +349,12 @@ def train_run(opts: TrainOptions, echo=print) -> dict:
     if opts.resume:
         loaded = load_checkpoint(trainer, checkpoints)
         echo(f"resumed from {loaded} (update {trainer.step})")
-    if is_main:
-        processes = 1 if accelerator is None else accelerator.num_processes
-        (out / "run_config.json").write_text(json.dumps({**opts.to_dict(), "num_processes": processes}, indent=2))
-    log = JsonlLog(out / "log.jsonl", keep_below_step=trainer.step) if is_main else None
-    writer = _tensorboard(out) if (opts.tensorboard and is_main) else None
-    bar = progress_bar(opts.steps, opts.method, enabled=opts.progress and is_main, initial=trainer.step)
-    start = time.perf_counter()
-    try:
-        while trainer.step < opts.steps:
-            metrics = trainer.train_step()
-            if log is not None:
-                log.write({"method": opts.method, **metrics})
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(k, v, trainer.step)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics.get('loss', float('nan')):.3g}")
-            bar.update(1)
-            if opts.checkpoint_every and trainer.step % opts.checkpoint_every == 0 and trainer.step < opts.steps:
-                save_checkpoint(trainer, checkpoints, keep_last=opts.keep_checkpoints or None)
-        save_checkpoint(trainer, checkpoints, keep_last=opts.keep_checkpoints or None)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-        if writer is not None:
-            writer.close()
-    train_s = time.perf_counter() - start
-    if not is_main:
-        return {}
+    return setup, reward_fn, reward_module, method, trainer
+
+
+def _finish(opts: TrainOptions, out: Path, setup, reward_fn, reward_module, method, trainer, train_s, echo) -> dict:
+    """Save the LoRA and value net, evaluate on fixed seeds against the base, plot (main process)."""
+    from flowkern.app.evaluate import evaluate_samples, generate
 
     setup.model.save_lora(out / "lora")
     value_params = getattr(method, "value_net", None)
@@ -372,9 +389,9 @@ def train_run(opts: TrainOptions, echo=print) -> dict:
 
 
 def _default_beta(setup) -> float:
-    """beta when neither --beta nor --lam is given: the toy's 2 (lam = 0.5), the demo's 300 for the tiny model,
+    """beta when neither --beta nor --lam is given: the toy's 2 (lam = 0.5), the demo's 600 for the tiny model,
     the paper's Aesthetic value 5e4 for real models (math.md section 3)."""
-    return {"toy": 2.0, "tiny": 300.0}.get(setup.kind, 5e4)
+    return {"toy": 2.0, "tiny": 600.0}.get(setup.kind, 5e4)
 
 
 def _check_same_run(previous: dict, opts: TrainOptions) -> None:

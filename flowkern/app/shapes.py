@@ -40,7 +40,8 @@ def render_shapes(
     yy, xx = coords[:, None], coords[None, :]
     cx, cy = 0.3 + 0.4 * u(b), 0.3 + 0.4 * u(b)  # shape centre
     radius = 0.17 + 0.1 * u(b)  # half-size of the shape
-    angle = torch.pi * u(b)  # stripe direction
+    vertical = u(b) < 0.5  # stripe direction: vertical or horizontal
+    phase = 4 * u(b)  # stripe offset in pixels
     dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
     px = 1.0 / size  # one pixel in (0, 1) units
     r = radius[:, None, None]
@@ -54,11 +55,11 @@ def render_shapes(
             s = r - dist
         elif k == 1:  # square
             s = r - torch.maximum(dx.abs(), dy.abs())
-        elif k == 2:  # stripes over the whole image, period ~ 5 px
-            phase = xx[None] * torch.cos(angle)[:, None, None] + yy[None] * torch.sin(angle)[:, None, None]
-            s = 0.25 * px * 5 * torch.cos(2 * torch.pi * phase / (5 * px))
-        else:  # ring of width ~ 2.5 px
-            s = 1.25 * px - (dist - r).abs()
+        elif k == 2:  # stripes over the whole image, period 4 px, 2 px wide
+            along = torch.where(vertical[:, None, None], xx[None].expand(b, size, size), yy[None].expand(b, size, size))
+            s = px * torch.cos(2 * torch.pi * (along / px + phase[:, None, None]) / 4)
+        else:  # ring of width ~ 3 px
+            s = 1.5 * px - (dist - r).abs()
         signed[rows] = s[rows] / px
     mask = torch.sigmoid(signed / softness)[:, None]  # [B, 1, H, W]
     colour = (_COLOURS[labels] + 0.12 * (u(b, 3) - 0.5)).clamp(0, 1)
