@@ -470,3 +470,66 @@ def test_train_and_eval_an_sd3_pipeline_directory(tmp_path, capsys):
     assert rc == 0, err
     result = json.loads(stdout)
     assert result["prompts"] == ["a cat"] and 0 <= result["tuned"]["reward_mean"] <= 1
+
+
+def test_train_flux_and_sit_directories(tmp_path, capsys):
+    """FLUX.1 (text prompts, embedded guidance) and SiT (class ids) pipeline directories through their adapters."""
+    from tests.models_tiny_backbones import tiny_dit_transformer, tiny_flux_pipeline, tiny_vae
+
+    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    (tmp_path / "sit").mkdir()
+    tiny_dit_transformer().save_pretrained(tmp_path / "sit" / "transformer")
+    tiny_vae("kl").save_pretrained(tmp_path / "sit" / "vae")
+    capsys.readouterr()
+    common = [
+        "--reward",
+        "brightness",
+        "--method",
+        "draft",
+        "--K",
+        "1",
+        "--steps",
+        "1",
+        "--num-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "2",
+        "--eval-samples",
+        "2",
+        "--no-progress",
+    ]
+    rc, _, err = run(
+        capsys,
+        "train",
+        "--model",
+        tmp_path / "flux",
+        "--prompt",
+        "a cat",
+        "--resolution",
+        "16",
+        *common,
+        "--out",
+        tmp_path / "r_flux",
+    )
+    assert rc == 0, err
+    assert json.loads((tmp_path / "r_flux" / "eval.json").read_text())["model"] == str(tmp_path / "flux")
+    rc, _, err = run(
+        capsys,
+        "train",
+        "--model",
+        tmp_path / "sit",
+        "--prompt",
+        "3",
+        "--prompt",
+        "7",
+        *common,
+        "--out",
+        tmp_path / "r_sit",
+    )
+    assert rc == 0, err
+    assert (tmp_path / "r_sit" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    rc, _, err = run(capsys, "train", "--model", tmp_path / "sit", "--prompt", "12", *common, "--out", tmp_path / "x")
+    assert rc == 2
+    one_error_line(err, "class ids must be in [0, 10)")

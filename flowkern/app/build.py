@@ -5,9 +5,11 @@ Models (``load_model(spec)``):
 - ``"tiny"`` (the default): the pixel-space SD3 transformer that ships in ``flowkern/assets/tiny_flow``
   (``scripts/train_tiny_flow.py``), conditioned on a fixed table of encoded prompts, one per class.
 - a local directory (or a hub id): dispatched on the transformer's class name in ``model_index.json`` /
-  ``transformer/config.json`` / ``config.json``: ``SD3Transformer2DModel`` through ``flowkern.models.sd3``;
-  FLUX and SiT through their adapters (``flowkern.models.flux``, ``flowkern.models.sit``, imported lazily).
-  SD3 prompts are encoded once by the pipeline's text encoders; the reward sees ``vae.decode(x) / 2 + 0.5``.
+  ``transformer/config.json`` / ``config.json``: ``SD3Transformer2DModel`` (``flowkern.models.sd3``),
+  ``FluxTransformer2DModel`` (FLUX.1, ``flowkern.models.flux``), ``DiTTransformer2DModel`` (SiT,
+  ``flowkern.models.sit``), imported lazily; FLUX.2 is refused (use its adapter from Python). Prompts are encoded
+  once by the pipeline's own text encoders (SiT: class ids); the reward sees the pipeline VAE's decode
+  (``flowkern.models.vae.LatentDecoder``) in [0, 1].
 - ``"toy"``: the 2-D Gaussian-mixture toy (``flowkern.models.toy``; exact base velocity + residual MLP).
 
 Every model is wrapped so that ``cond`` is an integer tensor of prompt indices [B] (``PromptBankFlow``): the
@@ -44,7 +46,7 @@ __all__ = [
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_flow"
 TINY_INFO = "flowkern_tiny.json"
-MODEL_KINDS = ("tiny", "sd3", "flux", "sit", "toy")
+MODEL_KINDS = ("tiny", "sd3", "flux", "flux2", "sit", "toy")
 METHODS = ("vggflow", "dam", "am", "refl", "draft")
 METHOD_HELP = {
     "vggflow": "VGG-Flow: value-gradient matching with a learned value net (M6-M22)",
@@ -58,7 +60,7 @@ TOY_REWARDS = ("linear", "bump")
 CLASS_NAMES = {  # transformer class -> model kind
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
-    "Flux2Transformer2DModel": "flux",
+    "Flux2Transformer2DModel": "flux2",
     "DiTTransformer2DModel": "sit",
     "SiTTransformer2DModel": "sit",
 }
@@ -66,56 +68,52 @@ CLASS_NAMES = {  # transformer class -> model kind
 
 # ---------------------------------------------------------------- conditioning by prompt index
 class PromptBankFlow(nn.Module):
-    """A FlowModel over an SD3 adapter whose ``cond`` is a LongTensor [B] of indices into fixed encoded prompts.
+    """A FlowModel over an adapter (SD3, FLUX, SiT) whose ``cond`` is a LongTensor [B] of indices into a fixed
+    table of encoded prompts (or class ids).
 
-    ``velocity(x, t, labels)`` builds the `SD3Conditioning` rows ``labels`` of the table (with the negative prompt
-    and ``guidance_scale`` for CFG, M5) and calls the adapter, so rollouts, losses and adjoints go through
-    ``SD3FlowModel`` exactly as for SD3 itself. Indexing makes the conditioning gatherable by the methods.
+    ``velocity(x, t, labels)`` builds the adapter's conditioning from rows ``labels`` of the table (``rows``: one
+    row per prompt; ``shared``: one row for every sample, e.g. the negative prompt; ``constants``: e.g.
+    ``guidance_scale`` for CFG, M5) and calls the adapter, so rollouts, losses and adjoints go through it exactly
+    as without the wrapper. Indexing makes the conditioning gatherable by the methods and the value net.
     """
 
     def __init__(
         self,
         flow: nn.Module,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
+        cond_class: type,
+        rows: dict[str, torch.Tensor],
+        shared: dict[str, torch.Tensor] | None = None,
+        constants: dict[str, Any] | None = None,
         prompts: Sequence[str] = (),
     ):
         super().__init__()
         self.flow = flow
-        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
-        self.register_buffer("pooled_prompt_embeds", pooled_prompt_embeds, persistent=False)
-        if guidance_scale is not None:
-            if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
-                raise ValueError("guidance_scale needs negative_prompt_embeds and negative_pooled_prompt_embeds")
-            self.register_buffer("negative_prompt_embeds", negative_prompt_embeds[:1], persistent=False)
-            self.register_buffer("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds[:1], persistent=False)
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        self.prompts = list(prompts) or [f"prompt {i}" for i in range(prompt_embeds.shape[0])]
+        self.cond_class = cond_class
+        if not rows:
+            raise ValueError("PromptBankFlow needs at least one per-prompt tensor")
+        sizes = {v.shape[0] for v in rows.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"every per-prompt tensor needs the same number of rows, got {sorted(sizes)}")
+        self._rows, self._shared = list(rows), list(shared or {})
+        for name, value in {**rows, **{k: v[:1] for k, v in (shared or {}).items()}}.items():
+            self.register_buffer(name, value, persistent=False)
+        self.constants = dict(constants or {})
+        self.num_prompts = sizes.pop()
+        self.prompts = list(prompts) or [f"prompt {i}" for i in range(self.num_prompts)]
 
     @property
-    def num_prompts(self) -> int:
-        return self.prompt_embeds.shape[0]
+    def guidance_scale(self) -> float | None:
+        return self.constants.get("guidance_scale")
 
     def conditioning(self, labels: torch.Tensor):
-        from flowkern.models.sd3 import SD3Conditioning
-
         if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) or labels.dim() != 1:
             raise TypeError(f"cond must be an integer tensor [B] of prompt indices, got {_describe(labels)}")
-        labels = labels.to(self.prompt_embeds.device)
-        embeds, pooled = self.prompt_embeds[labels], self.pooled_prompt_embeds[labels]
-        if self.guidance_scale is None:
-            return SD3Conditioning(embeds, pooled)
+        first = getattr(self, self._rows[0])
+        labels = labels.to(first.device)
+        fields = {name: getattr(self, name)[labels] for name in self._rows}
         b = labels.shape[0]
-        return SD3Conditioning(
-            embeds,
-            pooled,
-            self.negative_prompt_embeds.expand(b, *embeds.shape[1:]),
-            self.negative_pooled_prompt_embeds.expand(b, pooled.shape[1]),
-            guidance_scale=self.guidance_scale,
-        )
+        fields.update({name: getattr(self, name).expand(b, *getattr(self, name).shape[1:]) for name in self._shared})
+        return self.cond_class(**fields, **self.constants)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, detach_uncond: bool = False):
         return self.flow.velocity(x, t, self.conditioning(cond), detach_uncond=detach_uncond)
@@ -286,6 +284,27 @@ def _dtype(precision: str) -> torch.dtype:
     raise ValueError(f"--precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
+@dataclass
+class _Load:
+    """What every loader needs (the options of :func:`load_model`)."""
+
+    location: str
+    lora_rank: int | None
+    lora_alpha: float | None
+    lora_path: str | os.PathLike | None
+    dtype: torch.dtype
+    device: torch.device
+    resolution: int | None
+    prompts: list[str]
+    guidance_scale: float | None
+    num_steps: int | None
+    seed: int
+
+    @property
+    def local(self) -> bool:
+        return Path(self.location).is_dir()
+
+
 def load_model(
     spec: str,
     *,
@@ -300,31 +319,35 @@ def load_model(
     num_steps: int | None = None,
     seed: int = 0,
 ) -> RunSetup:
-    """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), optionally
-    loading ``lora_path`` (a saved LoRA directory) into it."""
+    """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), or the LoRA
+    saved in ``lora_path`` (its rank and alpha are read from the file).
+
+    ``prompts``: text prompts (SD3, FLUX) or class ids (SiT); ``guidance_scale``: CFG w (1 or None: no CFG);
+    ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler.
+    """
     kind, location = resolve_model(spec)
-    device = torch.device(device)
+    opts = _Load(
+        location,
+        lora_rank,
+        lora_alpha,
+        lora_path,
+        _dtype(precision),
+        torch.device(device),
+        resolution,
+        list(prompts),
+        guidance_scale,
+        num_steps,
+        seed,
+    )
     if kind == "toy":
-        return _load_toy(lora_path, device, num_steps, seed)
+        return _load_toy(lora_path, opts.device, num_steps, seed)
     if kind == "tiny":
-        return _load_tiny(
-            location, lora_rank, lora_alpha, lora_path, precision, device, resolution, guidance_scale, num_steps, seed
+        return _load_tiny(opts)
+    if kind == "flux2":
+        raise ValueError(
+            f"{location} is a FLUX.2 model: the CLI drives SD3, FLUX.1 and SiT; use flowkern.models.flux2 from Python"
         )
-    if kind == "sd3":
-        return _load_sd3(
-            location,
-            lora_rank,
-            lora_alpha,
-            lora_path,
-            precision,
-            device,
-            resolution,
-            prompts,
-            guidance_scale,
-            num_steps,
-            seed,
-        )
-    return _load_adapter(kind, location)
+    return _load_pipeline(kind, opts)
 
 
 def _lora_rank_of(lora_path: str | os.PathLike) -> tuple[int, float]:
@@ -383,44 +406,48 @@ def _check_resolution(resolution: int | None, default: int, multiple: int, maxim
     return resolution
 
 
-def _attach_lora(flow, lora_rank, lora_alpha, lora_path, seed):
-    if lora_path is not None:
-        rank, alpha = _lora_rank_of(lora_path)
-        lora_rank, lora_alpha = rank, alpha
-    if lora_rank is None:
+def _attach_lora(flow, opts: _Load) -> None:
+    rank, alpha = opts.lora_rank, opts.lora_alpha
+    if opts.lora_path is not None:
+        rank, alpha = _lora_rank_of(opts.lora_path)
+    if rank is None:
         return
     from flowkern.models.lora import load_lora
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        flow.add_lora(lora_rank, lora_alpha)
-    if lora_path is not None:
-        load_lora(flow.transformer, lora_path)
+        torch.manual_seed(opts.seed)
+        flow.add_lora(rank, alpha)
+    if opts.lora_path is not None:
+        load_lora(flow.transformer, opts.lora_path)
 
 
-def _load_tiny(
-    location, lora_rank, lora_alpha, lora_path, precision, device, resolution, guidance_scale, num_steps, seed
-) -> RunSetup:
+def _cfg(w: float | None) -> float | None:
+    """w = 1 is the conditional velocity: no [2B] batch needed."""
+    return None if w is None or float(w) == 1.0 else float(w)
+
+
+def _load_tiny(opts: _Load) -> RunSetup:
     from safetensors.torch import load_file
 
-    from flowkern.models.sd3 import SD3FlowModel
+    from flowkern.models.sd3 import SD3Conditioning, SD3FlowModel
 
-    path = Path(location)
+    path = Path(opts.location)
     info = _read_json(path / TINY_INFO)
     flow = SD3FlowModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=_dtype(precision), local_files_only=True, device=device
+        path, subfolder="transformer", torch_dtype=opts.dtype, local_files_only=True, device=opts.device
     )
-    _attach_lora(flow, lora_rank, lora_alpha, lora_path, seed)
-    table = load_file(str(path / "prompts.safetensors"))
+    _attach_lora(flow, opts)
+    table = {k: v.to(opts.device) for k, v in load_file(str(path / "prompts.safetensors")).items()}
     sampling = info.get("sampling", {})
-    w = sampling.get("guidance_scale") if guidance_scale is None else guidance_scale
-    w = None if w is not None and float(w) == 1.0 else w  # w = 1 is the conditional velocity: skip the [2B] batch
+    w = _cfg(sampling.get("guidance_scale") if opts.guidance_scale is None else opts.guidance_scale)
+    rows = {k: table[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    shared = {k: table[k] for k in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")} if w else {}
     model = PromptBankFlow(
-        flow, **{k: v.to(device) for k, v in table.items()}, guidance_scale=w, prompts=info["class_names"]
+        flow, SD3Conditioning, rows, shared, {"guidance_scale": w} if w else {}, prompts=info["class_names"]
     )
     config = flow.transformer.config
     size = _check_resolution(
-        resolution,
+        opts.resolution,
         int(info.get("image_size", config.sample_size)),
         config.patch_size,
         config.patch_size * config.pos_embed_max_size,
@@ -431,11 +458,11 @@ def _load_tiny(
         str(path),
         (config.in_channels, size, size),
         list(info["class_names"]),
-        num_steps or int(sampling.get("num_steps", 20)),
+        opts.num_steps or int(sampling.get("num_steps", 20)),
         sampling.get("time_grid", "uniform"),
         guidance_scale=w,
         to_images=pixels_to_images,
-        device=device,
+        device=opts.device,
         info=info,
     )
 
@@ -445,92 +472,104 @@ def pixels_to_images(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 2 + 0.5).clamp(0, 1)
 
 
-def _load_sd3(
-    location, lora_rank, lora_alpha, lora_path, precision, device, resolution, prompts, guidance_scale, num_steps, seed
-) -> RunSetup:
-    from flowkern.models.sd3 import SD3FlowModel
+ADAPTERS = {  # kind -> (module, FlowModel class, conditioning class, default CFG w)
+    "sd3": ("flowkern.models.sd3", "SD3FlowModel", "SD3Conditioning", 5.0),
+    "flux": ("flowkern.models.flux", "FluxFlowModel", "FluxConditioning", None),
+    "sit": ("flowkern.models.sit", "SiTFlowModel", "SiTConditioning", 4.0),
+}
 
-    if not prompts:
-        raise ValueError("an SD3 model needs prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
-    dtype = _dtype(precision)
-    local = Path(location).is_dir()
-    bare = local and not (Path(location) / "transformer").is_dir()
-    if bare:
+
+def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
+    """SD3 / FLUX.1 / SiT from a diffusers pipeline directory (or hub id): adapter + LoRA, prompts encoded once by
+    the pipeline's own text encoders (SiT: class ids), the reward decoded by the pipeline's VAE."""
+    import importlib
+
+    from flowkern.models.vae import LatentDecoder
+
+    module, flow_name, cond_name, default_w = ADAPTERS[kind]
+    adapters = importlib.import_module(module)
+    if not opts.prompts:
+        what = "class ids: pass --prompt ID (repeatable)" if kind == "sit" else "pass --prompt TEXT or --prompts FILE"
+        raise ValueError(f"a {kind.upper()} model needs prompts ({what})")
+    if opts.local and not (Path(opts.location) / "transformer").is_dir():
         raise ValueError(
-            f"{location} is a bare transformer: SD3 training needs the pipeline directory "
-            "(text encoders to encode the prompts, the VAE to decode for the reward)"
+            f"{opts.location} is a bare transformer: training needs the pipeline directory "
+            "(text encoders for the prompts, the VAE to decode for the reward)"
         )
-    flow = SD3FlowModel.from_pretrained(
-        location, subfolder="transformer", torch_dtype=dtype, local_files_only=local, device=device
+    if opts.local and not (Path(opts.location) / "vae").is_dir():
+        raise ValueError(f"{opts.location} has no vae/ (needed to decode samples for the reward)")
+    flow = getattr(adapters, flow_name).from_pretrained(
+        opts.location, subfolder="transformer", torch_dtype=opts.dtype, local_files_only=opts.local, device=opts.device
     )
-    _attach_lora(flow, lora_rank, lora_alpha, lora_path, seed)
-    embeds, pooled, neg, neg_pooled = _encode_sd3_prompts(location, list(prompts), device, dtype, local)
-    w = 5.0 if guidance_scale is None else guidance_scale
-    w = None if float(w) == 1.0 else w
-    model = PromptBankFlow(flow, embeds, pooled, neg, neg_pooled, guidance_scale=w, prompts=prompts)
-    vae, factor, scaling, shift = _load_vae(location, device, local)
+    _attach_lora(flow, opts)
+    w = _cfg(default_w if opts.guidance_scale is None else opts.guidance_scale)
+    rows, shared, constants = _encode_prompts(kind, flow, opts, w)
+    model = PromptBankFlow(flow, getattr(adapters, cond_name), rows, shared, constants, prompts=opts.prompts)
+    decoder = LatentDecoder.from_pretrained(
+        opts.location, subfolder="vae", local_files_only=opts.local, device=opts.device
+    )
+    factor = 2 ** (len(decoder.vae.config.block_out_channels) - 1)
     config = flow.transformer.config
-    size = _check_resolution(resolution, config.sample_size * factor, factor * config.patch_size, None)
-
-    def to_images(x: torch.Tensor) -> torch.Tensor:
-        latents = x.to(vae.dtype) / scaling + shift
-        return (vae.decode(latents, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
-
+    patch = int(getattr(config, "patch_size", 1) or 1)
+    if kind == "flux":  # state: unpacked latents [B, in_channels / 4, H/f, W/f] (2x2 packing)
+        channels, multiple, default = config.in_channels // 4, 2 * factor, 1024
+    else:
+        channels, multiple, default = config.in_channels, patch * factor, config.sample_size * factor
+    size = _check_resolution(opts.resolution, default, multiple, None)
+    side = size // factor
+    grid = "uniform" if kind == "sit" else "shifted"
     return RunSetup(
         model,
-        "sd3",
-        location,
-        (config.in_channels, size // factor, size // factor),
-        list(prompts),
-        num_steps or 20,
-        "shifted",
+        kind,
+        opts.location,
+        (channels, side, side),
+        list(opts.prompts),
+        opts.num_steps or 20,
+        grid,
         guidance_scale=w,
-        to_images=to_images,
-        device=device,
+        to_images=decoder,
+        device=opts.device,
     )
 
 
-def _encode_sd3_prompts(location, prompts, device, dtype, local):
-    """Encode prompts (and the empty negative prompt) once with the pipeline's text encoders, then free them."""
-    from diffusers import StableDiffusion3Pipeline
+def _encode_prompts(kind: str, flow, opts: _Load, w: float | None):
+    """(rows, shared, constants) of the prompt table: encoded once, text encoders freed afterwards."""
+    if kind == "sit":
+        try:
+            ids = torch.tensor([int(p) for p in opts.prompts], dtype=torch.long)
+        except ValueError:
+            raise ValueError(f"SiT prompts are class ids (integers), got {opts.prompts}") from None
+        n = flow.num_classes
+        if bool(((ids < 0) | (ids >= n)).any()):
+            raise ValueError(f"SiT class ids must be in [0, {n}), got {ids.tolist()}")
+        return {"labels": ids.to(opts.device)}, {}, ({"guidance_scale": w} if w else {})
+    import diffusers
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        location, transformer=None, vae=None, torch_dtype=dtype, local_files_only=local
-    ).to(device)
+    pipeline = diffusers.StableDiffusion3Pipeline if kind == "sd3" else diffusers.FluxPipeline
+    pipe = pipeline.from_pretrained(
+        opts.location, transformer=None, vae=None, torch_dtype=opts.dtype, local_files_only=opts.local
+    ).to(opts.device)
+    n = len(opts.prompts)
     with torch.no_grad():
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=True,
-            negative_prompt=[""] * len(prompts),
-        )
+        if kind == "sd3":
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=opts.prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=opts.device,
+                do_classifier_free_guidance=True,
+                negative_prompt=[""] * n,
+            )
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(prompt=opts.prompts, prompt_2=None, device=opts.device)
+            neg, neg_pooled, _ = pipe.encode_prompt(prompt=[""], prompt_2=None, device=opts.device)
     del pipe
-    return embeds.float(), pooled.float(), neg[:1].float(), neg_pooled[:1].float()
-
-
-def _load_vae(location, device, local):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=local).to(device).eval()
-    vae.requires_grad_(False)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return vae, factor, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
-
-
-def _load_adapter(kind: str, location: str) -> RunSetup:
-    module = {"flux": "flowkern.models.flux", "sit": "flowkern.models.sit"}[kind]
-    try:
-        __import__(module)
-    except ImportError:
-        raise ValueError(
-            f"{location} is a {kind.upper()} model but {module} is not available in this install"
-        ) from None
-    raise ValueError(
-        f"{location} is a {kind.upper()} model: `flowkern train` drives SD3 and the built-in models so far; "
-        f"use {module} from Python (see README) for {kind.upper()}"
-    )
+    rows = {"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}
+    shared = {"negative_prompt_embeds": neg[:1].float(), "negative_pooled_prompt_embeds": neg_pooled[:1].float()}
+    constants = {"guidance_scale": w} if w else {}
+    if kind == "flux" and flow.transformer.config.guidance_embeds:
+        constants["guidance"] = 3.5  # FLUX.1-dev's embedded guidance (the pipeline's default guidance_scale)
+    return rows, (shared if w else {}), constants
 
 
 # ---------------------------------------------------------------- rewards
