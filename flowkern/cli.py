@@ -179,6 +179,12 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta", choices=("quad", "linear", "constant"), default=S, help="VGG-Flow eta_t [quad]")
     g.add_argument("--alpha", type=_float, default=S, help="VGG-Flow boundary weight [1e4]")
     g.add_argument("--subsample", type=_float, default=S, help="VGG-Flow transition fraction f in (0, 1] [0.25]")
+    g.add_argument(
+        "--consistency",
+        choices=("fd", "exact"),
+        default=S,
+        help="VGG-Flow consistency residual: finite differences or JVP [fd; exact with bf16]",
+    )
     g = train.add_argument_group("optimisation")
     g.add_argument("--steps", type=_int_min(1), default=S, help="updates [400]")
     g.add_argument("--batch-size", type=_int_min(1), default=S, help="trajectories per micro-batch and process [8]")

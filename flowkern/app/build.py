@@ -184,6 +184,7 @@ class RunSetup:
     to_images: Callable[[torch.Tensor], torch.Tensor] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     info: dict = field(default_factory=dict)
+    weights_dtype: torch.dtype = torch.float32  # the frozen base weights' dtype (--precision)
 
     @property
     def num_prompts(self) -> int:
@@ -464,6 +465,7 @@ def _load_tiny(opts: _Load) -> RunSetup:
         to_images=pixels_to_images,
         device=opts.device,
         info=info,
+        weights_dtype=opts.dtype,
     )
 
 
@@ -529,6 +531,7 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
         guidance_scale=w,
         to_images=decoder,
         device=opts.device,
+        weights_dtype=opts.dtype,
     )
 
 
@@ -677,7 +680,9 @@ class MethodSettings:
 
     beta = 1/lam (VGG-Flow M10, DAM/AM M26/M32); K: DAM's trained steps / DRaFT's backprop steps / ReFL's last
     steps (1 <= K <= num_steps); p: DAM's cost power (> 1); eta: VGG-Flow's eta_t ('quad' | 'linear' |
-    'constant', M15); alpha: VGG-Flow's boundary weight (M17); subsample: VGG-Flow's transition fraction f (M22).
+    'constant', M15); alpha: VGG-Flow's boundary weight (M17); subsample: VGG-Flow's transition fraction f (M22);
+    consistency: VGG-Flow's 'fd' (M20) or 'exact' (M21); None picks 'exact' for bf16 weights (a bf16 network
+    rounds away the finite-difference step, M20) and 'fd' otherwise.
     """
 
     beta: float | None = None
@@ -687,6 +692,7 @@ class MethodSettings:
     eta: str = "quad"
     alpha: float = 1e4
     subsample: float | None = 0.25
+    consistency: str | None = None
     value_hidden: int = 64
     value_depth: int = 3
 
@@ -703,6 +709,8 @@ class MethodSettings:
             raise ValueError(f"--p must be a finite number > 1 (a strictly convex cost, M26), got {self.p!r}")
         if self.eta not in ("quad", "linear", "constant"):
             raise ValueError(f"--eta must be 'quad', 'linear' or 'constant', got {self.eta!r}")
+        if self.consistency not in (None, "fd", "exact"):
+            raise ValueError(f"--consistency must be 'fd' or 'exact', got {self.consistency!r}")
         if self.subsample is not None and not (0 < self.subsample <= 1):
             raise ValueError(f"--subsample must be in (0, 1], got {self.subsample!r}")
 
@@ -750,6 +758,7 @@ def build_method(
             alpha=settings.alpha,
             eta_mode=settings.eta,
             subsample_fraction=settings.subsample,
+            consistency=settings.consistency or ("exact" if setup.weights_dtype != torch.float32 else "fd"),
             generator=generator,
         )
     if name == "dam":

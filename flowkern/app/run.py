@@ -138,6 +138,7 @@ class TrainOptions:
     eta: str = "quad"
     alpha: float = 1e4
     subsample: float | None = 0.25
+    consistency: str | None = None
     lora_rank: int = 8
     lora_alpha: float | None = None
     steps: int = 400
@@ -199,7 +200,14 @@ class TrainOptions:
         from flowkern.app.build import MethodSettings
 
         return MethodSettings(
-            beta=self.beta, lam=self.lam, K=self.K, p=self.p, eta=self.eta, alpha=self.alpha, subsample=self.subsample
+            beta=self.beta,
+            lam=self.lam,
+            K=self.K,
+            p=self.p,
+            eta=self.eta,
+            alpha=self.alpha,
+            subsample=self.subsample,
+            consistency=self.consistency,
         )
 
     def to_dict(self) -> dict:
