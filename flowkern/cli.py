@@ -36,8 +36,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' layout (paragraphs wrapped by :func:`_wrap`) and shows meaningful defaults only."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, [], argparse.SUPPRESS) or "[" in text:
+            return text
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        return f"{text} [{default}]"
+
+
+def _wrap(text: str, width: int = 100) -> str:
+    """Wrap each paragraph of ``text``; lines starting with two spaces (lists) are kept as they are."""
+    import textwrap
+
+    out = []
+    for para in text.split("\n\n"):
+        lines = para.splitlines()
+        if any(line.startswith("  ") for line in lines):
+            out.append(para)
+        else:
+            out.append(textwrap.fill(" ".join(lines), width))
+    return "\n\n".join(out)
 
 
 def _positive_float(text: str) -> float:
@@ -107,16 +130,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo",
         help="align the built-in tiny model to a pixel reward and write a report folder",
         formatter_class=_Formatter,
-        description="Load the tiny pixel-space SD3 transformer that ships with flowkern (16x16 RGB shapes, four "
-        "prompts), add a LoRA and align it to a differentiable reward with VGG-Flow (and, with --methods, the other "
-        "methods side by side). Writes reward_curve.png, samples.png (before/after), metrics.json (reward, "
-        "diversity, prior preservation), log.jsonl and report.md.\n\nmethods:\n" + methods,
+        description=_wrap(
+            "Load the tiny pixel-space SD3 transformer that ships with flowkern (16x16 RGB shapes, four "
+            "prompts), add a LoRA and align it to a differentiable reward with VGG-Flow (and, with --methods, "
+            "the other methods side by side). Writes reward_curve.png, samples.png (before/after), "
+            "metrics.json (reward, diversity, prior preservation), log.jsonl and report.md.\n\nmethods:\n" + methods
+        ),
     )
     demo.add_argument("--out", default="flowkern-demo", help="report folder (created; its files are replaced)")
     demo.add_argument(
         "--methods",
         type=_methods_list,
-        default=("vggflow",),
+        default="vggflow",
         help="comma-separated, e.g. vggflow,dam,refl,draft,am, or all",
     )
     demo.add_argument("--steps", type=_int_min(1), default=60, help="updates per method")
@@ -127,7 +152,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_int_min(0), default=0)
     demo.add_argument("--model", default="tiny", help="'tiny' (shipped) or a directory in its format")
     demo.add_argument("--threads", type=_int_min(1), default=1, help="torch CPU threads (the tiny model needs one)")
-    demo.add_argument("--fast", action="store_true", help="a few tiny updates (the CI smoke test, ~20 s)")
+    demo.add_argument("--fast", action="store_true", help="a few tiny updates (the CI smoke test, ~10 s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     # ------------------------------------------------------------ train
@@ -135,10 +160,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "train",
         help="fine-tune a model (LoRA) toward reward(s) with one method",
         formatter_class=_Formatter,
-        description="Fine-tune a flow model's LoRA toward one or more differentiable rewards.\n\nmethods:\n"
-        + methods
-        + f"\n\nrewards: {', '.join(IMAGE_REWARDS)} (pixel rewards, no weights), the model-based ones of "
-        f"flowkern.rewards (need --reward-source), and {', '.join(TOY_REWARDS)} for --model toy.",
+        description=_wrap(
+            "Fine-tune a flow model's LoRA toward one or more differentiable rewards.\n\nmethods:\n"
+            + methods
+            + f"\n\nrewards: {', '.join(IMAGE_REWARDS)} (pixel rewards, no weights), the model-based ones of "
+            f"flowkern.rewards (need --reward-source), and {', '.join(TOY_REWARDS)} for --model toy."
+        ),
         epilog=EPILOG_TRAIN,
     )
     S = argparse.SUPPRESS  # flags not given do not override --config values
@@ -210,9 +237,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "eval",
         help="score a saved LoRA against its base model on fixed seeds and prompts",
         formatter_class=_Formatter,
-        description="Sample the base model with and without the LoRA from the same seeds and prompts; report "
-        "reward(s), diversity (mean pairwise feature distance within a prompt) and prior preservation (mean "
-        "distance to the base sample of the same seed and prompt). Writes JSON.",
+        description=_wrap(
+            "Sample the base model with and without the LoRA from the same seeds and prompts; report "
+            "reward(s), diversity (mean pairwise feature distance within a prompt) and prior preservation (mean "
+            "distance to the base sample of the same seed and prompt). Writes JSON."
+        ),
     )
     ev.add_argument("--lora", required=True, help="a LoRA directory (a run's lora/) or a run directory")
     ev.add_argument("--model", default="tiny", help="the base model: 'tiny', 'toy', a directory or hub id")
@@ -240,8 +269,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run the op benchmarks (pytest benchmarks -k FILTER)",
         formatter_class=_Formatter,
-        description="A thin wrapper: `python -m pytest benchmarks -k FILTER [PYTEST_ARGS...]` in the repository. "
-        "Needs a source checkout (the benchmarks are not installed with the package).",
+        description=_wrap(
+            "A thin wrapper: `python -m pytest benchmarks -k FILTER [PYTEST_ARGS...]` in the repository. "
+            "Needs a source checkout (the benchmarks are not installed with the package)."
+        ),
     )
     bench.add_argument("-k", dest="filter", default=None, help="pytest -k expression, e.g. 'vggflow and cpp'")
     bench.add_argument("--dir", default=None, help="benchmarks directory [the checkout's benchmarks/]")
