@@ -533,3 +533,17 @@ def test_train_flux_and_sit_directories(tmp_path, capsys):
     rc, _, err = run(capsys, "train", "--model", tmp_path / "sit", "--prompt", "12", *common, "--out", tmp_path / "x")
     assert rc == 2
     one_error_line(err, "class ids must be in [0, 10)")
+
+
+def test_tensorboard_flag(tmp_path, capsys):
+    import importlib.util
+
+    out = tmp_path / "run"
+    if importlib.util.find_spec("tensorboard") is not None:  # installed: the run writes event files
+        assert run(capsys, "train", *TOY, "--steps", "1", "--out", out, "--tensorboard")[0] == 0
+        assert any((out / "tensorboard").iterdir())
+        return
+    rc, _, err = run(capsys, "train", *TOY, "--steps", "1", "--out", out, "--tensorboard")
+    assert rc == 2
+    one_error_line(err, "needs the tensorboard package")
+    assert not out.exists()
