@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The main job (README): setup, then the op benchmarks side by side at SD3-medium 512px, B=4
-# (flowkern backends vs eager PyTorch vs torch.compile), JSON under benchmarks/results/local/.
+# The main job (README): set up, then `flowkern demo`: align the tiny flow model that ships inside the package
+# to a pixel reward with VGG-Flow, through the same Trainer, SD3 adapter and fused ops as a real SD3 run, and write
+# a report folder (reward curve, before/after grid, diversity, prior preservation, metrics.json).
+# Extra arguments go to the demo, e.g. `bash scripts/main.sh --methods all` for every method side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
-mkdir -p benchmarks/results/local
-out="benchmarks/results/local/$(date +%Y%m%d-%H%M%S).json"
-"$PY" -m pytest benchmarks -q -p no:cacheprovider -k "B4" --benchmark-json "$out" \
-  --benchmark-columns=median,iqr,rounds --benchmark-sort=fullname --benchmark-group-by=param:case,param:mode,param:dtype "$@"
-"$PY" benchmarks/plot.py --strip "$out"
+"$PY" -m flowkern demo --out runs/demo "$@"
