@@ -26,7 +26,7 @@ from torch import nn
 
 from flowkern.models.lora import DEFAULT_TARGETS, add_lora, load_lora, lora_disabled, lora_parameters
 
-__all__ = ["TransformerFlowModel", "check_guidance_scale", "check_tensor", "paper_time", "shape_of"]
+__all__ = ["TransformerFlowModel", "check_guidance_scale", "check_last_dim", "check_tensor", "paper_time", "shape_of"]
 
 
 def shape_of(x: object) -> str:
@@ -50,6 +50,13 @@ def check_guidance_scale(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not torch.isfinite(torch.tensor(value)):
         raise ValueError(f"guidance_scale must be None or a finite float (the CFG weight w, M5), got {value!r}")
     return float(value)
+
+
+def check_last_dim(name: str, x: torch.Tensor, config: Any, key: str) -> None:
+    """``x``'s last dimension must equal ``config.<key>`` (a conditioning tensor against the transformer's config)."""
+    expected = getattr(config, key)
+    if x.shape[-1] != expected:
+        raise ValueError(f"{name} must have last dim {key}={expected}, got {tuple(x.shape)}")
 
 
 def paper_time(t: torch.Tensor | float, batch: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from flowkern.models._adapter import TransformerFlowModel, check_guidance_scale, check_tensor, shape_of
+from flowkern.models._adapter import (
+    TransformerFlowModel,
+    check_guidance_scale,
+    check_last_dim,
+    check_tensor,
+    shape_of,
+)
 
 __all__ = [
     "FluxConditioning",
@@ -201,16 +207,8 @@ class FluxFlowModel(TransformerFlowModel):
 
     def _check_cond(self, cond: FluxConditioning) -> None:
         config = self.transformer.config
-        if cond.prompt_embeds.shape[-1] != config.joint_attention_dim:
-            raise ValueError(
-                f"prompt_embeds must have last dim joint_attention_dim={config.joint_attention_dim}, "
-                f"got {tuple(cond.prompt_embeds.shape)}"
-            )
-        if cond.pooled_prompt_embeds.shape[-1] != config.pooled_projection_dim:
-            raise ValueError(
-                f"pooled_prompt_embeds must have last dim pooled_projection_dim={config.pooled_projection_dim}, "
-                f"got {tuple(cond.pooled_prompt_embeds.shape)}"
-            )
+        check_last_dim("prompt_embeds", cond.prompt_embeds, config, "joint_attention_dim")
+        check_last_dim("pooled_prompt_embeds", cond.pooled_prompt_embeds, config, "pooled_projection_dim")
         if config.guidance_embeds and cond.guidance is None:
             raise ValueError(
                 "this FLUX transformer is guidance-distilled (guidance_embeds=True, FLUX.1-dev): pass "

@@ -29,7 +29,13 @@ from typing import Any
 
 import torch
 
-from flowkern.models._adapter import TransformerFlowModel, check_guidance_scale, check_tensor, shape_of
+from flowkern.models._adapter import (
+    TransformerFlowModel,
+    check_guidance_scale,
+    check_last_dim,
+    check_tensor,
+    shape_of,
+)
 from flowkern.models.flux import _guidance_tensor, check_guidance, image_position_ids, pack_latents, unpack_latents
 from flowkern.models.lora import DEFAULT_TARGETS
 
@@ -116,11 +122,7 @@ class Flux2FlowModel(TransformerFlowModel):
 
     def _check_cond(self, cond: Flux2Conditioning) -> None:
         config = self.transformer.config
-        if cond.prompt_embeds.shape[-1] != config.joint_attention_dim:
-            raise ValueError(
-                f"prompt_embeds must have last dim joint_attention_dim={config.joint_attention_dim}, "
-                f"got {tuple(cond.prompt_embeds.shape)}"
-            )
+        check_last_dim("prompt_embeds", cond.prompt_embeds, config, "joint_attention_dim")
         if config.guidance_embeds and cond.guidance is None:
             raise ValueError(
                 "this FLUX.2 transformer embeds guidance (guidance_embeds=True, FLUX.2-dev): pass "
