@@ -110,7 +110,7 @@ def setup(seed=0, n_traj=4, n_steps=6):
 
 
 # ---------------------------------------------------------------- VGG-Flow transcription (M6-M21)
-def vggflow_reference(f, states, ts, beta, alpha, mode, tau, eps_x, eps_t, consistency):
+def vggflow_reference(f, states, ts, beta, alpha, mode, tau, eps_x, eps_t, consistency, scheme="forward"):
     """Total loss (M19) over every transition, per (b, i), from (M6)-(M21)."""
     n_steps, n_traj = len(ts) - 1, states.shape[1]
     match_terms, cons_terms, bnd_terms, norms = [], [], [], []
@@ -137,7 +137,20 @@ def vggflow_reference(f, states, ts, beta, alpha, mode, tau, eps_x, eps_t, consi
             match_terms.append(((f.v_theta(x, t) - T.detach()) ** 2).mean())
             w = (vb - G).detach()
             Db = x.numel()
-            if consistency == "fd":  # (M20)
+            if consistency == "fd" and scheme == "central":  # (M20) option, paper Eqs. 44-45 (central)
+                rho_w = max(float(w.norm() / math.sqrt(Db)), 1e-12)
+                rho_G = max(float(G.detach().norm() / math.sqrt(Db)), 1e-12)
+
+                def G_at(xx, tt):
+                    return -beta * eta(tt, mode) * ghat_at(xx, tt) + f.value(xx, tt)
+
+                t_hi, t_lo = min(float(t) + eps_t, 1.0), max(float(t) - eps_t, 0.0)  # inside [0, 1]
+                T1 = (G_at(x, t_hi) - G_at(x, t_lo)) / (t_hi - t_lo)
+                T2 = rho_w * (G_at(x + eps_x * w / rho_w, t) - G_at(x - eps_x * w / rho_w, t)) / (2 * eps_x)
+                dG = eps_x * G.detach() / rho_G
+                T3 = rho_G * (f.v_base(x + dG, t) - f.v_base(x - dG, t)) / (2 * eps_x)
+                R = T1 + T2 + T3.detach()
+            elif consistency == "fd":  # (M20)
                 rho_w = max(float(w.norm() / math.sqrt(Db)), 1e-12)
                 rho_G = max(float(G.detach().norm() / math.sqrt(Db)), 1e-12)
                 e = eps_t if float(t) + eps_t <= 1 else -eps_t
@@ -181,29 +194,31 @@ def make_vggflow(f, **kw):
 
 
 @pytest.mark.parametrize(
-    "mode,consistency,eps_x,eps_t",
+    "mode,consistency,eps_x,eps_t,scheme",
     [
-        ("quad", "fd", 1e-3, 1e-3),
-        ("linear", "fd", 1e-2, 0.06),
-        ("constant", "exact", None, None),
-        ("quad", "exact", None, None),
+        ("quad", "fd", 1e-3, 1e-3, "forward"),
+        ("linear", "fd", 1e-2, 0.06, "forward"),
+        ("quad", "fd", 1e-3, 1e-3, "central"),
+        ("linear", "fd", 1e-2, 0.06, "central"),  # t_0 = 0 and t + eps_t > 1 take the clipped one-sided branch
+        ("constant", "exact", None, None, "forward"),
+        ("quad", "exact", None, None, "forward"),
     ],
 )
-def test_vggflow_loss_matches_transcription(mode, consistency, eps_x, eps_t):
+def test_vggflow_loss_matches_transcription(mode, consistency, eps_x, eps_t, scheme):
     f, ts, states = setup()
     beta, alpha = 1.7, 3.0
     g_norms = [float(grad_r(f, states[-1, b : b + 1]).norm()) for b in range(states.shape[1])]
     tau = sorted(g_norms)[len(g_norms) // 2]  # some transitions clip, some do not
     kw = dict(eta_mode=mode, consistency=consistency, tau0=tau)
     if consistency == "fd":
-        kw.update(eps_x=eps_x, eps_t=eps_t)
+        kw.update(eps_x=eps_x, eps_t=eps_t, fd_scheme=scheme)
     vgg = make_vggflow(f, **kw)
     loss, metrics = vgg.loss({"states": states, "ts": ts})
     loss.backward()
     got_theta, got_phi = param_grads(f.theta()), param_grads(f.phi())
     zero(f.theta() + f.phi())
     ref, (l_match, l_cons, l_bnd), norms = vggflow_reference(
-        f, states, ts, beta, alpha, mode, tau, eps_x, eps_t, consistency
+        f, states, ts, beta, alpha, mode, tau, eps_x, eps_t, consistency, scheme
     )
     ref.backward()
     # rtol 1e-6, not 1e-12: Triton kernels take float hyperparameters (tau, eps) as fp32 scalars, and the
@@ -231,6 +246,25 @@ def test_vggflow_exact_and_fd_agree_on_symmetric_jacobian():
     fd, _ = make_vggflow(f, consistency="fd", eps_x=1e-6, eps_t=1e-6, **kw).loss({"states": states, "ts": ts})
     ex, _ = make_vggflow(f, consistency="exact", **kw).loss({"states": states, "ts": ts})
     torch.testing.assert_close(fd.detach(), ex.detach(), rtol=1e-4, atol=1e-8)
+
+
+def test_vggflow_central_differences_are_second_order():
+    """(M20) 'central' vs 'forward' against 'exact' (M21) on a symmetric J_vbase, where all three share the
+    limit: the central error falls ~100x per 10x smaller eps (O(eps^2)), the forward one ~10x (O(eps))."""
+    f, ts, states = setup(seed=3, n_steps=8)
+    f.A = 0.5 * (f.A + f.A.T)
+    batch = {"states": states, "ts": ts}
+    # (M22) subsampling with one seed: the same transitions i >= 1 every time (t_0 = 0 would be one-sided)
+    kw = lambda: dict(subsample_fraction=0.25, generator=torch.Generator().manual_seed(1), tau0=1e6)
+    ex = float(make_vggflow(f, consistency="exact", **kw()).loss(batch)[1]["loss_cons"])
+    err = {}
+    for scheme in ("forward", "central"):
+        for eps in (1e-2, 1e-3):
+            vgg = make_vggflow(f, consistency="fd", fd_scheme=scheme, eps_x=eps, eps_t=eps, **kw())
+            err[scheme, eps] = abs(float(vgg.loss(batch)[1]["loss_cons"]) - ex) / ex
+    assert err["central", 1e-2] < 0.1 * err["forward", 1e-2]
+    assert err["central", 1e-3] < 0.03 * err["central", 1e-2]  # second order (ideal 0.01)
+    assert 0.05 < err["forward", 1e-3] / err["forward", 1e-2] < 0.2  # first order (ideal 0.1)
 
 
 def test_vggflow_subsampling_selects_m22_transitions():
@@ -450,6 +484,10 @@ def test_vggflow_rejects_bad_modes_and_types():
         _vgg(eta_mode="cubic")
     with pytest.raises(ValueError, match="consistency"):
         _vgg(consistency="central")
+    with pytest.raises(ValueError, match="fd_scheme"):
+        _vgg(fd_scheme="backward")
+    with pytest.raises(ValueError, match="fd_scheme"):
+        _vgg(consistency="exact", fd_scheme="central")
     with pytest.raises(TypeError, match="beta"):
         _vgg(beta="1")
     with pytest.raises(ValueError, match="sample_shape"):

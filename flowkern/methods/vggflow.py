@@ -35,6 +35,7 @@ from flowkern.ops import (
 from flowkern.sampling import sample_euler, subsample_transitions
 
 CONSISTENCY_MODES = ("fd", "exact")
+FD_SCHEMES = ("forward", "central")
 
 
 class SmallValueNet(nn.Module):
@@ -137,6 +138,10 @@ class VGGFlow:
         beta: 1/lambda > 0 (M10). alpha: boundary weight (M17, M19). eta_mode: 'quad' | 'linear' | 'constant'.
         consistency: 'fd' (M20) or 'exact' (M21). eps_x, eps_t: finite-difference steps (per-element RMS step
             and paper time, per unit t).
+        fd_scheme: 'fd' only. 'forward' (default, M20: one-sided differences reusing the centre, the fused
+            ``consistency_residual`` op) or 'central' (M20's option, paper Eqs. 44-45 as printed: T1, T2, T3 by
+            central differences, O(eps^2) instead of O(eps), two more value-net and reward-gradient evaluations
+            and one more v_base call per transition; computed in PyTorch, no fused op).
         subsample_fraction: f of (M22); None uses every transition.
         clip_quantile, tau0: running-quantile clipping (M9); clip=False disables clipping (rho = 1).
         tau_gather: optional callable gathering the update's norms over ranks before the quantile (M9).
@@ -158,6 +163,7 @@ class VGGFlow:
         alpha: float = 1e4,
         eta_mode: str = "quad",
         consistency: str = "fd",
+        fd_scheme: str = "forward",
         eps_x: float = 1e-3,
         eps_t: float = 1e-3,
         subsample_fraction: float | None = 0.25,
@@ -175,6 +181,9 @@ class VGGFlow:
         V.eta_code(eta_mode)  # ValueError naming eta_mode
         self.eta_mode = eta_mode
         self.consistency = V.check_choice("consistency", consistency, CONSISTENCY_MODES)
+        self.fd_scheme = V.check_choice("fd_scheme", fd_scheme, FD_SCHEMES)
+        if self.fd_scheme != "forward" and self.consistency != "fd":
+            raise ValueError(f"fd_scheme={fd_scheme!r} needs consistency='fd', got consistency={consistency!r}")
         self.eps_x = C.check_positive("eps_x", eps_x)
         self.eps_t = C.check_positive("eps_t", eps_t)
         if self.eps_t >= 0.5:
@@ -301,7 +310,8 @@ class VGGFlow:
         if self.consistency == "fd":
             with C.no_autocast(device):
                 c = self._value(x, t, c_y)
-            l_cons, l_bnd = self._consistency_fd(x, t, c_y, c, v_b, ghat, rho, mask)
+            fd = self._consistency_fd if self.fd_scheme == "forward" else self._consistency_central
+            l_cons, l_bnd = fd(x, t, c_y, c, v_b, ghat, rho, mask)
         else:
             c, l_cons, l_bnd = self._consistency_exact(x, t, c_y, v_b, ghat, rho, mask)
         c = c.to(acc)
@@ -339,6 +349,46 @@ class VGGFlow:
             c.to(x.dtype), c_t.to(x.dtype), c_x.to(x.dtype), ghat, g_t, g_x, v_b, vb_g, t, self.beta,
             self.eta_mode, self.eps_t, self.eps_x, rho_w, rho_g, mask,
         )  # fmt: skip
+
+    @staticmethod
+    def _boundary(c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(M17) L_bnd = (1/B) sum_b m_b mean_b(c_b^2), as consistency_residual forms it."""
+        return (mask.to(c.dtype) * c.flatten(1).square().mean(1)).sum() / c.shape[0]
+
+    def _consistency_central(self, x, t, cond, c, v_b, ghat, rho, mask):
+        """(M20) with fd_scheme='central' (paper Eqs. 44-45):
+
+            T1 = [G(x, t+) - G(x, t-)] / (t+ - t-),     t+- = t +- eps_t clipped to [0, 1]
+            T2 = rho_w [G(x + eps_x w/rho_w, t) - G(x - eps_x w/rho_w, t)] / (2 eps_x)
+            T3 = rho_G [v_base(x + eps_x sg(G)/rho_G, t) - v_base(x - eps_x sg(G)/rho_G, t)] / (2 eps_x)
+
+        Each shifted G re-evaluates c_phi (with grad to phi), v_theta (x_hat1), the reward gradient (rho_b of the
+        unperturbed point, M9) and eta at its own point; w, rho, the probes and T3 are detached (M21 gradient
+        paths). At t = 0 or t + eps_t > 1 the time difference is one-sided over the part of [t - eps_t, t + eps_t]
+        inside [0, 1] (the grid never leaves [0, 1]). fp32 (fp64 for fp64 states), autocast off.
+        """
+        device = x.device
+        beta, mode = self.beta, self.eta_mode
+        x_w, x_g, rho_w, rho_g = consistency_probes(x, v_b, c.detach(), ghat, t, beta, eta_mode=mode, eps_x=self.eps_x)
+        x_w, x_g = x_w.to(x.dtype), x_g.to(x.dtype)
+        x_w_minus, x_g_minus = 2 * x - x_w, 2 * x - x_g  # x -+ eps_x w/rho_w, x -+ eps_x G/rho_G
+        t_plus = (t + self.eps_t).clamp(max=1.0)
+        t_minus = (t - self.eps_t).clamp(min=0.0)
+
+        def g_phi(xx, tt):  # G_phi (M15) at a perturbed point: c_phi with grad, ghat detached
+            with torch.no_grad():
+                g = self._ghat_at(xx, tt, cond, rho)
+            return self._value(xx, tt, cond).to(x.dtype) - C.per_sample(beta * C.eta(tt, mode), g) * g
+
+        with C.no_autocast(device):
+            t1 = (g_phi(x, t_plus) - g_phi(x, t_minus)) / C.per_sample(t_plus - t_minus, x)
+            t2 = C.per_sample(rho_w.to(x.dtype) / (2 * self.eps_x), x) * (g_phi(x_w, t) - g_phi(x_w_minus, t))
+            with torch.no_grad():
+                vb_plus = self.base_velocity(x_g, t, cond).to(x.dtype)
+                vb_minus = self.base_velocity(x_g_minus, t, cond).to(x.dtype)
+                t3 = C.per_sample(rho_g.to(x.dtype) / (2 * self.eps_x), x) * (vb_plus - vb_minus)
+        l_cons = (t1 + t2 + t3).square().mean()  # (M18)
+        return l_cons, self._boundary(c.to(x.dtype), mask)
 
     def _consistency_exact(self, x, t, cond, v_b, ghat, rho, mask):
         """(M21) T1+T2 = d/ds G_phi(x + s w, t + s) by one forward-mode JVP (c_phi with grad to phi; the ghat
