@@ -19,12 +19,15 @@ from flowkern.metrics.ground_truth import (
     expected_floor,
     mode_coverage,
     mode_masses,
+    model_controls,
     noise_floor,
     q_star_samples,
     sample_tilted,
     solve_optimal_controls,
     tilt_linear,
     toy_problem,
+    toy_q_star_fine,
+    toy_settings,
     uniform_grid,
     w2_bound_diagnostic,
 )
@@ -383,4 +386,58 @@ def test_bad_inputs():
         toy_problem("nope")
     with pytest.raises(ValueError):
         GaussianMixture(torch.zeros(2, 2), torch.tensor([1.0, -1.0]))
-    assert set(TOY_SETTINGS["rewards"]) == {"linear", "bump", "bump_gap"}
+    assert set(TOY_SETTINGS["rewards"]) == {"linear", "bump", "bump_gap", "linear_8d", "bump_8d"}
+    with pytest.raises(ValueError, match="control start"):
+        solve_optimal_controls(x0, P["base_velocity"], P["reward"], 0.5, P["ts"], starts=(torch.zeros(2, 3, 2),))
+
+
+# ---- the 8-D setting ---------------------------------------------------------------------------------------
+
+
+def test_8d_setting_references_are_distinct_and_q_star_is_the_dam_fixed_point():
+    """8-D mixture (TOY_SETTINGS 'gmm8'): exact velocity, both references, q* by L-BFGS best of zero/aimed starts
+    (no DP in 8-D), distinguishable from p* and far from the base; q* satisfies the lean-adjoint KKT (M25-M28)."""
+    assert toy_settings(8) == ["linear_8d", "bump_8d"] and toy_settings(2) == ["linear", "bump", "bump_gap"]
+    for name, n in (("linear_8d", 96), ("bump_8d", 32)):  # few particles: 8-D solves are slow on CPU
+        P = toy_problem(name)
+        mix, v, reward, lam, ts = P["mixture"], P["base_velocity"], P["reward"], P["lam"], P["ts"]
+        assert P["dim"] == 8 and mix.n_modes == 8 and not v.diagonal  # rotated covariances: the general path
+        x = torch.randn(4, 8, dtype=F64, generator=_gen(40))
+        torch.testing.assert_close(v(x, torch.tensor(0.6, dtype=F64)), _m38_literal(mix, x, 0.6))
+        x0 = torch.randn(n, 8, dtype=F64, generator=_gen(41))
+        u, xq, info = solve_optimal_controls(x0, v, reward, lam, ts)
+        assert info["start_names"] == ["zero", "aimed0"]
+        assert info["converged_frac"] > 0.9
+        ok = info["status"] == 0
+        assert _lean_adjoint_kkt(v, reward, lam, ts, x0[ok], u[ok]).max() < 1e-5
+        m = 2000  # p* and base are cheap: large sets, so the floor is set by the n q* samples
+        xp = sample_tilted(mix, reward, lam, m, _gen(42))
+        xb = euler_sample(v, torch.randn(m, 8, dtype=F64, generator=_gen(43)), ts)
+        floor = expected_floor(xq, n, m)
+        assert energy_distance(xq, xp) > 3 * floor  # the references can tell the methods apart
+        assert energy_distance(xb, xq) > 3 * floor
+        assert energy_distance(xb, xp) > 3 * expected_floor(xp, m, m)
+        assert float(reward(xq).mean()) > float(reward(xb).mean()) + 0.3
+    # q* on a finer grid (VGG-Flow's continuous-time reference) runs in 8-D too
+    fine = toy_q_star_fine("linear_8d", n=16, N_fine=30)
+    assert fine["q_star"].shape == (16, 8) and fine["N_fine"] == 30 and fine["q_floor"] > 0
+
+
+def test_model_controls_reproduce_the_path_and_start_the_solver():
+    """model_controls: open-loop controls v_theta - v_base along the model's own Euler path (M24); L-BFGS started
+    there never ends worse than the model's own objective."""
+    P = toy_problem("bump")
+    model = make_toy_model(P["mixture"], hidden=16, dtype=F64)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=_gen(44), dtype=F64))
+    x0 = torch.randn(50, 2, dtype=F64, generator=_gen(45))
+    u, x_end = model_controls(model, x0, P["ts"])
+    assert u.shape == (50, P["N"], 2) and u.abs().max() > 0
+    torch.testing.assert_close(euler_sample(P["base_velocity"], x0, P["ts"], u), x_end)
+    torch.testing.assert_close(euler_sample(model, x0, P["ts"]), x_end)
+    lam, ts = P["lam"], P["ts"]
+    J_model = (lam * 0.5 * (u**2).sum(-1) * (ts[1:] - ts[:-1])).sum(-1) - P["reward"](x_end)
+    _, _, info = solve_optimal_controls(x0, P["base_velocity"], P["reward"], lam, ts, starts=(u,))
+    assert info["start_names"] == ["controls0"]
+    assert (info["objective"] <= J_model + 1e-12).all() and (info["objective"] < J_model - 1e-3).any()

@@ -72,8 +72,11 @@ from flowkern.models.toy import (
 
 __all__ = [
     "TOY_SETTINGS",
+    "toy_settings",
+    "toy_mixture",
     "toy_problem",
     "toy_references",
+    "toy_q_star_fine",
     "expected_floor",
     "uniform_grid",
     "euler_sample",
@@ -83,6 +86,7 @@ __all__ = [
     "sample_tilted",
     "aimed_start",
     "solve_optimal_controls",
+    "model_controls",
     "q_star_samples",
     "GridDP2D",
     "dp_values_2d",
@@ -102,29 +106,66 @@ Reward = Callable[[torch.Tensor], torch.Tensor]
 _GAP = [4.0 * math.cos(math.pi / 8), 4.0 * math.sin(math.pi / 8)]  # on the ring, midway between modes 0 and 1
 
 TOY_SETTINGS: dict[str, Any] = {
-    "ring": {"n_modes": 8, "radius": 4.0, "std": 0.4},
+    "bases": {
+        # 2-D: 8 isotropic modes on a circle (GaussianMixture.ring)
+        "ring": {"kind": "ring", "n_modes": 8, "radius": 4.0, "std": 0.4},
+        # 8-D: 8 anisotropic modes with random rotations and unequal weights (GaussianMixture.random); closest pair
+        # of means (modes 2 and 3) 3.1 apart, median pair 6.2
+        "gmm8": {"kind": "random", "dim": 8, "n_modes": 8, "seed": 0, "spread": 1.5, "std_range": (0.3, 0.6)},
+    },
     "N": 20,  # uniform Euler grid (M2), K = N, p = 2
     "n_eval": 2000,  # samples per set for ED and its noise floor
     "rewards": {
-        "linear": {"kind": "linear", "a": [1.0, 0.0], "lam": 0.5},
-        "bump": {"kind": "bump", "center": [4.0, 0.0], "width": 1.5, "height": 2.0, "lam": 0.5},
-        "bump_gap": {"kind": "bump", "center": _GAP, "width": 1.0, "height": 2.0, "lam": 0.5},
+        "linear": {"base": "ring", "kind": "linear", "a": [1.0, 0.0], "lam": 0.5},
+        "bump": {"base": "ring", "kind": "bump", "center": [4.0, 0.0], "width": 1.5, "height": 2.0, "lam": 0.5},
+        "bump_gap": {"base": "ring", "kind": "bump", "center": _GAP, "width": 1.0, "height": 2.0, "lam": 0.5},
+        "linear_8d": {"base": "gmm8", "kind": "linear", "a": [1.0] + [0.0] * 7, "lam": 0.5},
+        # a bump midway between the closest pair of modes: q* keeps mode 2 and pulls neighbours towards the bump,
+        # p* splits the mass between modes 2 and 3
+        "bump_8d": {"base": "gmm8", "kind": "bump", "between_modes": (2, 3), "width": 2.0, "height": 3.0, "lam": 0.5},
     },
 }
 
 
+def toy_settings(dim: int | None = None) -> list[str]:
+    """Names of the chosen settings (keys of TOY_SETTINGS["rewards"]) whose base lives in `dim` dimensions (all if
+    None): 2 -> linear, bump, bump_gap; 8 -> linear_8d, bump_8d."""
+    names = list(TOY_SETTINGS["rewards"])
+    if dim is None:
+        return names
+    return [n for n in names if toy_mixture(TOY_SETTINGS["rewards"][n]["base"]).dim == dim]
+
+
+@functools.lru_cache(maxsize=4)
+def toy_mixture(base: str) -> GaussianMixture:
+    """The base mixture `base` (a key of TOY_SETTINGS["bases"])."""
+    bases = TOY_SETTINGS["bases"]
+    if base not in bases:
+        raise ValueError(f"unknown toy base {base!r}; expected one of {sorted(bases)}")
+    cfg = dict(bases[base])
+    kind = cfg.pop("kind")
+    if kind == "ring":
+        return GaussianMixture.ring(**cfg)
+    return GaussianMixture.random(**cfg)
+
+
 def toy_problem(name: str, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
     """The chosen setting `name` (a key of TOY_SETTINGS["rewards"]): mixture, exact base velocity (M38) in
-    `dtype`, reward, lam, uniform grid ts [N+1], N."""
+    `dtype`, reward, lam, uniform grid ts [N+1], N, dim."""
     rewards = TOY_SETTINGS["rewards"]
     if name not in rewards:
         raise ValueError(f"unknown toy setting {name!r}; expected one of {sorted(rewards)}")
-    mixture = GaussianMixture.ring(**TOY_SETTINGS["ring"])
     cfg = rewards[name]
+    mixture = toy_mixture(cfg["base"])
     if cfg["kind"] == "linear":
         reward = LinearReward(cfg["a"])
     else:
-        reward = BumpReward(cfg["center"], width=cfg["width"], height=cfg["height"])
+        if "between_modes" in cfg:
+            i, j = cfg["between_modes"]
+            center = 0.5 * (mixture.means[i] + mixture.means[j])
+        else:
+            center = cfg["center"]
+        reward = BumpReward(center, width=cfg["width"], height=cfg["height"])
     return {
         "mixture": mixture,
         "base_velocity": GaussianMixtureVelocity(mixture).to(dtype),
@@ -132,6 +173,7 @@ def toy_problem(name: str, dtype: torch.dtype = torch.float64) -> dict[str, Any]
         "lam": float(cfg["lam"]),
         "ts": uniform_grid(TOY_SETTINGS["N"], dtype=dtype),
         "N": TOY_SETTINGS["N"],
+        "dim": mixture.dim,
     }
 
 
@@ -151,7 +193,7 @@ def _toy_references(name: str, n: int, seed: int, K: int | None) -> dict[str, An
     g = torch.Generator().manual_seed(seed)
     xq, info = q_star_samples(P["base_velocity"], P["reward"], P["lam"], n, P["ts"], K=K, generator=g, return_info=True)
     xp = sample_tilted(P["mixture"], P["reward"], P["lam"], n, g)
-    xb = euler_sample(P["base_velocity"], torch.randn(n, 2, dtype=torch.float64, generator=g), P["ts"])
+    xb = euler_sample(P["base_velocity"], torch.randn(n, P["dim"], dtype=torch.float64, generator=g), P["ts"])
     xe = P["mixture"].sample(n, g)
     return {
         "q_star": xq,
@@ -163,6 +205,33 @@ def _toy_references(name: str, n: int, seed: int, K: int | None) -> dict[str, An
         "p_floor": expected_floor(xp),
         **P,
     }
+
+
+def toy_q_star_fine(
+    name: str, n: int | None = None, seed: int = 0, N_fine: int = 100, dp_grid: int = 241
+) -> dict[str, Any]:
+    """q* solved on a uniform N_fine-step grid (default 100 = 5 x TOY_SETTINGS["N"]): a stand-in for the
+    continuous-time optimum of (M10), cached per process. {"q_star": [n, d], "q_floor", "q_info", "N_fine"}.
+
+    Why: VGG-Flow learns the continuous value gradient (M11-M14), so its fixed point on the N-step grid is the
+    N-step Euler flow of v_base - beta grad V, which equals q* of the N-step grid only up to O(h) (M37). On the
+    toy h |J_vbase| is not small where the base flow splits between modes (|J| ~ 10), and that O(h) is large:
+    on the 2-D ring, linear reward, q*_100 is 0.107 from q*_20 (80x the floor), while a value net distilled
+    from q*_100 and sampled on the 20-step grid lands 0.011 from q*_100 and 0.088 from q*_20. Report VGG-Flow's
+    distance to both. dp_grid: points per axis of the 2-D DP start (a cheaper 121 with N_fine = 60 lands within
+    the noise floor of the default at n = 400)."""
+    n = TOY_SETTINGS["n_eval"] if n is None else int(n)
+    return _toy_q_star_fine(name, n, int(seed), int(N_fine), int(dp_grid))
+
+
+@functools.lru_cache(maxsize=8)
+def _toy_q_star_fine(name: str, n: int, seed: int, N_fine: int, dp_grid: int) -> dict[str, Any]:
+    P = toy_problem(name)
+    g = torch.Generator().manual_seed(seed)
+    ts = uniform_grid(N_fine)
+    kw = {"dp_grid": dp_grid} if P["dim"] == 2 else {}
+    xq, info = q_star_samples(P["base_velocity"], P["reward"], P["lam"], n, ts, generator=g, return_info=True, **kw)
+    return {"q_star": xq, "q_floor": expected_floor(xq), "q_info": info, "N_fine": N_fine}
 
 
 # ---- sampling helpers ------------------------------------------------------------------------------
@@ -527,13 +596,14 @@ def solve_optimal_controls(
     Computed in fp64 (x0 is cast). Optimisation variable w_i = sqrt(h_i) u_i (so the p = 2 cost is lam/2 ||w||^2
     for any grid), per-particle L-BFGS with Armijo backtracking, stop at ||grad_w J||_inf <= gtol.
 
-    starts: "zero" (u = 0), "aimed" (one pull-back `aimed_start` per target of reward.aim_targets: a bump's
-    centres, or x_N^0 + a / lam for a linear reward), "aimed_constant" (the same targets, constant controls), or a
-    tensor of target endpoints [d] / [B, d] (pull-back), or "dp" (2-D: the greedy policy of `GridDP2D` with
-    dp_grid^2 points on [-dp_lim, dp_lim]^2, default lim = 2 + max(|x_N^0|, |aim targets|)). Default (None):
-    ("zero", "aimed", "dp") in 2-D with a separable cost, else ("zero", "aimed"). Each start is solved to
-    convergence; the best J per particle is kept (M37: from u = 0 many particles stop at a local optimum; in 2-D
-    the DP start finds the better optimum for 25-50% of them on the chosen settings).
+    starts: "zero" (u = 0), "aimed" (one pull-back `aimed_start` per target of reward.aim_targets: a bump's centres,
+    or x_N^0 + a / lam for a linear reward), "aimed_constant" (the same targets, constant controls), a tensor of
+    target endpoints [d] / [B, d] (pull-back), a tensor of controls [B, N, d] (used as given on the active steps:
+    e.g. a trained model's own controls, to find the local optimum it sits near), or "dp" (2-D: the greedy policy of
+    `GridDP2D` with dp_grid^2 points on [-dp_lim, dp_lim]^2, default lim = 2 + max(|x_N^0|, |aim targets|)). Default
+    (None): ("zero", "aimed", "dp") in 2-D with a separable cost, else ("zero", "aimed"). Each start is solved to
+    convergence; the best J per particle is kept (M37: from u = 0 many particles stop at a local optimum; in 2-D the
+    DP start finds the better optimum for 25-50% of them on the chosen settings).
 
     Returns (u [B, N, d], x_N [B, d], info): info["objective"] [B], ["objective_by_start"] [S, B],
     ["start_names"], ["improved"] (particles whose best J beats the first start's by more than
@@ -605,6 +675,11 @@ def solve_optimal_controls(
                 raise ValueError(f"unknown start {s!r}")
         else:
             tgt = torch.as_tensor(s, dtype=torch.float64)
+            if tgt.dim() == 3:  # controls [B, N, d]: start from them (e.g. a trained model's own controls)
+                if tuple(tgt.shape) != (B, N, d):
+                    raise ValueError(f"a control start must be [B, N, d] = {(B, N, d)}, got {tuple(tgt.shape)}")
+                inits.append((f"controls{len(inits)}", w_from_u(tgt)))
+                continue
             inits.append((f"target{len(inits)}", w_from_u(aimed_start(x0, base_velocity, ts, tgt, K))))
     if not inits:
         raise ValueError("no starts (the reward has no aim_targets and no other start was given)")
@@ -651,6 +726,25 @@ def solve_optimal_controls(
         "K": K,
     }
     return u_full, x_N, info
+
+
+def model_controls(model, x0: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u [B, N, d], x_N [B, d]): the open-loop controls u_i = v_theta(x_i, t_i) - v_base(x_i, t_i) that reproduce a
+    FlowModel's own N-step Euler path from x0 (M2, M24), in x0's dtype, without gradient.
+
+    Passed as a start to `solve_optimal_controls` (starts=(u,)), L-BFGS finds the local optimum of (M37) that the
+    model sits near: its distance to the model's samples measures training error, its distance to q* (the best
+    of several starts) the cost of landing in another basin."""
+    ts = torch.as_tensor(ts, dtype=x0.dtype)
+    x, us = x0, []
+    with torch.no_grad():
+        for i in range(ts.shape[0] - 1):
+            v = model.velocity(x, ts[i])
+            with model.base_velocity():
+                u = v - model.velocity(x, ts[i])
+            us.append(u)
+            x = x + (ts[i + 1] - ts[i]) * v
+    return torch.stack(us, 1), x
 
 
 def q_star_samples(
