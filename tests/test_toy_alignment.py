@@ -1,21 +1,31 @@
 """Short CI version of issue 4's toy acceptance (math.md section 10; the long one is benchmarks/toy_alignment.py).
 
 Toy: the 8-mode ring with its exact velocity (M38) + a zero-initialised residual MLP, N = 20, beta = 2 (lam = 0.5),
-references from ``flowkern.metrics.ground_truth.toy_references`` at n = 400 samples:
+references at n = 400 samples (``benchmarks.toy_alignment.references``):
 
-- "bump" (a bump on mode 0): q* (M37) and p* (M36) are far apart and the base is far from both, so it tells the
-  deterministic methods' fixed point from the KL one. VGG-Flow ('fd' and 'exact') and deterministic AM (K = N,
-  p = 2) must end closer to q* than to p* and have covered a set fraction of the base's distance to q*.
-- "bump_gap" (a bump between two modes): memoryless AM must end closer to p* than to q*, within a set fraction of
-  the base's distance to p*.
-- ReFL and DRaFT (no target) on "bump": reward at least the regularised methods' and lower diversity than them
-  and the base (reward hacking).
+- q* (M37) of the 20-step grid, the fixed point of deterministic AM (K = N, p = 2, the discrete adjoint M25-M28);
+- q*_fine, q* of a finer grid (60 steps here, 100 in the long run): VGG-Flow learns the continuous-time value
+  gradient (M11-M14), whose fixed point is q* only up to O(h) (M37), and on this toy h |J_vbase| is not small where
+  the base flow splits between modes: q*_fine and q* are 0.1-1.1 apart (10-400 noise floors), so VGG-Flow is held to
+  q*_fine (``ground_truth.toy_q_star_fine``);
+- p* (M36, M39), the fixed point of memoryless AM.
 
-Short runs (64 trajectories per update, 60-150 updates, one thread); thresholds are set with margin below what
-these runs reach (the long benchmark reports the converged numbers). Runs once per module (cached fixtures).
+(a) VGG-Flow ('fd' on linear and bump, 'exact' on bump) and DAM (linear, bump) end within a fraction of the base's
+distance to their reference and closer to it than to p*, on a linear and a non-linear reward. DAM's bump run is
+short on purpose: its long runs drift into a greedier stationary point of the per-particle problem (more mass pulled
+onto the bump than q*, see the results README), the caveat of M40's "short runs can sit nearer the wrong reference"
+in the other direction. (b) memoryless AM on bump_gap ends near p*, closer to it than to q*. (c) ReFL and DRaFT hack
+the bump (at least the regularised methods' reward, collapsed diversity, far from every reference) and diverge on the
+unbounded linear reward, where the trainer's NaN/inf guard skips the updates instead of crashing.
+
+Short runs (64 trajectories per update, one thread); the thresholds sit with margin below what these runs reach
+(measured: VGG-Flow 3-7% of the base's distance to q*_fine, DAM 1-3% of its distance to q*, AM 4% of its distance to
+p*). Runs and references are cached per module.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -23,17 +33,23 @@ import torch
 from benchmarks.toy_alignment import RunConfig, references, run_method
 
 N_EVAL = 400
-SHORT = {
-    "vggflow_fd": RunConfig(updates=150, batch_size=64, eval_every=150, n_eval=N_EVAL),
-    "vggflow_exact": RunConfig(updates=100, batch_size=64, eval_every=100, n_eval=N_EVAL),
-    "dam": RunConfig(updates=120, batch_size=64, eval_every=120, n_eval=N_EVAL),
-    "am_memoryless": RunConfig(updates=100, batch_size=64, eval_every=100, n_eval=N_EVAL),
-    "refl": RunConfig(updates=120, batch_size=64, eval_every=120, n_eval=N_EVAL),
-    "draft": RunConfig(updates=120, batch_size=64, eval_every=120, n_eval=N_EVAL),
+FINE = dict(fine=True, fine_steps=60, fine_dp_grid=121)  # cheaper q*_fine for CI (within the floor of N=100)
+RUNS = {  # (method, setting): updates at 64 trajectories per update (cosine learning-rate decay)
+    ("vggflow_fd", "linear"): 250,
+    ("vggflow_fd", "bump"): 250,
+    ("vggflow_exact", "bump"): 250,
+    ("dam", "linear"): 250,
+    ("dam", "bump"): 150,
+    ("am_memoryless", "bump_gap"): 250,
+    ("refl", "bump"): 150,
+    ("draft", "bump"): 150,
+    ("refl", "linear"): 40,  # constant, 5x the learning rate: diverges within ~20 updates (see DIVERGE)
+    ("draft", "linear"): 40,
 }
-# fraction of the base model's ED to the target that a short run must have closed (ED_final <= frac * ED_base)
-Q_FRACTION = {"vggflow_fd": 0.65, "vggflow_exact": 0.65, "dam": 0.15}
-P_FRACTION = 0.3
+DIVERGE = {"lr": 1e-2, "lr_schedule": "constant"}
+# ED to the own reference <= FRACTION * the base model's ED to it
+FRACTION = {"vggflow_fd": 0.15, "vggflow_exact": 0.15, "dam": 0.1, "am_memoryless": 0.1}
+OWN = {"vggflow_fd": "q_fine", "vggflow_exact": "q_fine", "dam": "q", "am_memoryless": "p"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,54 +62,78 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def refs():
-    return {name: references(name, N_EVAL) for name in ("bump", "bump_gap")}
+    return {
+        name: references(name, N_EVAL, **(FINE if name != "bump_gap" else {}))
+        for name in ("linear", "bump", "bump_gap")
+    }
 
 
 @pytest.fixture(scope="module")
 def runs(refs):
     cache = {}
 
-    def get(method: str, reward: str):
-        if (method, reward) not in cache:
-            cache[method, reward] = run_method(method, refs[reward], SHORT[method])
-        return cache[method, reward]
+    def get(method: str, setting: str):
+        if (method, setting) not in cache:
+            n = RUNS[method, setting]
+            extra = DIVERGE if setting == "linear" and method in ("refl", "draft") else {}
+            cfg = RunConfig(updates=n, batch_size=64, eval_every=n, n_eval=N_EVAL, **extra)
+            cache[method, setting] = run_method(method, refs[setting], cfg)
+        return cache[method, setting]
 
     return get
 
 
 def test_references_are_distinguishable(refs):
-    for r in refs.values():
-        floor = max(r["floor_q"], r["floor_p"])
-        assert r["q_to_p"] > 5 * floor, "q* and p* must be several noise floors apart"
-    assert refs["bump"]["base_to_q"] > 3 * refs["bump"]["q_to_p"]
-    assert refs["bump_gap"]["base_to_p"] > 10 * refs["bump_gap"]["floor_p"]
+    """q*, q*_fine and p* are several noise floors apart, and the base is far from all of them."""
+    for name, r in refs.items():
+        assert r["q_to_p"] > 5 * max(r["floor_q"], r["floor_p"]), name
+        assert r["base_to_q"] > 3 * r["q_to_p"] or r["base_to_p"] > 3 * r["q_to_p"], name
+        if "q_fine" in r:
+            assert r["q_fine_to_p"] > 5 * max(r["floor_q_fine"], r["floor_p"]), name
+            assert r["q_fine_to_q"] > 5 * max(r["floor_q_fine"], r["floor_q"]), name  # the O(h) gap is real
 
 
-@pytest.mark.parametrize("method", ["vggflow_fd", "vggflow_exact", "dam"])
-def test_deterministic_methods_approach_q_star(method, refs, runs):
-    r = refs["bump"]
-    res = runs(method, "bump")
-    final = res["final"]
+@pytest.mark.parametrize(
+    "method,setting", [("vggflow_fd", "linear"), ("vggflow_fd", "bump"), ("vggflow_exact", "bump"), ("dam", "linear"),
+                       ("dam", "bump"), ("am_memoryless", "bump_gap")],
+)  # fmt: skip
+def test_regularised_methods_approach_their_reference(method, setting, refs, runs):
+    """(a), (b): ED(samples, own reference) <= a fraction of the base's, and closer to it than to the other."""
+    r, res = refs[setting], runs(method, setting)
+    final, own = res["final"], OWN[method]
     assert res["skipped"] == 0
-    assert final["ed_q"] < final["ed_p"], f"{method}: closer to p* ({final['ed_p']:.3f}) than q* ({final['ed_q']:.3f})"
-    assert final["ed_q"] <= Q_FRACTION[method] * r["base_to_q"], (
-        f"{method}: ED to q* {final['ed_q']:.3f} > {Q_FRACTION[method]} x base {r['base_to_q']:.3f}"
+    ed = final[f"ed_{own}"]
+    assert ed <= FRACTION[method] * r[f"base_to_{own}"], (
+        f"{method} on {setting}: ED to {own} {ed:.4f} > {FRACTION[method]} x base {r[f'base_to_{own}']:.4f}"
     )
+    other = "q" if own == "p" else "p"
+    assert ed < final[f"ed_{other}"], f"{method} on {setting}: closer to {other} ({final[f'ed_{other}']:.4f})"
     assert final["reward"] > r["reward_base"] + 0.1
-
-
-def test_memoryless_am_approaches_p_star(refs, runs):
-    r = refs["bump_gap"]
-    final = runs("am_memoryless", "bump_gap")["final"]
-    assert final["ed_p"] < final["ed_q"], f"closer to q* ({final['ed_q']:.3f}) than p* ({final['ed_p']:.3f})"
-    assert final["ed_p"] <= P_FRACTION * r["base_to_p"], f"ED to p* {final['ed_p']:.3f} vs base {r['base_to_p']:.3f}"
 
 
 @pytest.mark.parametrize("method", ["refl", "draft"])
 def test_unregularised_methods_hack_the_reward(method, refs, runs):
+    """(c): reward at least the regularised methods', collapsed diversity, far from every reference."""
     r = refs["bump"]
     final = runs(method, "bump")["final"]
-    regularised = [runs(m, "bump")["final"] for m in ("dam", "vggflow_fd")]
-    assert final["reward"] >= max(f["reward"] for f in regularised), "no higher reward than the regularised methods"
-    assert final["diversity"] < min(f["diversity"] for f in regularised), "diversity not below the regularised runs"
-    assert final["diversity"] < 0.85 * r["diversity_base"], "diversity did not fall"
+    regularised = [runs(m, "bump")["final"] for m in ("vggflow_fd", "vggflow_exact", "dam")]
+    assert final["reward"] >= max(f["reward"] for f in regularised) - 1e-3
+    assert final["diversity"] < min(f["diversity"] for f in regularised)
+    assert final["diversity"] < 0.5 * r["diversity_base"], "diversity did not collapse"
+    # farther from each reference than the methods that target it: q* (DAM), q*_fine (VGG-Flow); p* is not targeted
+    # on this setting in CI, so: many noise floors from it
+    assert final["ed_q"] > runs("dam", "bump")["final"]["ed_q"]
+    assert final["ed_q_fine"] > max(runs(m, "bump")["final"]["ed_q_fine"] for m in ("vggflow_fd", "vggflow_exact"))
+    assert final["ed_p"] > 10 * r["floor_p"]
+
+
+@pytest.mark.parametrize("method", ["refl", "draft"])
+def test_unbounded_reward_divergence_is_caught(method, runs):
+    """(c): on the unbounded linear reward (r = x_1) the unregularised methods blow up at an aggressive learning
+    rate; the NaN/inf guard skips those updates (weights untouched, logged) and training carries on, no crash."""
+    res = runs(method, "linear")
+    assert res["skipped"] > 0
+    assert res["updates"] + res["skipped"] == RUNS[method, "linear"]
+    assert all(bool(torch.isfinite(p).all()) for p in res["model"].trainable_parameters())
+    final = res["final"]
+    assert not math.isfinite(final["reward"]) or final["reward"] > 1e3
