@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flowkern.methods import _common as C
 from flowkern.ops import _validate as V
@@ -401,7 +402,8 @@ class VGGFlow:
         g_phi = c0 - beta * eta_t * ghat  # G_phi (M15)
         w = (v_b - g_phi).detach()  # w = sg(v_base - G_phi) (shared by M20/M21)
         ones = torch.ones_like(t)
-        with C.no_autocast(device):
+        # forward-mode AD through attention: only SDPA's math kernel has a JVP rule (the fused ones raise)
+        with C.no_autocast(device), sdpa_kernel(SDPBackend.MATH):
             c, dc = torch.func.jvp(lambda xx, tt: self._value(xx, tt, cond), (x, t), (w, ones))
             grad_r = C.reward_grad_functional(self.reward)
             rho_b = C.per_sample(rho, x)
