@@ -17,7 +17,7 @@ Distances (M40): `energy_distance` (V-statistic, i.e. the energy distance betwee
 (M41, Prop. 4).
 
 Chosen toy settings (`TOY_SETTINGS`, `toy_problem`, `toy_references`): base = 8-mode ring in 2-D, radius 4, std 0.4
-(isotropic, equal weights), uniform Euler grid N = 20, K = N, p = 2, lam = 0.5 (beta = 2).
+(isotropic, equal weights), uniform Euler grid N = 20, K = N, p = 2, lam = 0.5 (beta = 2); an 8-D mixture below.
 
 - "linear": r = a^T x, a = (1, 0) (unbounded: also the reward-hacking test). p* re-weights the modes by
   exp(a^T mu_k / lam) (mode 0 at (4, 0) ~83%, its neighbours ~8% each) and shifts them by Sigma a / lam = (0.32, 0);
@@ -42,6 +42,22 @@ grid error is about 0.1).
     linear      0.1445    0.0014    0.0012    4.864     4.125    4.57   4.12  -0.03  0.375/0.375  0.065  160 / 580
     bump        0.1579    0.0015    0.0011    2.297     2.901    1.59   1.60   0.33  0.750/1.000  0.000  165 / 897
     bump_gap    0.6358    0.0025    0.0028    1.985     0.670    1.46   0.53   0.17  0.750/1.000  0.737  109 / 982
+
+q* depends on the grid, strongly on this toy (`toy_q_star_fine`): where the base flow splits between modes
+|J_vbase| ~ 10, so h |J_vbase| ~ 0.5 for h = 0.05 and the 20-step Euler map misrepresents that instability (holding a
+particle on the ridge between two modes is far cheaper on the coarse grid). q* of a 100-step grid, the stand-in for
+the continuous-time optimum that VGG-Flow's value gradient (M11-M14) describes, is far from q* of N = 20 (n = 2000,
+seed 0): ED(q*_100, q*_20) = 0.107 / 0.457 / 1.082 (linear / bump / bump_gap; floors q*_100 0.0023 / 0.0043 /
+0.0049), ED(q*_100, p*) = 0.207 / 0.838 / 0.507, reward 4.42 / 1.13 / 0.77 (vs q*_20 4.57 / 1.59 / 1.46). So DAM
+(the discrete adjoint of the N-step map, M25-M28) and VGG-Flow have different fixed points here; the benchmark
+holds each to its own.
+
+8-D (`TOY_SETTINGS["bases"]["gmm8"]`, `toy_settings(8)`): 8 anisotropic modes (random rotations, stds in
+[0.3, 0.6], unequal weights 0.02-0.24, means N(0, 1.5^2 I), closest pair 3.1 apart), same grid and lam. "linear_8d":
+r = x_1; "bump_8d": height 3, width 2, midway between the closest pair (modes 2, 3): q* keeps mode 2 and pulls in
+its neighbours, p* splits the mass between modes 2 and 3. n = 1000: ED(q*, p*) = 0.44 / 1.04 (floors ~0.009 /
+0.006), ED(base, q*) = 2.00 / 0.41, ED(base, p*) = 3.11 / 2.27; q* by L-BFGS from the zero and aimed starts (no DP
+in 8-D; the aimed start improved 158 / 1 of 1000 particles), converged 100% / 99.3% (max ||grad|| 4e-5).
 
 q* solves converge to max ||grad_w J||_inf <= 1e-7 on linear and bump; on bump_gap 91.5% reach 1e-7 and the rest
 stall at the rounding level of J with ||grad|| <= 2.4e-5 (curvature ~1e4 there); re-solving with another L-BFGS
