@@ -10,16 +10,16 @@ references at n = 400 samples (``benchmarks.toy_alignment.references``):
   q*_fine (``ground_truth.toy_q_star_fine``);
 - p* (M36, M39), the fixed point of memoryless AM.
 
-(a) VGG-Flow ('fd' on linear and bump, 'exact' on bump) and DAM (linear, bump) end within a fraction of the base's
-distance to their reference and closer to it than to p*, on a linear and a non-linear reward. DAM's bump run is
-short on purpose: its long runs drift into a greedier stationary point of the per-particle problem (more mass pulled
-onto the bump than q*, see the results README), the caveat of M40's "short runs can sit nearer the wrong reference"
-in the other direction. (b) memoryless AM on bump_gap ends near p*, closer to it than to q*. (c) ReFL and DRaFT hack
-the bump (at least the regularised methods' reward, collapsed diversity, far from every reference) and diverge on the
-unbounded linear reward, where the trainer's NaN/inf guard skips the updates instead of crashing.
+(a) VGG-Flow ('fd' on linear and quad, 'exact' on quad) and DAM (linear, quad) end within a fraction of the base's
+distance to their reference and closer to it than to p*, on a linear and a non-linear (concave quadratic) reward.
+(b) memoryless AM on quad ends near p*, closer to it than to q*. (c) ReFL and DRaFT hack the quadratic reward (at
+least the regularised methods' reward, collapsed diversity, farther from every reference than the method that
+targets it) and diverge on the unbounded linear reward, where the trainer's NaN/inf guard skips the updates instead of
+crashing. The bump rewards, whose per-particle problem has several basins that on-policy training does not leave,
+are measured in the long run only (benchmarks/toy_alignment.py).
 
-Short runs (64 trajectories per update, one thread); the thresholds sit with margin below what these runs reach
-(measured: VGG-Flow 3-7% of the base's distance to q*_fine, DAM 1-3% of its distance to q*, AM 4% of its distance to
+Short runs (64 trajectories per update, one thread); the thresholds sit with margin above what these runs reach
+(measured: VGG-Flow 4-6% of the base's distance to q*_fine, DAM 1-3% of its distance to q*, AM 4% of its distance to
 p*). Runs and references are cached per module.
 """
 
@@ -36,17 +36,18 @@ N_EVAL = 400
 FINE = dict(fine=True, fine_steps=60, fine_dp_grid=121)  # cheaper q*_fine for CI (within the floor of N=100)
 RUNS = {  # (method, setting): updates at 64 trajectories per update (cosine learning-rate decay)
     ("vggflow_fd", "linear"): 250,
-    ("vggflow_fd", "bump"): 250,
-    ("vggflow_exact", "bump"): 250,
+    ("vggflow_fd", "quad"): 250,
+    ("vggflow_exact", "quad"): 250,
     ("dam", "linear"): 250,
-    ("dam", "bump"): 150,
-    ("am_memoryless", "bump_gap"): 250,
-    ("refl", "bump"): 150,
-    ("draft", "bump"): 150,
+    ("dam", "quad"): 150,
+    ("am_memoryless", "quad"): 250,
+    ("refl", "quad"): 200,  # 2.5x the long run's learning rate (HACK): collapses within 200 updates
+    ("draft", "quad"): 200,
     ("refl", "linear"): 40,  # constant, 5x the learning rate: diverges within ~20 updates (see DIVERGE)
     ("draft", "linear"): 40,
 }
 DIVERGE = {"lr": 1e-2, "lr_schedule": "constant"}
+HACK = {"lr": 5e-3}
 # ED to the own reference <= FRACTION * the base model's ED to it
 FRACTION = {"vggflow_fd": 0.15, "vggflow_exact": 0.15, "dam": 0.1, "am_memoryless": 0.1}
 OWN = {"vggflow_fd": "q_fine", "vggflow_exact": "q_fine", "dam": "q", "am_memoryless": "p"}
@@ -62,10 +63,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def refs():
-    return {
-        name: references(name, N_EVAL, **(FINE if name != "bump_gap" else {}))
-        for name in ("linear", "bump", "bump_gap")
-    }
+    return {name: references(name, N_EVAL, **FINE) for name in ("linear", "quad")}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +73,7 @@ def runs(refs):
     def get(method: str, setting: str):
         if (method, setting) not in cache:
             n = RUNS[method, setting]
-            extra = DIVERGE if setting == "linear" and method in ("refl", "draft") else {}
+            extra = {} if method not in ("refl", "draft") else DIVERGE if setting == "linear" else HACK
             cfg = RunConfig(updates=n, batch_size=64, eval_every=n, n_eval=N_EVAL, **extra)
             cache[method, setting] = run_method(method, refs[setting], cfg)
         return cache[method, setting]
@@ -84,18 +82,22 @@ def runs(refs):
 
 
 def test_references_are_distinguishable(refs):
-    """q*, q*_fine and p* are several noise floors apart, and the base is far from all of them."""
+    """q*, q*_fine and p* are several noise floors apart, and the base is far from all of them. On the linear reward
+    the O(h) gap between q* of the 20-step grid and q*_fine is real (the ring's flow splits stiffly between modes);
+    on the quadratic one the two agree to the noise floor."""
     for name, r in refs.items():
         assert r["q_to_p"] > 5 * max(r["floor_q"], r["floor_p"]), name
         assert r["base_to_q"] > 3 * r["q_to_p"] or r["base_to_p"] > 3 * r["q_to_p"], name
-        if "q_fine" in r:
-            assert r["q_fine_to_p"] > 5 * max(r["floor_q_fine"], r["floor_p"]), name
-            assert r["q_fine_to_q"] > 5 * max(r["floor_q_fine"], r["floor_q"]), name  # the O(h) gap is real
+        assert r["q_fine_to_p"] > 5 * max(r["floor_q_fine"], r["floor_p"]), name
+    lin, quad = refs["linear"], refs["quad"]
+    assert lin["q_fine_to_q"] > 5 * max(lin["floor_q_fine"], lin["floor_q"])
+    assert quad["q_fine_to_q"] < 2 * max(quad["floor_q_fine"], quad["floor_q"])
+    assert quad["q_improved_by_start"]["continuation"] > 0  # the homotopy start finds better optima (M37)
 
 
 @pytest.mark.parametrize(
-    "method,setting", [("vggflow_fd", "linear"), ("vggflow_fd", "bump"), ("vggflow_exact", "bump"), ("dam", "linear"),
-                       ("dam", "bump"), ("am_memoryless", "bump_gap")],
+    "method,setting", [("vggflow_fd", "linear"), ("vggflow_fd", "quad"), ("vggflow_exact", "quad"), ("dam", "linear"),
+                       ("dam", "quad"), ("am_memoryless", "quad")],
 )  # fmt: skip
 def test_regularised_methods_approach_their_reference(method, setting, refs, runs):
     """(a), (b): ED(samples, own reference) <= a fraction of the base's, and closer to it than to the other."""
@@ -114,16 +116,16 @@ def test_regularised_methods_approach_their_reference(method, setting, refs, run
 @pytest.mark.parametrize("method", ["refl", "draft"])
 def test_unregularised_methods_hack_the_reward(method, refs, runs):
     """(c): reward at least the regularised methods', collapsed diversity, far from every reference."""
-    r = refs["bump"]
-    final = runs(method, "bump")["final"]
-    regularised = [runs(m, "bump")["final"] for m in ("vggflow_fd", "vggflow_exact", "dam")]
+    r = refs["quad"]
+    final = runs(method, "quad")["final"]
+    regularised = [runs(m, "quad")["final"] for m in ("vggflow_fd", "vggflow_exact", "dam", "am_memoryless")]
     assert final["reward"] >= max(f["reward"] for f in regularised) - 1e-3
     assert final["diversity"] < min(f["diversity"] for f in regularised)
     assert final["diversity"] < 0.5 * r["diversity_base"], "diversity did not collapse"
-    # farther from each reference than the methods that target it: q* (DAM), q*_fine (VGG-Flow); p* is not targeted
-    # on this setting in CI, so: many noise floors from it
-    assert final["ed_q"] > runs("dam", "bump")["final"]["ed_q"]
-    assert final["ed_q_fine"] > max(runs(m, "bump")["final"]["ed_q_fine"] for m in ("vggflow_fd", "vggflow_exact"))
+    # farther from each reference than the methods that target it: q* (DAM), q*_fine (VGG-Flow), p* (memoryless AM)
+    assert final["ed_q"] > runs("dam", "quad")["final"]["ed_q"]
+    assert final["ed_q_fine"] > max(runs(m, "quad")["final"]["ed_q_fine"] for m in ("vggflow_fd", "vggflow_exact"))
+    assert final["ed_p"] > runs("am_memoryless", "quad")["final"]["ed_p"]
     assert final["ed_p"] > 10 * r["floor_p"]
 
 

@@ -397,8 +397,9 @@ def test_bad_inputs():
 def test_8d_setting_references_are_distinct_and_q_star_is_the_dam_fixed_point():
     """8-D mixture (TOY_SETTINGS 'gmm8'): exact velocity, both references, q* by L-BFGS best of zero/aimed starts
     (no DP in 8-D), distinguishable from p* and far from the base; q* satisfies the lean-adjoint KKT (M25-M28)."""
-    assert toy_settings(8) == ["linear_8d", "bump_8d"] and toy_settings(2) == ["linear", "bump", "bump_gap"]
-    for name, n in (("linear_8d", 96), ("bump_8d", 32)):  # few particles: 8-D solves are slow on CPU
+    assert toy_settings(8) == ["linear_8d", "quad_8d", "bump_8d"]
+    assert toy_settings(2) == ["linear", "quad", "bump", "bump_gap"]
+    for name, n in (("linear_8d", 96), ("quad_8d", 32), ("bump_8d", 32)):  # few particles: 8-D solves are slow
         P = toy_problem(name)
         mix, v, reward, lam, ts = P["mixture"], P["base_velocity"], P["reward"], P["lam"], P["ts"]
         assert P["dim"] == 8 and mix.n_modes == 8 and not v.diagonal  # rotated covariances: the general path
@@ -406,8 +407,11 @@ def test_8d_setting_references_are_distinct_and_q_star_is_the_dam_fixed_point():
         torch.testing.assert_close(v(x, torch.tensor(0.6, dtype=F64)), _m38_literal(mix, x, 0.6))
         x0 = torch.randn(n, 8, dtype=F64, generator=_gen(41))
         u, xq, info = solve_optimal_controls(x0, v, reward, lam, ts)
-        assert info["start_names"] == ["zero", "aimed0"]
+        assert info["start_names"] == ["zero", "aimed0", "continuation"]
         assert info["converged_frac"] > 0.9
+        if name == "bump_8d":  # the homotopy in lam reaches the bump for particles the zero/aimed starts leave behind
+            assert info["improved_by_start"]["continuation"] >= 0.2 * n
+            assert info["improved_by_start"]["continuation"] > info["improved_by_start"]["aimed0"]
         ok = info["status"] == 0
         assert _lean_adjoint_kkt(v, reward, lam, ts, x0[ok], u[ok]).max() < 1e-5
         m = 2000  # p* and base are cheap: large sets, so the floor is set by the n q* samples
