@@ -386,7 +386,7 @@ def test_bad_inputs():
         toy_problem("nope")
     with pytest.raises(ValueError):
         GaussianMixture(torch.zeros(2, 2), torch.tensor([1.0, -1.0]))
-    assert set(TOY_SETTINGS["rewards"]) == {"linear", "bump", "bump_gap", "linear_8d", "bump_8d"}
+    assert set(TOY_SETTINGS["rewards"]) == {"linear", "quad", "bump", "bump_gap", "linear_8d", "quad_8d", "bump_8d"}
     with pytest.raises(ValueError, match="control start"):
         solve_optimal_controls(x0, P["base_velocity"], P["reward"], 0.5, P["ts"], starts=(torch.zeros(2, 3, 2),))
 
