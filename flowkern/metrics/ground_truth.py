@@ -8,8 +8,11 @@ Two references per (reward r, lam = 1/beta, grid):
   min_u sum_i h_i lam c(u_i) - r(x_N) on the Euler grid (M2) with the exact v_base (M38), truncated to the last K
   steps where the method is. The fixed point of deterministic adjoint matching (M25-M28) and, up to O(h), of
   VGG-Flow (M10). `solve_optimal_controls` / `q_star_samples`: batched per-particle L-BFGS, best of several
-  starts (u = 0, starts aimed at the reward's maxima, the DP policy in 2-D), because from u = 0 many particles stop
-  at a local optimum (M37). In 2-D `GridDP2D` (grid dynamic programming) is both an independent check and a start.
+  starts (u = 0, starts aimed at the reward's maxima, a continuation in lam from a 16x stronger reward, the DP
+  policy in 2-D), because from u = 0 many particles stop at a local optimum (M37). In 2-D `GridDP2D` (grid dynamic
+  programming) is both an independent check and a start. The continuation start matters in 8-D, where there is no
+  DP: on bump_8d it finds a better optimum than the zero and aimed starts for 43% of the particles (mean J -1.84
+  vs -1.30, n = 1000), and the q* published before it existed was wrong (reward 1.48 against 2.52 now).
 
 Distances (M40): `energy_distance` (V-statistic, i.e. the energy distance between the two empirical measures:
 >= 0, exactly 0 for identical sets; `unbiased=True` gives the U-statistic), the reference-vs-reference
@@ -22,6 +25,9 @@ Chosen toy settings (`TOY_SETTINGS`, `toy_problem`, `toy_references`): base = 8-
 - "linear": r = a^T x, a = (1, 0) (unbounded: also the reward-hacking test). p* re-weights the modes by
   exp(a^T mu_k / lam) (mode 0 at (4, 0) ~83%, its neighbours ~8% each) and shifts them by Sigma a / lam = (0.32, 0);
   q* pushes mode-0 particles further out along +x (mean x 4.57 vs 4.12) and leaves 6.5% off-mode.
+- "quad": r = -k/2 ||x - (4, 0)||^2, k = 0.25 (concave, bounded above; favours mode 0 and its neighbours). Its pull
+  grows with the distance instead of vanishing, so the per-particle problem's "stay where you are" basins are
+  shallow and on-policy training leaves them; q*_100 = q* to the noise floor (no O(h) gap for VGG-Flow).
 - "bump": r = 2 exp(-||x - (4, 0)||^2 / (2 * 1.5^2)), on mode 0. Both put ~83% on mode 0, but q* empties the two
   neighbouring modes (cheap to steer from, 0.1% each vs 3.3% under p*) and keeps more on the far side
   (~4% vs ~2% per far mode); q* covers 6 of 8 modes, p* all 8.
@@ -30,7 +36,10 @@ Chosen toy settings (`TOY_SETTINGS`, `toy_problem`, `toy_references`): base = 8-
   (30% each): the most discriminating setting (ED(q*,p*) is 32% of ED(base, q*) and 95% of ED(base, p*); for the
   other two it is 3-7%), but the stiffest q* solve (endpoints on the unstable ridge between two modes).
 
-Measured (n = 2000 per set, fp64, seed 0; `python -m flowkern.metrics.ground_truth` reprints it, ~4 min).
+Measured 2026-11-23, before the continuation start existed (the 2-D q* barely moved with it, since the DP start
+already covered those particles; the current reference numbers of every setting, 8-D included, are the benchmark's
+summary lines in benchmarks/results/toy/README.md) (n = 2000 per set, fp64, seed 0;
+`python -m flowkern.metrics.ground_truth` reprints it).
 Floors: q* from one independent pair (seed 1; `expected_floor` gives 0.0014 / 0.0025 / 0.0029), p* the mean of 3
 pairs. base = the base's own 20-step Euler samples; its discretization gap to a 1000-step grid is 0.0083, 2.1x the
 exact-sample floor 0.0040. "improved" = particles whose optimum beats the u = 0 start's (of 2000), by the
@@ -54,10 +63,11 @@ holds each to its own.
 
 8-D (`TOY_SETTINGS["bases"]["gmm8"]`, `toy_settings(8)`): 8 anisotropic modes (random rotations, stds in
 [0.3, 0.6], unequal weights 0.02-0.24, means N(0, 1.5^2 I), closest pair 3.1 apart), same grid and lam. "linear_8d":
-r = x_1; "bump_8d": height 3, width 2, midway between the closest pair (modes 2, 3): q* keeps mode 2 and pulls in
+r = x_1; "quad_8d": r = -k/2 ||x - mu_2||^2, k = 0.25; "bump_8d": height 3, width 2, midway between the closest pair (modes 2, 3): q* keeps mode 2 and pulls in
 its neighbours, p* splits the mass between modes 2 and 3. n = 1000: ED(q*, p*) = 0.44 / 1.04 (floors ~0.009 /
-0.006), ED(base, q*) = 2.00 / 0.41, ED(base, p*) = 3.11 / 2.27; q* by L-BFGS from the zero and aimed starts (no DP
-in 8-D; the aimed start improved 158 / 1 of 1000 particles), converged 100% / 99.3% (max ||grad|| 4e-5).
+0.006), ED(base, q*) = 2.00 / 0.41, ED(base, p*) = 3.11 / 2.27 with q* from the zero and aimed starts only; that q*
+was wrong: the continuation start improves 24% (linear_8d) and 43% (bump_8d) of the particles, and with it
+ED(base, q*) = 2.45 / 2.41 (benchmarks/results/toy/README.md).
 
 q* solves converge to max ||grad_w J||_inf <= 1e-7 on linear and bump; on bump_gap 91.5% reach 1e-7 and the rest
 stall at the rounding level of J with ||grad|| <= 2.4e-5 (curvature ~1e4 there); re-solving with another L-BFGS
