@@ -61,13 +61,13 @@ seed 0): ED(q*_100, q*_20) = 0.107 / 0.457 / 1.082 (linear / bump / bump_gap; fl
 (the discrete adjoint of the N-step map, M25-M28) and VGG-Flow have different fixed points here; the benchmark
 holds each to its own.
 
-8-D (`TOY_SETTINGS["bases"]["gmm8"]`, `toy_settings(8)`): 8 anisotropic modes (random rotations, stds in
-[0.3, 0.6], unequal weights 0.02-0.24, means N(0, 1.5^2 I), closest pair 3.1 apart), same grid and lam. "linear_8d":
-r = x_1; "quad_8d": r = -k/2 ||x - mu_2||^2, k = 0.25; "bump_8d": height 3, width 2, midway between the closest pair (modes 2, 3): q* keeps mode 2 and pulls in
-its neighbours, p* splits the mass between modes 2 and 3. n = 1000: ED(q*, p*) = 0.44 / 1.04 (floors ~0.009 /
-0.006), ED(base, q*) = 2.00 / 0.41, ED(base, p*) = 3.11 / 2.27 with q* from the zero and aimed starts only; that q*
-was wrong: the continuation start improves 24% (linear_8d) and 43% (bump_8d) of the particles, and with it
-ED(base, q*) = 2.45 / 2.41 (benchmarks/results/toy/README.md).
+8-D (`TOY_SETTINGS["bases"]["gmm8"]`, `toy_settings(8)`): 8 anisotropic modes (random rotations, stds in [0.3, 0.6],
+unequal weights 0.02-0.24, means N(0, 1.5^2 I), closest pair 3.1 apart), same grid and lam. "linear_8d": r = x_1;
+"quad_8d": r = -k/2 ||x - mu_2||^2, k = 0.25; "bump_8d": height 3, width 2, midway between the closest pair (modes 2,
+3): q* keeps mode 2 and pulls in its neighbours, p* splits the mass between modes 2 and 3. n = 1000: ED(q*, p*) = 0.44
+/ 1.04 (floors ~0.009 / 0.006), ED(base, q*) = 2.00 / 0.41, ED(base, p*) = 3.11 / 2.27 with q* from the zero and aimed
+starts only; that q* was wrong: the continuation start improves 24% (linear_8d) and 43% (bump_8d) of the particles,
+and with it ED(base, q*) = 2.45 / 2.41 (benchmarks/results/toy/README.md).
 
 q* solves converge to max ||grad_w J||_inf <= 1e-7 on linear and bump; on bump_gap 91.5% reach 1e-7 and the rest
 stall at the rounding level of J with ||grad|| <= 2.4e-5 (curvature ~1e4 there); re-solving with another L-BFGS
