@@ -26,11 +26,12 @@ p*). Runs and references are cached per module.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
-from benchmarks.toy_alignment import RunConfig, references, run_method
+from benchmarks.toy_alignment import RunConfig, references, run_method, truncation_comparison
 
 N_EVAL = 400
 FINE = dict(fine=True, fine_steps=60, fine_dp_grid=121)  # cheaper q*_fine for CI (within the floor of N=100)
@@ -139,3 +140,19 @@ def test_unbounded_reward_divergence_is_caught(method, runs):
     assert all(bool(torch.isfinite(p).all()) for p in res["model"].trainable_parameters())
     final = res["final"]
     assert not math.isfinite(final["reward"]) or final["reward"] > 1e3
+
+
+def test_truncation_table_k3_sits_at_its_own_path_optimum():
+    """The long run's DAM K = 3 vs K = N table (truncation_comparison) on a short run. DAM K = 3 trains only the
+    last 3 steps (M28); its untrained first N - 3 controls move with the shared network, so its samples leave
+    q*_3 (u = 0 on those steps) but stay at q*_3,own, the optimal last 3 steps from its own path."""
+    cfg = RunConfig(updates=20, batch_size=64, eval_every=20, n_eval=300)
+    table = truncation_comparison(references("linear", 300), cfg, None)
+    lines = [line.split("|") for line in table.splitlines() if line.startswith("| dam")]
+    rows = {cells[1].strip(): cells[2:-1] for cells in lines}
+    assert set(rows) == {"dam_k3", "dam"}
+    for cells in rows.values():
+        numbers = [float(v) for v in re.findall(r"-?\d+\.\d+", "|".join(cells))]
+        assert len(numbers) == 8 and all(math.isfinite(v) for v in numbers)
+    ed_q3, ed_own = float(rows["dam_k3"][1]), float(rows["dam_k3"][3].split()[0])
+    assert ed_own < 0.1 * ed_q3
