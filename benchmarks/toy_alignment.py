@@ -430,10 +430,10 @@ def acceptance(rows, all_refs) -> str:
 
 def truncation_comparison(refs: dict[str, Any], cfg: RunConfig, dam_result: dict[str, Any] | None) -> str:
     """DAM K = 3 vs K = N: time per update and the distances to the truncated q*_3 (u_i = 0 for i < N - 3), the full
-    q* (M37) and q*_3|own: per particle, the model's own Euler path for the first N - 3 steps, then the optimal
+    q* (M37) and q*_3,own: per particle, the model's own Euler path for the first N - 3 steps, then the optimal
     3-step control from there. The truncated loss (M28) trains only the last K steps; a network shared across t
     also moves the first N - K steps' controls, which no loss term holds at 0, so q*_3 is the fixed point only if
-    they stay 0, and q*_3|own measures whether the last K controls are optimal for where the model actually is."""
+    they stay 0, and q*_3,own measures whether the last K controls are optimal for where the model actually is."""
     name, P, K = refs["name"], refs["problem"], 3
     trunc = references(name, cfg.n_eval, K=K)
     lines = [
