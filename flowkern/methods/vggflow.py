@@ -33,6 +33,7 @@ from flowkern.ops import (
     time_probe,
     vggflow_matching_loss,
 )
+from flowkern.ops.reference.consistency_residual import boundary_loss
 from flowkern.sampling import sample_euler, subsample_transitions
 
 CONSISTENCY_MODES = ("fd", "exact")
@@ -351,11 +352,6 @@ class VGGFlow:
             self.eta_mode, self.eps_t, self.eps_x, rho_w, rho_g, mask,
         )  # fmt: skip
 
-    @staticmethod
-    def _boundary(c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(M17) L_bnd = (1/B) sum_b m_b mean_b(c_b^2), as consistency_residual forms it."""
-        return (mask.to(c.dtype) * c.flatten(1).square().mean(1)).sum() / c.shape[0]
-
     def _consistency_central(self, x, t, cond, c, v_b, ghat, rho, mask):
         """(M20) with fd_scheme='central' (paper Eqs. 44-45):
 
@@ -389,7 +385,7 @@ class VGGFlow:
                 vb_minus = self.base_velocity(x_g_minus, t, cond).to(x.dtype)
                 t3 = C.per_sample(rho_g.to(x.dtype) / (2 * self.eps_x), x) * (vb_plus - vb_minus)
         l_cons = (t1 + t2 + t3).square().mean()  # (M18)
-        return l_cons, self._boundary(c.to(x.dtype), mask)
+        return l_cons, boundary_loss(c, mask, x.dtype)  # (M17), the op reference's definition
 
     def _consistency_exact(self, x, t, cond, v_b, ghat, rho, mask):
         """(M21) T1+T2 = d/ds G_phi(x + s w, t + s) by one forward-mode JVP (c_phi with grad to phi; the ghat

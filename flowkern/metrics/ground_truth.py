@@ -689,6 +689,8 @@ def solve_optimal_controls(
     def w_from_u(u: torch.Tensor) -> torch.Tensor:
         return (u[:, N - K :] * sq[None, :, None]).contiguous()
 
+    aim = getattr(reward, "aim_targets", None)
+    targets = [q.to(torch.float64) for q in aim(x_end0, lam)] if aim is not None else []  # the reward's maxima
     inits: list[tuple[str, torch.Tensor]] = []
     for s in starts:
         if isinstance(s, str):
@@ -700,8 +702,7 @@ def solve_optimal_controls(
                 if dp_lim is not None:
                     lim = float(dp_lim)
                 else:  # cover the uncontrolled endpoints and the reward's aim targets
-                    aim = getattr(reward, "aim_targets", None)
-                    pts = [x_end0] + (list(aim(x_end0, lam)) if aim is not None else [])
+                    pts = [x_end0] + targets
                     lim = 2.0 + max(2.0, max(float(q.abs().max()) for q in pts))
                 dp = GridDP2D(base_velocity, reward, lam, ts, K, p, cost, lim=lim, G=dp_grid)
                 inits.append(("dp", w_from_u(dp.controls(x0))))
@@ -711,20 +712,16 @@ def solve_optimal_controls(
                 # It follows the "moved" branch of a particle's optima as far as that branch exists, which the
                 # zero and aimed starts do not reach on mode-switching rewards (8-D bump: it improves J for
                 # about half of the particles over both).
-                aim = getattr(reward, "aim_targets", None)
-                targets = aim(x_end0, lam) if aim is not None else []
-                w = w_from_u(aimed_start(x0, base_velocity, ts, targets[0].to(torch.float64), K)) if targets else \
+                w = w_from_u(aimed_start(x0, base_velocity, ts, targets[0], K)) if targets else \
                     torch.zeros(B, K, d, dtype=torch.float64)  # fmt: skip
                 for scale in continuation_scales:
                     w = _batched_lbfgs(objective_at(lam * scale), w.reshape(B, K * d), max_iter=max_iter,
                                        gtol=gtol * 10, history=history, h0=1 / (lam * scale))[0]  # fmt: skip
                 inits.append(("continuation", w.reshape(B, K, d)))
             elif s in ("aimed", "aimed_constant"):
-                aim = getattr(reward, "aim_targets", None)
-                targets = aim(x_end0, lam) if aim is not None else []
                 mode = "pullback" if s == "aimed" else "constant"
                 for j, tgt in enumerate(targets):
-                    u0 = aimed_start(x0, base_velocity, ts, tgt.to(torch.float64), K, mode=mode)
+                    u0 = aimed_start(x0, base_velocity, ts, tgt, K, mode=mode)
                     inits.append((f"{s}{j}", w_from_u(u0)))
             else:
                 raise ValueError(f"unknown start {s!r}")
