@@ -72,7 +72,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("json")
-    parser.add_argument("--png", help="also write a bar chart of the speed-ups (needs matplotlib)")
+    parser.add_argument("--png", help="also write a bar chart of the speed-ups")
     parser.add_argument("--strip", action="store_true", help="drop per-round raw timings from the JSON, in place")
     args = parser.parse_args(argv)
     if args.strip:  # pytest-benchmark keeps every round: MBs per run; the statistics are what gets committed
@@ -85,26 +85,33 @@ def main(argv=None) -> None:
     rows = load_rows(args.json)
     print(table(rows))
     if args.png:
-        import matplotlib
+        write_speedup_chart(rows, args.png)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        labels, speedups = [], []
-        by = defaultdict(dict)
-        for r in rows:
-            by[(r["op"], r.get("shape_name"), r["mode"], r["dtype"])][r["provider"]] = r["seconds"]
-        for key, d in sorted(by.items()):
-            fk = [v for p, v in d.items() if p.startswith("flowkern_")]
-            if fk and "torch" in d:
-                labels.append(" ".join(str(k) for k in key))
-                speedups.append(d["torch"] / min(fk))
-        fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1))
-        ax.barh(labels, speedups)
-        ax.axvline(1.0, color="k", lw=0.5)
-        ax.set_xlabel("speed-up over eager PyTorch")
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
+def write_speedup_chart(rows: list[dict], path: str) -> str:
+    """A horizontal bar chart of the fastest flowkern backend's speed-up over eager PyTorch per benchmark case."""
+    from flowkern.app.report import figure
+
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["op"], r.get("shape_name"), r["mode"], r["dtype"])][r["provider"]] = r["seconds"]
+    labels, speedups = [], []
+    for key, d in sorted(by.items()):
+        fk = [v for p, v in d.items() if p.startswith("flowkern_")]
+        if fk and "torch" in d:
+            labels.append(" ".join(str(k) for k in key))
+            speedups.append(d["torch"] / min(fk))
+    if not labels:
+        raise SystemExit("no case has both a torch and a flowkern timing: nothing to chart")
+    fig = figure(1000, 30 * len(labels) + 100)
+    ax = fig.subplots()
+    ax.barh(labels, speedups)
+    ax.axvline(1.0, color="k", lw=0.5)
+    ax.invert_yaxis()  # first case on top, as in the table
+    ax.set_xlabel("speed-up over eager PyTorch")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
 
 
 if __name__ == "__main__":

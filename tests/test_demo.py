@@ -119,14 +119,20 @@ def test_line_plot_and_image_grid(tmp_path):
     )
     with Image.open(path) as image:
         assert image.size == (300, 200)
-        colours = {image.getpixel((x, y)) for x in range(300) for y in range(200)}
+        colours = {colour for _, colour in image.convert("RGB").getcolors(300 * 200)}
         assert (31, 119, 180) in colours  # series 'a' was drawn
     rows = [("base", torch.zeros(3, 3, 4, 4)), ("tuned", torch.ones(2, 3, 4, 4))]
     path = image_grid(rows, tmp_path / "g.png", scale=2, gap=1)
     with Image.open(path) as image:
         w, h = image.size
+        rgb = image.convert("RGB")
         assert h == 1 + 2 * (8 + 1)  # two rows of 4 px images at 2x plus gaps
-        assert image.getpixel((w - 2, h - 3)) == (255, 255, 255)  # white background where row 2 has no 3rd image
+        assert rgb.getpixel((w - 2, h - 3)) == (255, 255, 255)  # white background where row 2 has no 3rd image
+        # pixel-exact tiles: row 1 black (zeros), row 2 white (ones), 8 x 8 each, starting after the label column
+        x0 = w - 1 - 3 * (8 + 1)  # three tiles and their gaps, then the right margin
+        assert {rgb.getpixel((x0 + i, 1 + j)) for i in range(8) for j in range(8)} == {(0, 0, 0)}
+        assert {rgb.getpixel((x0 + i, 10 + j)) for i in range(8) for j in range(8)} == {(255, 255, 255)}
+        assert rgb.getpixel((x0 - 1, 1)) == (255, 255, 255)  # the gap before the first tile
     assert smooth([1.0, 3.0, float("nan"), 5.0], 2) == [1.0, 2.0, 3.0, 5.0]
     assert math.isnan(smooth([float("nan")], 3)[0])
     with pytest.raises(ValueError, match="at least one row"):

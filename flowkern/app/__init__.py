@@ -5,5 +5,5 @@
   rewards (``name[:weight]``) and methods from plain settings.
 - ``run``: a training run with logs, progress bars, checkpoints, resume and accelerate.
 - ``evaluate``: rewards, diversity and prior preservation on fixed seeds and prompts.
-- ``demo``: the ``flowkern demo`` report. ``report``: PNG plots with Pillow.
+- ``demo``: the ``flowkern demo`` report. ``report``: PNG plots with matplotlib (Agg).
 """
