@@ -1,6 +1,6 @@
 """Toy alignment with ground truth (issue 4, math.md section 10): every method against its known optimum.
 
-Bases (``TOY_SETTINGS`` of ``flowkern.metrics.ground_truth``): the 8-mode ring in 2-D and an 8-mode anisotropic
+Bases (``TOY_SETTINGS`` of ``benchmarks.toy``): the 8-mode ring in 2-D and an 8-mode anisotropic
 mixture in 8-D, each with its exact rectified-flow velocity (M38) plus a zero-initialised residual MLP, through the
 FlowModel protocol (``flowkern.models.toy.make_toy_model``); uniform Euler grid N = 20, lam = 0.5 (beta = 2).
 References:
@@ -10,7 +10,7 @@ References:
   (K = N, p = 2);
 - q*_100: the same solved on a 100-step grid, a stand-in for the continuous-time optimum that VGG-Flow's value
   gradient (M11-M14) describes: VGG-Flow's fixed point is q* only up to O(h) (M37), and on the toy that O(h) is
-  large (``ground_truth.toy_q_star_fine``), so VGG-Flow rows show both;
+  large (``toy.toy_q_star_fine``), so VGG-Flow rows show both;
 - q*_loc: the local optimum of (M37) that L-BFGS reaches from the trained model's own controls (same x0 as the
   model's samples): ED(model, q*_loc) is training error, ED(q*_loc, q*) the cost of another basin;
 - p* ∝ p_base exp(beta r) (M36, M39): the fixed point of memoryless AM.
@@ -18,11 +18,11 @@ References:
 Distances are energy distances (M40) at n samples per set, beside the expected reference-vs-reference noise floors
 and the base model's own distance. ReFL and DRaFT have no target: reward and diversity (mean pairwise distance).
 
-    python benchmarks/toy_alignment.py --out results.md       # long: 2-D tables (~30 min on one core)
-    python benchmarks/toy_alignment.py --dim 8 --no-fine      # long: 8-D tables (q*_100 = q* to ~2 floors in 8-D)
-    python benchmarks/toy_alignment.py --updates 1600 --methods vggflow_fd,vggflow_exact,am_memoryless
-    python benchmarks/toy_alignment.py --distill              # capacity: the residual MLP regressed on q*
-    python benchmarks/toy_alignment.py --quick                # a shorter run
+    python -m benchmarks.toy_alignment --out results.md    # long: 2-D tables (~30 min on one core)
+    python -m benchmarks.toy_alignment --dim 8 --no-fine   # long: 8-D tables (q*_100 = q* to ~2 floors in 8-D)
+    python -m benchmarks.toy_alignment --updates 1600 --methods vggflow_fd,vggflow_exact,am_memoryless
+    python -m benchmarks.toy_alignment --distill           # capacity: the residual MLP regressed on q*
+    python -m benchmarks.toy_alignment --quick             # a shorter run
 
 Measured results and the diagnosis of what limits each method: benchmarks/results/toy/README.md.
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import shlex
 import sys
 import time
@@ -50,9 +49,11 @@ from typing import Any
 
 import torch
 
+from benchmarks import toy
 from flowkern.methods import AdjointMatching, DRaFT, ReFL, SmallValueNet, VGGFlow, flow_callables
-from flowkern.metrics import ground_truth as GT
+from flowkern.metrics.diversity import FlattenFeatures, diversity
 from flowkern.models.toy import make_toy_model
+from flowkern.sampling import sample_euler
 from flowkern.train import TrainConfig, Trainer
 
 METHODS = ("vggflow_fd", "vggflow_exact", "dam", "am_memoryless", "refl", "draft")
@@ -102,11 +103,11 @@ def references(
     fine_dp_grid: int = 241,
 ) -> dict[str, Any]:
     """q* (M37, best-of-starts solve, truncated to the last K steps if given), p* (M36, M39) and the base's N-step
-    samples from ``ground_truth.toy_references`` (cached per process), with their distances and noise floors;
-    fine=True adds q*_100 (``ground_truth.toy_q_star_fine`` on a fine_steps grid; the CI test uses a cheaper
+    samples from ``toy.toy_references`` (cached per process), with their distances and noise floors;
+    fine=True adds q*_100 (``toy.toy_q_star_fine`` on a fine_steps grid; the CI test uses a cheaper
     60-step grid and a 121-point DP start)."""
     t0 = time.perf_counter()
-    R = GT.toy_references(name, n, seed, K)
+    R = toy.toy_references(name, n, seed, K)
     t_ref = time.perf_counter() - t0
     q, p, base = R["q_star"], R["p_star"], R["base"]
     out = {
@@ -117,29 +118,29 @@ def references(
         "base": base,
         "floor_q": R["q_floor"],
         "floor_p": R["p_floor"],
-        "base_to_q": GT.energy_distance(base, q),
-        "base_to_p": GT.energy_distance(base, p),
-        "q_to_p": GT.energy_distance(q, p),
+        "base_to_q": toy.energy_distance(base, q),
+        "base_to_p": toy.energy_distance(base, p),
+        "q_to_p": toy.energy_distance(q, p),
         "q_improved_by_aimed_start": R["q_info"]["improved"],
         "q_improved_by_start": R["q_info"]["improved_by_start"],
         "q_solve_s": t_ref,
         "reward_q": float(R["reward"](q).mean()),
         "reward_p": float(R["reward"](p).mean()),
         "reward_base": float(R["reward"](base).mean()),
-        "diversity_base": GT.diversity(base),
+        "diversity_base": diversity(base, FlattenFeatures()),
         # (M40) second yardstick: the base's own N-step Euler samples vs exact mixture samples
-        "base_gap": GT.energy_distance(base, R["exact"]),
-        "floor_exact": GT.expected_floor(R["exact"]),
+        "base_gap": toy.energy_distance(base, R["exact"]),
+        "floor_exact": toy.expected_floor(R["exact"]),
     }
     if fine:
         t0 = time.perf_counter()
-        F = GT.toy_q_star_fine(name, n, seed, fine_steps, fine_dp_grid)
+        F = toy.toy_q_star_fine(name, n, seed, fine_steps, fine_dp_grid)
         out.update(
             q_fine=F["q_star"],
             floor_q_fine=F["q_floor"],
-            q_fine_to_q=GT.energy_distance(F["q_star"], q),
-            q_fine_to_p=GT.energy_distance(F["q_star"], p),
-            base_to_q_fine=GT.energy_distance(base, F["q_star"]),
+            q_fine_to_q=toy.energy_distance(F["q_star"], q),
+            q_fine_to_p=toy.energy_distance(F["q_star"], p),
+            base_to_q_fine=toy.energy_distance(base, F["q_star"]),
             reward_q_fine=float(R["reward"](F["q_star"]).mean()),
             q_fine_solve_s=time.perf_counter() - t0,
         )
@@ -226,7 +227,7 @@ def _eval_noise(P: dict[str, Any], n: int, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_model(model, P: dict[str, Any], n: int, seed: int) -> torch.Tensor:
     """n inference samples: the deterministic N-step Euler sampler (M2) for every method."""
-    return GT.euler_sample(model, _eval_noise(P, n, seed), P["ts"].float()).double()
+    return sample_euler(model, _eval_noise(P, n, seed), P["ts"]).final.double()
 
 
 def evaluate(model, refs: dict[str, Any], n: int, seed: int) -> dict[str, float]:
@@ -238,13 +239,13 @@ def evaluate(model, refs: dict[str, Any], n: int, seed: int) -> dict[str, float]
     if not finite:
         return {**out, **{k: math.nan for k in keys}}
     out.update(
-        ed_q=GT.energy_distance(x, refs["q"]),
-        ed_p=GT.energy_distance(x, refs["p"]),
-        diversity=GT.diversity(x),
-        coverage=GT.mode_coverage(x, P["mixture"]),
+        ed_q=toy.energy_distance(x, refs["q"]),
+        ed_p=toy.energy_distance(x, refs["p"]),
+        diversity=diversity(x, FlattenFeatures()),
+        coverage=toy.mode_coverage(x, P["mixture"]),
     )
     if "q_fine" in refs:
-        out["ed_q_fine"] = GT.energy_distance(x, refs["q_fine"])
+        out["ed_q_fine"] = toy.energy_distance(x, refs["q_fine"])
     return out
 
 
@@ -252,12 +253,12 @@ def local_reference(model, refs: dict[str, Any], n: int, seed: int) -> dict[str,
     """q*_loc: L-BFGS (M37) from the model's own controls on the same x0 as its samples (module docstring)."""
     P = refs["problem"]
     x0 = _eval_noise(P, n, seed)
-    u, x_model = GT.model_controls(model, x0, P["ts"].float())
+    u, x_model = toy.model_controls(model, x0, P["ts"])
     if not bool(torch.isfinite(u).all()):
         return {"ed_loc": math.nan, "loc_to_q": math.nan}
-    _, x_loc, _ = GT.solve_optimal_controls(x0.double(), P["base_velocity"], P["reward"], P["lam"], P["ts"],
+    _, x_loc, _ = toy.solve_optimal_controls(x0.double(), P["base_velocity"], P["reward"], P["lam"], P["ts"],
                                             starts=(u.double(),))  # fmt: skip
-    return {"ed_loc": GT.energy_distance(x_model.double(), x_loc), "loc_to_q": GT.energy_distance(x_loc, refs["q"])}
+    return {"ed_loc": toy.energy_distance(x_model.double(), x_loc), "loc_to_q": toy.energy_distance(x_loc, refs["q"])}
 
 
 def run_method(name: str, refs: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
@@ -437,8 +438,8 @@ def truncation_comparison(refs: dict[str, Any], cfg: RunConfig, dam_result: dict
     name, P, K = refs["name"], refs["problem"], 3
     trunc = references(name, cfg.n_eval, K=K)
     lines = [
-        f"DAM truncation ({name}): ED(q*_3, q*) = {GT.energy_distance(trunc['q'], refs['q']):.4f}, "
-        f"ED(base, q*_3) = {GT.energy_distance(refs['base'], trunc['q']):.4f}, reward q*_3 "
+        f"DAM truncation ({name}): ED(q*_3, q*) = {toy.energy_distance(trunc['q'], refs['q']):.4f}, "
+        f"ED(base, q*_3) = {toy.energy_distance(refs['base'], trunc['q']):.4f}, reward q*_3 "
         f"{float(P['reward'](trunc['q']).mean()):.3f}",
         "",
         "| method | s/update | ED to q*_3 (K=3) | ED to q* (K=N) | ED to q*_3,own (paired mean dx) "
@@ -449,13 +450,12 @@ def truncation_comparison(refs: dict[str, Any], cfg: RunConfig, dam_result: dict
     results.append(("dam", dam_result if dam_result is not None else run_method("dam", refs, cfg)))
     ts, N = P["ts"], P["N"]
     for label, res in results:
-        x0 = _eval_noise(P, cfg.n_eval, cfg.seed)
-        x_mid = GT.euler_sample(res["model"], x0, ts[: N - K + 1].float()).double()  # own path, first N - K steps
-        _, x_own, _ = GT.solve_optimal_controls(x_mid, P["base_velocity"], P["reward"], P["lam"], ts[N - K :])
-        x = sample_model(res["model"], P, cfg.n_eval, cfg.seed)
+        path = sample_euler(res["model"], _eval_noise(P, cfg.n_eval, cfg.seed), ts).states.double()
+        x_mid, x = path[N - K], path[N]  # own path after the first N - K steps; the model's samples
+        _, x_own, _ = toy.solve_optimal_controls(x_mid, P["base_velocity"], P["reward"], P["lam"], ts[N - K :])
         lines.append(
-            f"| {label} | {res['s_per_update']:.4f} | {GT.energy_distance(x, trunc['q']):.4f} | "
-            f"{GT.energy_distance(x, refs['q']):.4f} | {GT.energy_distance(x, x_own):.4f} "
+            f"| {label} | {res['s_per_update']:.4f} | {toy.energy_distance(x, trunc['q']):.4f} | "
+            f"{toy.energy_distance(x, refs['q']):.4f} | {toy.energy_distance(x, x_own):.4f} "
             f"({float((x - x_own).norm(dim=1).mean()):.4f}) | {trunc['floor_q']:.4f} / {refs['floor_q']:.4f} | "
             f"{res['final']['reward']:.3f} |"
         )
@@ -470,10 +470,10 @@ def distill_capacity(name: str, cfg: RunConfig, n_train: int = 4000, steps: int 
     P = references(name, cfg.n_eval, seed=cfg.seed)["problem"]
     ts, N, vb = P["ts"], P["N"], P["base_velocity"]
     x0 = torch.randn(n_train, P["dim"], dtype=torch.float64, generator=torch.Generator().manual_seed(123))
-    u, _, _ = GT.solve_optimal_controls(x0, vb, P["reward"], P["lam"], ts)
-    xs = [x0]
+    u, _, _ = toy.solve_optimal_controls(x0, vb, P["reward"], P["lam"], ts)
+    xs = [x0]  # the q* paths
     for i in range(N):
-        xs.append(xs[-1] + (ts[i + 1] - ts[i]) * (vb(xs[-1], ts[i]) + u[:, i]))
+        xs.append(toy.controlled_euler(xs[-1], vb, ts[i : i + 2], u[:, i : i + 1]))
     X = torch.stack(xs[:-1]).reshape(-1, P["dim"]).float()
     T = ts[:-1, None].expand(N, n_train).reshape(-1).float()
     U = u.transpose(0, 1).reshape(-1, P["dim"]).float()
@@ -492,8 +492,8 @@ def distill_capacity(name: str, cfg: RunConfig, n_train: int = 4000, steps: int 
         loss.backward()
         opt.step()
         sched.step()
-    R = GT.toy_references(name, cfg.n_eval, cfg.seed)
-    ed = GT.energy_distance(sample_model(model, P, cfg.n_eval, cfg.seed), R["q_star"])
+    R = toy.toy_references(name, cfg.n_eval, cfg.seed)
+    ed = toy.energy_distance(sample_model(model, P, cfg.n_eval, cfg.seed), R["q_star"])
     return {"name": name, "ed_q": ed, "floor_q": R["q_floor"], "mse": float(loss.detach())}
 
 
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.updates:
         cfg.updates = args.updates
         cfg.eval_every = max(1, min(cfg.eval_every, args.updates))
-    rewards = args.rewards.split(",") if args.rewards else GT.toy_settings(args.dim)
+    rewards = args.rewards.split(",") if args.rewards else toy.toy_settings(args.dim)
     methods = args.methods.split(",")
     if args.distill:
         print("| setting | distilled q* control: ED to q* | floor q* | ratio | final MSE |\n|---|---|---|---|---|")
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + report)
     if args.out:
         used = sys.argv[1:] if argv is None else argv
-        command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *used])
+        command = "python -m benchmarks.toy_alignment " + " ".join(shlex.quote(a) for a in used)
         with open(args.out, "w") as f:
             f.write(
                 f"# Toy alignment with ground truth ({args.dim}-D)\n\nCommand (CPU, one thread; "

@@ -7,7 +7,7 @@ references at n = 400 samples (``benchmarks.toy_alignment.references``):
 - q*_fine, q* of a finer grid (60 steps here, 100 in the long run): VGG-Flow learns the continuous-time value
   gradient (M11-M14), whose fixed point is q* only up to O(h) (M37), and on this toy h |J_vbase| is not small where
   the base flow splits between modes: q*_fine and q* are 0.1-1.1 apart (10-400 noise floors), so VGG-Flow is held to
-  q*_fine (``ground_truth.toy_q_star_fine``);
+  q*_fine (``benchmarks.toy.toy_q_star_fine``);
 - p* (M36, M39), the fixed point of memoryless AM.
 
 (a) VGG-Flow ('fd' on linear and quad, 'exact' on quad) and DAM (linear, quad) end within a fraction of the base's

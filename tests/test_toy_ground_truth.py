@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 
-from flowkern.metrics.ground_truth import (
+from benchmarks.toy import (
     TOY_SETTINGS,
     GridDP2D,
     aimed_start,
+    controlled_euler,
     discretization_gap,
-    diversity,
     energy_distance,
-    euler_sample,
     expected_floor,
     mode_coverage,
     mode_masses,
@@ -28,9 +27,9 @@ from flowkern.metrics.ground_truth import (
     toy_problem,
     toy_q_star_fine,
     toy_settings,
-    uniform_grid,
     w2_bound_diagnostic,
 )
+from flowkern.metrics.diversity import FlattenFeatures, diversity
 from flowkern.models.base import FlowModel
 from flowkern.models.toy import (
     BumpReward,
@@ -41,6 +40,7 @@ from flowkern.models.toy import (
     ResidualMLP,
     make_toy_model,
 )
+from flowkern.sampling import sample_euler, uniform_grid
 
 F64 = torch.float64
 
@@ -141,7 +141,7 @@ def test_euler_flow_transports_noise_to_the_mixture():
     mix = GaussianMixture.ring()
     v = GaussianMixtureVelocity(mix)
     n = 1500
-    xs = euler_sample(v, torch.randn(n, 2, dtype=F64, generator=_gen(5)), uniform_grid(400))
+    xs = sample_euler(v, torch.randn(n, 2, dtype=F64, generator=_gen(5)), uniform_grid(400)).final
     ref = mix.sample(n, _gen(6))
     assert energy_distance(xs, ref) < 2.5 * expected_floor(ref)
 
@@ -342,7 +342,7 @@ def test_best_of_starts_on_the_bump():
     assert _lean_adjoint_kkt(v, reward, lam, ts, x0[ok], u[ok]).max() < 1e-5
     # the pull-back aimed start realises a path that ends exactly at its target
     ua = aimed_start(x0[:5], v, ts, torch.tensor([4.0, 0.0], dtype=F64), ramp=5)
-    assert torch.allclose(euler_sample(v, x0[:5], ts, ua), torch.tensor([[4.0, 0.0]], dtype=F64), atol=1e-6)
+    assert torch.allclose(controlled_euler(x0[:5], v, ts, ua), torch.tensor([[4.0, 0.0]], dtype=F64), atol=1e-6)
 
 
 # ---- yardsticks and diagnostics (M40, M41) ---------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_discretization_gap_mode_coverage_diversity():
     assert mode_coverage(exact, mix) == 1.0
     one = mix.means[0] + 0.4 * torch.randn(500, 2, dtype=F64, generator=_gen(30))
     assert mode_coverage(one, mix) == 1 / 8
-    assert diversity(one) < diversity(exact)
+    assert diversity(one, FlattenFeatures()) < diversity(exact, FlattenFeatures())
     _, off = mode_masses(torch.zeros(10, 2, dtype=F64), mix)
     assert off == 1.0
 
@@ -416,7 +416,7 @@ def test_8d_setting_references_are_distinct_and_q_star_is_the_dam_fixed_point():
         assert _lean_adjoint_kkt(v, reward, lam, ts, x0[ok], u[ok]).max() < 1e-5
         m = 2000  # p* and base are cheap: large sets, so the floor is set by the n q* samples
         xp = sample_tilted(mix, reward, lam, m, _gen(42))
-        xb = euler_sample(v, torch.randn(m, 8, dtype=F64, generator=_gen(43)), ts)
+        xb = sample_euler(v, torch.randn(m, 8, dtype=F64, generator=_gen(43)), ts).final
         floor = expected_floor(xq, n, m)
         assert energy_distance(xq, xp) > 3 * floor  # the references can tell the methods apart
         assert energy_distance(xb, xq) > 3 * floor
@@ -438,8 +438,8 @@ def test_model_controls_reproduce_the_path_and_start_the_solver():
     x0 = torch.randn(50, 2, dtype=F64, generator=_gen(45))
     u, x_end = model_controls(model, x0, P["ts"])
     assert u.shape == (50, P["N"], 2) and u.abs().max() > 0
-    torch.testing.assert_close(euler_sample(P["base_velocity"], x0, P["ts"], u), x_end)
-    torch.testing.assert_close(euler_sample(model, x0, P["ts"]), x_end)
+    torch.testing.assert_close(controlled_euler(x0, P["base_velocity"], P["ts"], u), x_end)
+    torch.testing.assert_close(sample_euler(model, x0, P["ts"]).final, x_end)
     lam, ts = P["lam"], P["ts"]
     J_model = (lam * 0.5 * (u**2).sum(-1) * (ts[1:] - ts[:-1])).sum(-1) - P["reward"](x_end)
     _, _, info = solve_optimal_controls(x0, P["base_velocity"], P["reward"], lam, ts, starts=(u,))

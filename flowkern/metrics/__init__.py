@@ -1,1 +1,2 @@
-"""Metrics (L6): ground-truth references and distances for the toy (math.md section 10)."""
+"""Metrics (L6): diversity and prior preservation of generated samples (``diversity``). The toy's ground-truth
+references and distances are research code and live in ``benchmarks/toy/``."""

@@ -127,11 +127,11 @@ def _features(x: torch.Tensor, extractor: FeatureExtractor | None, name: str) ->
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
-    """Row-wise distances of two [n, F] feature sets: Euclidean, or cosine distance 1 - cos."""
+    """Distances along the last dim of two broadcastable feature tensors [..., F]: Euclidean, or 1 - cos."""
     if metric == "l2":
-        return (a - b).norm(dim=1)
+        return (a - b).norm(dim=-1)
     if metric == "cosine":
-        return 1 - F.cosine_similarity(a, b, dim=1, eps=1e-12)
+        return 1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
@@ -153,8 +153,13 @@ def diversity(samples: torch.Tensor, extractor: FeatureExtractor | None = None, 
     b = feats.shape[0]
     if b < 2:
         raise ValueError(f"diversity needs at least 2 samples, got {b}")
-    i, j = torch.triu_indices(b, b, offset=1)
-    return float(_distance(feats[i], feats[j], metric).mean())
+    # blocks of rows against all rows, at most ~2^22 feature differences alive at once (B in the thousands)
+    rows = max(1, (1 << 22) // (b * feats.shape[1]))
+    total = torch.zeros((), dtype=torch.float64, device=feats.device)
+    for s in range(0, b, rows):
+        block = _distance(feats[s : s + rows, None], feats[None], metric)  # [rows, B]
+        total += torch.triu(block, diagonal=s + 1).sum(dtype=torch.float64)  # pairs i < j only
+    return float(total / (b * (b - 1) / 2))
 
 
 def prior_preservation(
