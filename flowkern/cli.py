@@ -480,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _one_line(args.command, f"out of memory ({err}): lower --batch-size or --eval-samples")
         raise  # an internal error: the traceback is the report
     except KeyboardInterrupt:
-        print(f"flowkern {args.command}: interrupted", file=sys.stderr)
+        hint = " (the checkpoints written so far are intact: continue with --resume)" if args.command == "train" else ""
+        print(f"flowkern {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

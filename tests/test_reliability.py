@@ -25,19 +25,11 @@ from safetensors.torch import load_file
 from flowkern.cli import main
 from flowkern.train import checkpoint as ck
 from flowkern.train import latest_checkpoint, load_checkpoint, lock, save_checkpoint
-from tests.test_checkpoint import assert_equal_nested, build, comparable, entries
+from tests.test_checkpoint import _one_thread, assert_equal_nested, build, comparable, entries  # noqa: F401
 from tests.test_cli import TOY, one_error_line, run, tree
 
 KILLED = 86  # exit status of a child ended at a fault point
 RUN = [*TOY, "--checkpoint-every", "1", "--keep-checkpoints", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fork(job, point: str | None = None, occurrence: int = 1) -> int:
@@ -524,3 +516,23 @@ def test_a_local_looking_path_is_not_tried_on_the_hub(tmp_path, capsys, monkeypa
     one_error_line(err, "someone/model is not a local directory", "offline")
     assert time.perf_counter() - start < 10  # no hub retries (they took 33 s)
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_a_checkpoint_of_the_previous_format_still_resumes(straight, tmp_path, capsys):
+    """State version 1 (flowkern before strict resume: no recorded settings or options) resumes: the config is
+    compared, the options come from run_config.json."""
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    for step in ("step-00000003", "step-00000004"):
+        path = out / "checkpoints" / step
+        state = ck.read_state(path)
+        del state["settings"], state["run_info"]
+        state["version"] = 1
+        shutil.rmtree(path)
+        ck.write_state(state, out / "checkpoints", int(step[5:]))
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", "4", "--no-progress")
+    assert rc == 0, err
+    (out / "checkpoints" / "step-00000004").rename(out / "checkpoints" / "step-00000004.old-format")
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", "4", "--no-progress")
+    assert rc == 0, err
+    assert_equal_nested(outputs(straight), outputs(out))

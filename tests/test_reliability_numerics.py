@@ -17,6 +17,7 @@ import torch
 from flowkern.methods import AdjointMatching, DRaFT, ReFL, SmallValueNet, VGGFlow, flow_callables
 from flowkern.models.toy import GaussianMixture, make_toy_model
 from flowkern.train import TrainConfig, Trainer
+from tests.test_checkpoint import _one_thread, assert_equal_nested  # noqa: F401 (_one_thread: autouse fixture)
 
 METHODS = ("vggflow", "dam", "am", "refl", "draft")
 VALUE_POISONS = {"reward_nan": math.nan, "reward_+inf": math.inf, "reward_-inf": -math.inf}
@@ -100,29 +101,6 @@ def snapshot(trainer: Trainer) -> dict:
     }
 
 
-def assert_same(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}/{i}")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cases():
     for name in METHODS:
         for poison in (*VALUE_POISONS, *GRADIENT_POISONS):
@@ -148,7 +126,8 @@ def test_poisoned_update_is_skipped_or_bounded(name, poison, caplog):
     if metrics["skipped"]:
         step, reason = trainer.skipped[-1]
         assert step == 1 and reason.startswith("non-finite") and reason in caplog.text
-        assert_same({k: v for k, v in before.items() if k != "data"}, {k: v for k, v in after.items() if k != "data"})
+        untouched = lambda snap: {k: v for k, v in snap.items() if k != "data"}  # noqa: E731
+        assert_equal_nested(untouched(before), untouched(after))
         assert torch.equal(after["data"], twin.generator.get_state())  # fresh x0 next time, nothing else moved
         assert all(p.grad is None for params in trainer.param_groups.values() for p in params)
     else:
@@ -185,13 +164,13 @@ def test_an_update_that_raises_leaves_the_trainer_as_before(name):
     step, history = trainer.step, len(trainer.history)
     with pytest.raises(RuntimeError, match="injected"):
         trainer.train_step()
-    assert_same(before, snapshot(trainer))  # data stream included: the failed update is as if never started
+    assert_equal_nested(before, snapshot(trainer))  # data stream included: the failed update is as if never started
     assert trainer.step == step and len(trainer.history) == history
     assert getattr(wrapped.method, "_pending_norms", []) == []  # (M9) no norms of the failed update queued
     wrapped.fail = False  # the retried update is the update an uninterrupted run makes
     a, b = trainer.train_step(), twin.train_step()
     assert a["reward_mean"] == b["reward_mean"] and a["loss"] == b["loss"]
-    assert_same(snapshot(trainer)["weights"], snapshot(twin)["weights"])
+    assert_equal_nested(snapshot(trainer)["weights"], snapshot(twin)["weights"])
 
 
 @pytest.mark.xfail(
