@@ -479,6 +479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "can't allocate memory" in str(err) or isinstance(err, _out_of_memory_error()):
             return _one_line(args.command, f"out of memory ({err}): lower --batch-size or --eval-samples")
         raise  # an internal error: the traceback is the report
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError" and "os error" in str(err):  # a write failed (disk full)
+            return _one_line(args.command, str(err))
+        raise
     except KeyboardInterrupt:
         hint = " (the checkpoints written so far are intact: continue with --resume)" if args.command == "train" else ""
         print(f"flowkern {args.command}: interrupted{hint}", file=sys.stderr)

@@ -365,6 +365,33 @@ def test_disk_full_during_a_save_is_one_line_and_resumable(straight, tmp_path, c
     assert_equal_nested(outputs(straight), outputs(out))
 
 
+def test_file_size_limit_during_a_save_is_one_line_and_resumable(straight, tmp_path, capsys):
+    """The real thing, not a mock: RLIMIT_FSIZE set while the third checkpoint is written, so safetensors' writer
+    fails with EFBIG (as with a full disk: its own error type, not an OSError) in a forked child."""
+    import resource
+
+    out, stderr = tmp_path / "run", tmp_path / "stderr.txt"
+    saves = []
+
+    def limit(point: str) -> None:
+        saves.append(point == "save:tmp-created")
+        if sum(saves) == 3 and point == "save:tmp-created":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    def job():
+        ck.fault_hook = limit
+        with open(stderr, "w") as err, contextlib.redirect_stderr(err):
+            rc = main(["train", *RUN, "--steps", "4", "--out", str(out)])
+        os._exit(rc)
+
+    assert reap(fork(job)) == 2
+    one_error_line(stderr.read_text(), "File too large", "step-00000003", "step-00000002 is intact")
+    assert entries(out / "checkpoints") == ["step-00000001", "step-00000002"]
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--no-progress")
+    assert rc == 0, err
+    assert_equal_nested(outputs(straight), outputs(out))
+
+
 def test_internal_error_shows_a_traceback_and_leaves_a_resumable_run(straight, tmp_path, capsys, monkeypatch):
     from flowkern.train import Trainer
 

@@ -435,11 +435,13 @@ def _save(trainer, checkpoints: Path, keep: int) -> None:
         if err.errno is None:
             raise
         newest = list_checkpoints(checkpoints)
-        kept = f"{newest[-1]} is intact" if newest else "there is no earlier checkpoint"
+        if newest:
+            then = f"{newest[-1]} is intact; free the space and continue with --resume"
+        else:
+            then = "no earlier checkpoint; free the space and start again"
         raise OSError(
             err.errno,
-            f"cannot write checkpoint step-{trainer.step:08d} in {checkpoints}: {err.strerror or err} ({kept}; free "
-            "the space and continue with --resume)",
+            f"cannot write checkpoint step-{trainer.step:08d} in {checkpoints}: {err.strerror or err} ({then})",
         ) from err
 
 

@@ -136,10 +136,8 @@ def _write(run_dir: Path, name: str, tensors: dict, document: Any, counters: dic
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{os.getpid()}-", dir=run_dir))
     old = None
     try:
-        from safetensors.torch import save_file
-
         _reached("save:tmp-created")
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        _save_tensors(tensors, tmp / TENSORS_FILE)
         _fsync_file(tmp / TENSORS_FILE)
         _reached("save:tensors-written")
         _write_json(tmp / STATE_FILE, document)
@@ -165,6 +163,22 @@ def _write(run_dir: Path, name: str, tensors: dict, document: Any, counters: dic
     if old is not None:
         _discard(run_dir, old, "resave:old")
     return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """safetensors' writer; its I/O errors (a full disk, a file-size limit) become the OSError they are."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(file), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+    except OSError:
+        raise
+    except Exception as err:  # SafetensorError "Error while serializing: I/O error: ... (os error 28)"
+        match = re.search(r"os error (\d+)", str(err))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(file)) from err
 
 
 def _discard(run_dir: Path, path: Path, point: str) -> None:
