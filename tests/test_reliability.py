@@ -554,7 +554,7 @@ def test_a_checkpoint_of_the_previous_format_still_resumes(straight, tmp_path, c
         path = out / "checkpoints" / step
         state = ck.read_state(path)
         del state["settings"], state["run_info"]
-        state["version"] = 1
+        state["version"], state["config"]["extra"] = 1, {}
         shutil.rmtree(path)
         ck.write_state(state, out / "checkpoints", int(step[5:]))
     rc, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", "4", "--no-progress")

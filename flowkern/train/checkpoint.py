@@ -308,7 +308,7 @@ def _newest_valid(dirs: list[tuple[int, Path]]) -> Path | None:
     return next((path for _, path in reversed(dirs) if _marker_problem(path) is None), None)
 
 
-def is_checkpoint_dir(path: Path) -> bool:
+def _is_checkpoint_dir(path: Path) -> bool:
     """A checkpoint directory (rather than a run directory of them)."""
     names = (MARKER_FILE, TENSORS_FILE, STATE_FILE)
     return any((path / f).exists() for f in names) or bool(_STEP_DIR.match(path.name) or _OLD_DIR.match(path.name))
@@ -324,7 +324,7 @@ def read_newest(
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"checkpoint path {str(path)!r} is not a directory")
-    if is_checkpoint_dir(path):
+    if _is_checkpoint_dir(path):
         return path, read_state(path, tensors=tensors)
     recover(path)
     dirs = _checkpoint_dirs(path)

@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["LOCK_FILE", "RunDirectoryBusy", "hold", "holds", "try_hold"]
+__all__ = ["LOCK_FILE", "RunDirectoryBusy", "hold", "try_hold"]
 
 LOCK_FILE = ".flowkern-lock"
 
@@ -132,8 +132,3 @@ def try_hold(directory: str | os.PathLike) -> Iterator[bool]:
     finally:
         if holder is None:
             _release(directory)
-
-
-def holds(directory: str | os.PathLike) -> bool:
-    """Whether this process holds ``directory``'s lock."""
-    return _lock_path(directory) in _held

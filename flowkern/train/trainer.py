@@ -519,19 +519,21 @@ class Trainer:
     def _compare_settings(self, state: dict[str, Any], allow_changes: set[str]) -> None:
         current = self.settings()
         saved = state.get("settings")
-        if not isinstance(saved, dict):  # version 1 recorded the TrainConfig only
+        if not isinstance(saved, dict):  # version 1 recorded the TrainConfig only: compare what it recorded
             saved = {}
             for key, value in (state.get("config") or {}).items():
                 if key not in UNCOMPARED_CONFIG:
                     _flatten(f"config.{key}", value, saved)
-            current = {k: v for k, v in current.items() if k.startswith("config.")}
+            current = {k: v for k, v in current.items() if k in saved}
             if self.processes.is_main:
-                log.warning("flowkern.train: an old checkpoint (no recorded method/model settings): only the config "
-                            "is compared")  # fmt: skip
+                log.warning("flowkern.train: a version-1 checkpoint records no method or model settings: only its "
+                            "TrainConfig is compared")  # fmt: skip
         changed = [k for k in sorted(saved.keys() | current.keys()) if saved.get(k, _ABSENT) != current.get(k, _ABSENT)]
         refused = [k for k in changed if k not in allow_changes]
-        describe = lambda keys: "; ".join(f"{k}: {_show(saved.get(k, _ABSENT))} -> {_show(current.get(k, _ABSENT))}"
-                                          for k in keys)  # fmt: skip
+
+        def describe(keys: list[str]) -> str:
+            return "; ".join(f"{k}: {_show(saved.get(k, _ABSENT))} -> {_show(current.get(k, _ABSENT))}" for k in keys)
+
         if refused:
             raise ValueError(
                 f"settings differ from the checkpoint's ({describe(refused)}): a resumed run must keep them "
@@ -588,8 +590,6 @@ def save_checkpoint(trainer: Trainer, directory: str | os.PathLike, *, keep_last
     (None or 0 keeps all). With ``accelerate`` every process must call this (the RNG states are gathered); only the
     main process writes (holding the directory's lock), the others return the same path once it is written.
     """
-    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
-        raise ValueError(f"keep_last must be None or an int >= 0, got {keep_last!r}")
     state = trainer.state_dict()  # collective under accelerate
     final = Path(directory) / f"step-{trainer.step:08d}"
     if trainer.processes.is_main:
