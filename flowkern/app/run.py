@@ -327,7 +327,7 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
     if origin is dict:
         return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-    return isinstance(value, hint)
+    return isinstance(value, origin or hint)  # other generics (tuple[...]): the container type
 
 
 def _describe(hint: Any) -> str:
