@@ -1,8 +1,10 @@
 """The ``flowkern`` command: ``demo``, ``train``, ``eval``, ``plot``, ``bench`` (layer L6).
 
-Bad input (unknown method or reward, a missing model directory, a corrupt or incompatible checkpoint, an
-unwritable output directory, out-of-range numbers) ends with one line on stderr, ``flowkern <command>: error:
-...``, and exit status 2, before anything is written.
+Bad input (unknown method or reward, a missing or damaged model directory, a corrupt or incompatible checkpoint,
+an unwritable output directory, out-of-range numbers, a setting of the wrong type, a flag with no effect) and the
+environment (a full disk, a run directory in use by another process, out of memory) end with one line on stderr,
+``flowkern <command>: error: ...``, and exit status 2, leaving the run directory consistent (resumable). Unexpected
+internal errors show their traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ examples:
       --reward-source aesthetic=openai/clip-vit-large-patch14,aesthetic_head.pth --precision bf16 --out runs/sd3
   flowkern train --config run.json --steps 800          # flags override the file's values
   flowkern train --out runs/tiny --resume --steps 200   # continue bit-exactly from the last checkpoint
+                                                        # (with the settings it recorded)
   accelerate launch --multi_gpu --num_processes 8 -m flowkern train ...   # data parallel, 8 GPUs
 
 --config FILE is JSON: {"model": "tiny", "method": "dam", "reward": ["redness:1.0"], "beta": 300, ...}
@@ -80,7 +83,7 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _int_min(minimum: int):
+def _int_min(minimum: int, maximum: int = 2**31 - 1):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -88,6 +91,8 @@ def _int_min(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     parse.__name__ = f"int>={minimum}"
@@ -115,6 +120,10 @@ def _reward_source(text: str) -> tuple[str, list[str]]:
 
 def _build_parser() -> argparse.ArgumentParser:
     from flowkern.app.build import IMAGE_REWARDS, METHOD_HELP, METHODS, TOY_REWARDS
+    from flowkern.app.run import CHANGEABLE
+    from flowkern.train.config import MAX_SEED
+
+    seed = _int_min(0, MAX_SEED)
 
     parser = _Parser(
         prog="flowkern",
@@ -149,7 +158,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-steps", type=_int_min(1), default=10, help="Euler sampling steps")
     demo.add_argument("--reward", choices=IMAGE_REWARDS, default="redness", help="the reward to maximise")
     demo.add_argument("--eval-samples", type=_int_min(2), default=16, help="fixed-seed samples for the metrics")
-    demo.add_argument("--seed", type=_int_min(0), default=0)
+    demo.add_argument("--seed", type=seed, default=0)
     demo.add_argument("--model", default="tiny", help="'tiny' (shipped) or a directory in its format")
     demo.add_argument("--threads", type=_int_min(1), default=1, help="torch CPU threads (the tiny model needs one)")
     demo.add_argument("--fast", action="store_true", help="a few tiny updates (the CI smoke test, ~10 s)")
@@ -218,11 +227,30 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=_int_min(1), default=S, help="micro-batches per update [1]")
     g.add_argument("--lr", type=_positive_float, default=S, help="learning rate of the LoRA [5e-4]")
     g.add_argument("--value-lr", type=_positive_float, default=S, help="learning rate of the value net [= lr]")
-    g.add_argument("--seed", type=_int_min(0), default=S, help="[0]")
+    g.add_argument("--seed", type=seed, default=S, help="[0]")
     g = train.add_argument_group("run directory")
     g.add_argument("--out", default=S, help="run directory [runs/flowkern]")
     g.add_argument("--config", metavar="FILE", help="JSON file of settings; flags given here override it")
-    g.add_argument("--resume", action="store_true", default=S, help="continue from the run's last checkpoint")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        default=S,
+        help="continue from the run's newest checkpoint, with the settings recorded in it (flags given must match)",
+    )
+    g.add_argument(
+        "--allow-change",
+        action="append",
+        choices=tuple(CHANGEABLE),
+        metavar="NAME",
+        default=S,
+        help=f"with --resume: let this setting differ from the checkpoint's ({', '.join(CHANGEABLE)}; repeatable)",
+    )
+    g.add_argument(
+        "--skip-damaged-checkpoint",
+        action="store_true",
+        default=S,
+        help="with --resume: if the newest checkpoint is damaged, set it aside and resume from the previous one",
+    )
     g.add_argument("--overwrite", action="store_true", default=S, help="replace an existing run in --out")
     g.add_argument(
         "--checkpoint-every", type=_int_min(0), default=S, help="updates between checkpoints, 0: end only [50]"
@@ -250,7 +278,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompt", action="append", default=[], help="prompt(s) (SD3)")
     ev.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line")
     ev.add_argument("--samples", type=_int_min(2), default=32, help="number of samples")
-    ev.add_argument("--seed", type=_int_min(0), default=1234, help="noise seed")
+    ev.add_argument("--seed", type=seed, default=1234, help="noise seed")
     ev.add_argument("--num-steps", type=_int_min(1), help="Euler sampling steps [model's own]")
     ev.add_argument("--guidance-scale", type=_positive_float, help="CFG scale [model's own]")
     ev.add_argument("--resolution", type=_int_min(1))
@@ -312,25 +340,27 @@ def _load_config(path: str) -> dict:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"--config file {path}: unknown setting(s) {unknown}")
-    if isinstance(data.get("reward"), str):
-        data["reward"] = [data["reward"]]
-    if isinstance(data.get("prompt"), str):
-        data["prompt"] = [data["prompt"]]
-    return data
+    if "prompts" in data and not isinstance(data["prompts"], str):
+        raise ValueError(f"--config file {path}: prompts must be a file name (a string), got {data['prompts']!r}")
+    return data  # types are checked by TrainOptions.check
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from flowkern.app.run import TrainOptions, train_run
+    from flowkern.app.run import TrainOptions, saved_options, train_run
 
     values = _load_config(args.config) if args.config else {}
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "no_progress", "handler")}
+    if "reward_source" in given:  # from flags: [(name, [paths])]
+        given["reward_source"] = {name: paths for name, paths in given["reward_source"]}
     values.update(given)
-    prompts_file = values.pop("prompts", None)
-    values["prompt"] = list(values.get("prompt") or []) + _read_prompts(prompts_file)
-    sources = values.get("reward_source") or {}
-    if isinstance(sources, list):  # from flags: [(name, [paths])]
-        sources = {name: paths for name, paths in sources}
-    values["reward_source"] = sources
+    prompts = _read_prompts(values.pop("prompts", None))
+    if prompts:
+        prompt = values.get("prompt") or []
+        values["prompt"] = ([prompt] if isinstance(prompt, str) else prompt) + prompts
+    if values.get("resume") is True:  # the run's recorded settings; what is given here must match them
+        skip = bool(values.get("skip_damaged_checkpoint"))
+        saved, _ = saved_options(values.get("out", TrainOptions.out), skip_damaged=skip)
+        values = {**saved, **values}
     opts = TrainOptions(**values)
     opts.progress = opts.progress and not args.no_progress
     train_run(opts)
@@ -441,10 +471,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
-        message = " ".join(str(err).split())  # one line
-        print(f"flowkern {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:  # bad input, or the environment (files, a full disk, a busy run directory)
+        return _one_line(args.command, str(err))
+    except MemoryError as err:
+        return _one_line(args.command, f"out of memory ({err}): lower --batch-size or --eval-samples")
+    except RuntimeError as err:
+        if "can't allocate memory" in str(err) or isinstance(err, _out_of_memory_error()):
+            return _one_line(args.command, f"out of memory ({err}): lower --batch-size or --eval-samples")
+        raise  # an internal error: the traceback is the report
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError" and "os error" in str(err):  # a write failed (disk full)
+            return _one_line(args.command, str(err))
+        raise
     except KeyboardInterrupt:
-        print(f"flowkern {args.command}: interrupted", file=sys.stderr)
+        hint = " (the checkpoints written so far are intact: continue with --resume)" if args.command == "train" else ""
+        print(f"flowkern {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+def _one_line(command: str, message: str) -> int:
+    print(f"flowkern {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _out_of_memory_error() -> type:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)

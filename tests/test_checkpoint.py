@@ -73,6 +73,11 @@ def assert_equal_nested(a, b, where="state"):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+def entries(run_dir: Path) -> list[str]:
+    """What a run directory holds, besides its lock file."""
+    return sorted(name for name in os.listdir(run_dir) if name != ck.lock.LOCK_FILE)
+
+
 def comparable(trainer: Trainer) -> dict:
     """The trainer's whole state minus wall-clock times."""
     state = trainer.state_dict()
@@ -183,8 +188,14 @@ def test_corrupt_checkpoint_is_refused(saved, tmp_path, corrupt):
     with pytest.raises(ValueError, match=message):
         load_checkpoint(trainer, path)
     assert_equal_nested(before, comparable(trainer))
-    if message != "incomplete":
-        assert latest_checkpoint(tmp_path) == (None if message == "version" else path)  # marker-only check
+    if message in ("incomplete", "version"):  # the marker says so: the newest checkpoint is damaged, never skipped
+        with pytest.raises(ck.DamagedCheckpoint, match=message):
+            latest_checkpoint(tmp_path)
+        assert latest_checkpoint(tmp_path, skip_damaged=True) is None
+    else:
+        assert latest_checkpoint(tmp_path) == path  # marker-only check; the load verifies the files
+    with pytest.raises(ck.DamagedCheckpoint, match=message):  # through the run directory: named, not skipped
+        load_checkpoint(trainer, tmp_path)
 
 
 @pytest.mark.parametrize("make", [lambda: build("am", hidden=32), lambda: build("vggflow")])
@@ -214,20 +225,21 @@ def test_run_dir_resolution_and_pruning(tmp_path):
     trainer = build("am")
     trainer.train(5, checkpoint_dir=str(tmp_path), checkpoint_every=2, keep_checkpoints=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
-    assert sorted(os.listdir(tmp_path)) == ["step-00000004", "step-00000005"]  # no temp or trash left
+    assert entries(tmp_path) == ["step-00000004", "step-00000005"]  # no temp or trash left
     again = save_checkpoint(trainer, tmp_path)  # re-saving a step swaps the directory
-    assert again == latest_checkpoint(tmp_path) and sorted(os.listdir(tmp_path))[-1] == "step-00000005"
+    assert again == latest_checkpoint(tmp_path) and entries(tmp_path)[-1] == "step-00000005"
     fresh = build("am")
     load_checkpoint(fresh, again)
     assert fresh.step == 5 and fresh.updates == 5
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(trainer, tmp_path, keep_last=-1)
-    # a writer killed between the two renames of a re-save: the next save puts the moved-aside directory back
+    # a writer killed between the two renames of a re-save: every reader first puts the moved-aside step back
     os.replace(tmp_path / "step-00000005", tmp_path / ".old-step-00000005-999")
-    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000005"
+    assert entries(tmp_path) == ["step-00000004", "step-00000005"]
     trainer.train(1)
     save_checkpoint(trainer, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["step-00000004", "step-00000005", "step-00000006"]
+    assert entries(tmp_path) == ["step-00000004", "step-00000005", "step-00000006"]
     load_checkpoint(fresh, tmp_path / "step-00000005")
     assert fresh.step == 5
 
@@ -307,8 +319,7 @@ def test_sigkill_during_saves(tmp_path):
     reference = build("am")
     reference.train(1)
     assert_equal_nested(comparable(reference), comparable(resumed))
-    save_checkpoint(resumed, stalled_run)  # the next save clears the dead writer's temp directory
-    assert sorted(os.listdir(stalled_run)) == ["step-00000001"]
+    assert entries(stalled_run) == ["step-00000001"]  # the reader cleared the dead writer's temp directory
 
     # random kill: the newest complete checkpoint loads, whatever the writer was doing
     latest = latest_checkpoint(loop_run)

@@ -78,3 +78,70 @@ def test_layers_import_only_downward():
                 if b > a:
                     violations.append(f"{mod} imports {imp} (L6 order is cli -> train -> metrics)")
     assert not violations, "\n".join(violations)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """flowkern module -> the flowkern modules it imports (any import, lazy or under TYPE_CHECKING, counts;
+    ``from package import submodule`` is an edge to the submodule, a package's __init__ is a module of its own)."""
+    modules = {module_name(path): path for path in ROOT.rglob("*.py")}
+    graph = {}
+    for mod, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name in modules)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    if sub in modules:
+                        edges.add(sub)
+                    elif node.module in modules:
+                        edges.add(node.module)
+        edges.discard(mod)
+        graph[mod] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or around a loop, inside a layer or across layers (e.g. the trainer
+    and its checkpoint code: checkpoint stores a plain state dict and imports nothing of the trainer)."""
+    graph = import_graph()
+    assert "flowkern.train.checkpoint" in graph["flowkern.train.trainer"]  # the graph sees the real imports
+    assert not import_cycles(graph), import_cycles(graph)
+
+
+def test_cycle_detection_finds_a_loop():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"trainer": {"checkpoint"}, "checkpoint": {"trainer"}}) == [["checkpoint", "trainer"]]

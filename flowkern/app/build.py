@@ -238,6 +238,9 @@ def resolve_model(spec: str) -> tuple[str, str]:
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and "\\" not in spec
     if not looks_like_hub_id:
         raise FileNotFoundError(f"model directory {spec} does not exist")
+    owner = spec.split("/")[0]
+    if Path(owner).is_dir():  # `runs/mdl` next to a local runs/: a mistyped local path, not a hub id
+        raise FileNotFoundError(f"model directory {spec} does not exist ({owner}/ is a local directory)")
     return _hub_kind(spec), spec
 
 
@@ -264,17 +267,97 @@ def _read_json(path: Path) -> dict:
 
 
 def _hub_kind(repo: str) -> str:
-    try:
-        from diffusers import DiffusionPipeline
+    """The model kind of hub repository ``repo``, failing fast (one line, no retries) when the hub cannot answer."""
+    from huggingface_hub import constants, model_info
 
-        config = DiffusionPipeline.load_config(repo)
+    where = f"--model {repo} is not a local directory"
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{where}, and the hub is offline (HF_HUB_OFFLINE): a hub id cannot be looked up")
+    try:
+        model_info(repo, timeout=10)  # one request: an unknown repo or no network answers at once
+    except Exception as err:
+        raise FileNotFoundError(f"{where}, nor a model on the hub ({_first_line(err)})") from None
+    try:
+        with _quiet_hub():
+            from diffusers import DiffusionPipeline
+
+            config = DiffusionPipeline.load_config(repo)
     except Exception as err:  # offline, unknown repo, gated: say so in one line
-        raise ValueError(f"cannot read the model index of {repo!r} from the hub: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot read the model index of {repo!r} from the hub: {_first_line(err)}") from None
     entry = config.get("transformer")
     cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
     if cls not in CLASS_NAMES:
         raise ValueError(f"{repo} has transformer {cls}; supported: {sorted(CLASS_NAMES)}")
     return CLASS_NAMES[cls]
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub / diffusers warnings and retry messages off (the error, if any, is reported in one line)."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "diffusers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- model directories: complete and readable?
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def check_model_directory(path: Path, kind: str) -> None:
+    """ValueError naming the file for a model directory that cannot load: a missing config or weights file, a
+    truncated or corrupt safetensors file (its header and size; safetensors has no checksum of the tensor bytes).
+    Checked before diffusers runs (which would fall back to pickled weights, print and raise a multi-line error)."""
+    components = ["transformer"] if kind == "tiny" else ["transformer", "vae"]
+    if kind == "tiny":
+        _read_json(path / TINY_INFO)
+        check_safetensors(path / "prompts.safetensors")
+    for name in components:
+        folder = path / name
+        if kind != "tiny" and not folder.is_dir():
+            continue  # a bare transformer or a pipeline without vae/: the loader says what is needed
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model directory {path} is incomplete: {folder / 'config.json'} is missing")
+        _read_json(folder / "config.json")
+        index = folder / f"{WEIGHTS}.index.json"
+        if index.is_file():  # sharded weights
+            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            if not shards:
+                raise ValueError(f"{index} lists no weight files")
+            for shard in shards:
+                check_safetensors(folder / shard)
+        elif (folder / WEIGHTS).exists():
+            check_safetensors(folder / WEIGHTS)
+        elif not any(folder.glob("*.bin")):
+            raise ValueError(f"model directory {path} is incomplete: {folder / WEIGHTS} is missing")
+
+
+def check_safetensors(file: Path) -> None:
+    """ValueError if ``file`` is missing or is not a complete safetensors file (header parse, size coverage)."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise ValueError(f"{file} is missing")
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as err:  # SafetensorError: truncated, bad header
+        raise ValueError(f"{file} is truncated or corrupt ({_first_line(err)})") from None
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -342,6 +425,8 @@ def load_model(
     )
     if kind == "toy":
         return _load_toy(lora_path, opts.device, num_steps, seed)
+    if opts.local:
+        check_model_directory(Path(location), kind)
     if kind == "tiny":
         return _load_tiny(opts)
     if kind == "flux2":
@@ -576,6 +661,17 @@ def _encode_prompts(kind: str, flow, opts: _Load, w: float | None):
 
 
 # ---------------------------------------------------------------- rewards
+def reward_specs(value: Any) -> Any:
+    """The reward setting as a list of ``NAME[:WEIGHT]`` strings: a string, a list of them, or a config file's
+    ``{"name": weight}`` (the weight kept, e.g. ``{"bump": -1}`` -> ``["bump:-1"]``). Anything else is returned
+    unchanged (the type check names it)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [f"{name}:{weight}" for name, weight in value.items()]
+    return value
+
+
 def parse_reward_spec(spec: str) -> tuple[str, float]:
     """``name[:weight]`` -> (name, weight); the weight must be a finite non-zero number."""
     if not isinstance(spec, str) or not spec.strip():

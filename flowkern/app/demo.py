@@ -24,8 +24,9 @@ import torch
 from flowkern.app import report
 from flowkern.app.build import ASSET_DIR, METHODS, MethodSettings, build_method, build_reward, load_model
 from flowkern.app.evaluate import evaluate_samples, generate
-from flowkern.app.run import JsonlLog, ensure_output_dir, progress_bar
+from flowkern.app.run import TRAINING_FILES, JsonlLog, progress_bar, run_directory
 from flowkern.train import TrainConfig, Trainer
+from flowkern.train.config import MAX_SEED
 
 __all__ = ["DEMO_SETTINGS", "DemoOptions", "run_demo"]
 
@@ -65,6 +66,8 @@ class DemoOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
         if self.eval_samples < 2:
             raise ValueError(f"--eval-samples must be >= 2 (diversity needs pairs), got {self.eval_samples}")
         if not self.methods:
@@ -92,8 +95,13 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
 
 
 def _run_demo(opts: DemoOptions, echo) -> dict:
+    hint = "the demo writes its report into a new or earlier demo folder: pass another --out"
+    with run_directory(opts.out, refuse=TRAINING_FILES, hint=hint):  # locked: one writer per directory
+        return _demo(opts, echo)
+
+
+def _demo(opts: DemoOptions, echo) -> dict:
     start = time.perf_counter()
-    ensure_output_dir(opts.out, allow_existing=True)
     setup = _setup(opts)
     reward_fn, reward_module = build_reward([opts.reward], setup)
     base = generate(setup, opts.eval_samples, seed=opts.seed + 1000, base=True)

@@ -2,6 +2,8 @@
 
 Run directory (``--out``)::
 
+    .flowkern-lock               held while a process works on the run: one writer at a time (train, --resume,
+                                 demo are refused with the holder's pid and command; released when it exits)
     run_config.json              the resolved settings (what --config files and flags produced)
     log.jsonl                    one JSON object per update (Trainer metrics + step, method)
     checkpoints/step-XXXXXXXX/   flowkern.train.save_checkpoint (atomic; --resume continues bit-exactly)
@@ -11,26 +13,45 @@ Run directory (``--out``)::
     reward.png, loss.png         plots from the log (``flowkern plot RUN_DIR`` redraws them)
     tensorboard/                 with --tensorboard
 
+Resume: ``flowkern train --out RUN --resume [--steps N]`` continues from the newest checkpoint with the options
+recorded in it (flags given with --resume must equal them: ``--steps`` extends the run, ``--allow-change NAME``
+changes lr, value_lr, grad_clip or device on purpose); the Trainer then compares its own settings (method kind and
+hyperparameters, LoRA, precision, resolution, optimizer) with the checkpoint's. A damaged newest checkpoint is an
+error naming the file; ``--skip-damaged-checkpoint`` falls back to the previous one.
+
 Under ``accelerate launch`` (``WORLD_SIZE`` > 1) an ``accelerate.Accelerator`` is created and passed to the
 Trainer (data parallel: per-process batch, gradients averaged); only the main process writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["JsonlLog", "TrainOptions", "ensure_output_dir", "progress_bar", "train_run"]
+__all__ = ["JsonlLog", "TrainOptions", "ensure_output_dir", "progress_bar", "run_directory", "saved_options",
+           "train_run"]  # fmt: skip
 
 RUN_FILES = ("log.jsonl", "run_config.json", "checkpoints", "lora", "eval.json")
+TRAINING_FILES = ("run_config.json", "checkpoints", "lora", "eval.json")  # a training run (the demo refuses it)
+# options that do not change the trajectory of training (free to differ on --resume; steps extends the run)
+BOOKKEEPING = ("out", "resume", "overwrite", "progress", "tensorboard", "eval_samples", "checkpoint_every",
+               "keep_checkpoints", "allow_change", "skip_damaged_checkpoint", "steps")  # fmt: skip
+# --allow-change NAME: options a resumed run may change on purpose -> the Trainer.settings keys they move
+CHANGEABLE = {"lr": ("config.lr",), "value_lr": ("config.value_lr",), "grad_clip": ("config.grad_clip",),
+              "device": ("device",)}  # fmt: skip
+MAX_INT = 2**31 - 1  # counts and sizes (steps, batch, rank, ...): beyond this a typo, not a setting
 
 
 # ---------------------------------------------------------------- small utilities
@@ -62,6 +83,43 @@ def ensure_output_dir(path: str | os.PathLike, *, allow_existing: bool) -> bool:
     return created
 
 
+@contextlib.contextmanager
+def run_directory(path: str | os.PathLike, *, refuse: Sequence[str] = (), hint: str = "") -> Iterator[bool]:
+    """Work in run directory ``path`` for the ``with`` block: created if needed (and removed again if the block
+    fails while it holds nothing), checked writable, locked (:func:`flowkern.train.lock.hold`: a second writer is
+    refused, naming the process that holds it), and refused if it holds any of ``refuse`` (``hint`` says what to do
+    instead). Yields whether the directory was created."""
+    from flowkern.train import lock
+
+    path = Path(path)
+    created = ensure_output_dir(path, allow_existing=True)
+    try:
+        with lock.hold(path):
+            present = [name for name in refuse if (path / name).exists()]
+            if present:
+                raise ValueError(f"output directory {path} already holds a run ({', '.join(present)}): {hint}")
+            yield created
+    except BaseException:
+        if created and path.is_dir() and {p.name for p in path.iterdir()} <= {lock.LOCK_FILE}:
+            (path / lock.LOCK_FILE).unlink(missing_ok=True)
+            path.rmdir()  # a failed start leaves nothing behind
+        raise
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` at once (temp file, fsync, rename): a kill leaves the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class JsonlLog:
     """Append-only JSONL log, flushed per record; non-finite floats become null."""
 
@@ -75,8 +133,7 @@ class JsonlLog:
             kept = [
                 r for r in read_log(self.path) if isinstance(r.get("step"), int | float) and r["step"] < keep_below_step
             ]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -127,9 +184,9 @@ class TrainOptions:
 
     model: str = "tiny"
     method: str = "vggflow"
-    reward: list = field(default_factory=lambda: ["redness"])
-    reward_source: dict = field(default_factory=dict)
-    prompt: list = field(default_factory=list)
+    reward: list[str] = field(default_factory=lambda: ["redness"])
+    reward_source: dict[str, list[str]] = field(default_factory=dict)
+    prompt: list[str] = field(default_factory=list)
     out: str = "runs/flowkern"
     beta: float | None = None
     lam: float | None = None
@@ -160,19 +217,36 @@ class TrainOptions:
     overwrite: bool = False
     tensorboard: bool = False
     progress: bool = True
+    allow_change: list[str] = field(default_factory=list)
+    skip_damaged_checkpoint: bool = False
+
+    def __post_init__(self):
+        from flowkern.app.build import reward_specs
+
+        self.reward = reward_specs(self.reward)  # a string, a list, or a config file's {"name": weight}
+        if isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
+        if isinstance(self.reward_source, dict):
+            self.reward_source = {k: [v] if isinstance(v, str) else v for k, v in self.reward_source.items()}
 
     def check(self) -> None:
-        """Validate the numbers and choices that need no model (one clear ValueError each)."""
+        """Validate the types, numbers and choices that need no model (one clear ValueError each)."""
         from flowkern.app.build import METHODS
+        from flowkern.train.config import MAX_SEED
 
+        _check_types(self)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         for name in ("steps", "batch_size", "grad_accum", "lora_rank", "eval_samples"):
             _int(name, getattr(self, name), 1)
-        for name in ("checkpoint_every", "seed", "keep_checkpoints"):
+        for name in ("checkpoint_every", "keep_checkpoints"):
             _int(name, getattr(self, name), 0)
+        _int("seed", self.seed, 0, MAX_SEED)
         if self.num_steps is not None:
-            _int("num_steps", self.num_steps, 1)
+            _int("num_steps", self.num_steps, 1, 10_000)
+        unknown = [name for name in self.allow_change if name not in CHANGEABLE]
+        if unknown:
+            raise ValueError(f"--allow-change {unknown[0]}: a resumed run can change only {', '.join(CHANGEABLE)}")
         for name in ("lr", "value_lr", "grad_clip", "lora_alpha", "guidance_scale"):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
@@ -222,9 +296,52 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"--{_flag(name)} must be an int >= {minimum}, got {value!r}")
+def _int(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ValueError(f"--{_flag(name)} must be an int in [{minimum}, {maximum}], got {value!r}")
+
+
+def _check_types(opts: Any) -> None:
+    """Each value of a dataclass of options (e.g. from a --config file) must match its field's annotation (int,
+    float, str, bool, None, list[str], dict[str, list[str]]); else a ValueError naming the setting and the value."""
+    hints = typing.get_type_hints(type(opts))
+    for f in fields(opts):
+        value, hint = getattr(opts, f.name), hints[f.name]
+        if not _matches(value, hint):
+            raise ValueError(f"--{_flag(f.name)} must be {_describe(hint)}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return isinstance(value, origin or hint)  # other generics (tuple[...]): the container type
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    names = {type(None): "null", bool: "true or false", int: "an int", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return f"an object of {_describe(args[0]).removeprefix('a ')} -> {_describe(args[1])}"
+    return getattr(hint, "__name__", str(hint))
 
 
 # ---------------------------------------------------------------- accelerate
@@ -249,39 +366,39 @@ def make_accelerator(device: str):
 def train_run(opts: TrainOptions, echo=print) -> dict:
     """Train as ``opts`` says; returns the final evaluation (also written to eval.json)."""
     from flowkern.app.build import check_reward_names, resolve_model
-    from flowkern.train import latest_checkpoint, save_checkpoint
+    from flowkern.app.flags import check_applicable
 
     opts.check()
     kind, _ = resolve_model(opts.model)
     check_reward_names(opts.reward, kind)
+    check_applicable(opts.to_dict(), TrainOptions().to_dict(), opts.method, kind)
     out = Path(opts.out)
-    checkpoints = out / "checkpoints"
-    if opts.resume:
-        if latest_checkpoint(checkpoints) is None:
-            raise ValueError(f"--resume: no complete checkpoint in {checkpoints}")
-        previous = out / "run_config.json"
-        if previous.is_file():
-            _check_same_run(json.loads(previous.read_text()), opts)
     accelerator = make_accelerator(opts.device)
     is_main = accelerator is None or accelerator.is_main_process
-    created = ensure_output_dir(out, allow_existing=opts.resume or opts.overwrite) if is_main else False
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    try:
-        setup, reward_fn, reward_module, method, trainer = _build_run(opts, accelerator, checkpoints, echo)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed start leaves nothing behind
-        raise
+    refuse = () if (opts.resume or opts.overwrite) else RUN_FILES
+    hint = "pass --resume to continue it, --overwrite to replace it, or another --out"
+    with run_directory(out, refuse=refuse, hint=hint) if is_main else contextlib.nullcontext(False):
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        return _train(opts, out, accelerator, echo)
+
+
+def _train(opts: TrainOptions, out: Path, accelerator, echo) -> dict:
+    is_main = accelerator is None or accelerator.is_main_process
+    checkpoints = out / "checkpoints"
+    if opts.resume:
+        saved, path = saved_options(out, skip_damaged=opts.skip_damaged_checkpoint)
+        _check_same_run(saved, opts, path)
+    setup, reward_fn, reward_module, method, trainer = _build_run(opts, accelerator, checkpoints, echo)
     if is_main and opts.overwrite:
         _clear_run(out)  # only now that the new run has started: a bad --overwrite run keeps the old one
     if is_main:
         processes = 1 if accelerator is None else accelerator.num_processes
-        (out / "run_config.json").write_text(json.dumps({**opts.to_dict(), "num_processes": processes}, indent=2))
+        write_atomic(out / "run_config.json", json.dumps({**opts.to_dict(), "num_processes": processes}, indent=2))
     log = JsonlLog(out / "log.jsonl", keep_below_step=trainer.step) if is_main else None
     writer = _tensorboard(out) if (opts.tensorboard and is_main) else None
     bar = progress_bar(opts.steps, opts.method, enabled=opts.progress and is_main, initial=trainer.step)
-    start = time.perf_counter()
+    start, first_step = time.perf_counter(), trainer.step
     try:
         while trainer.step < opts.steps:
             metrics = trainer.train_step()
@@ -293,8 +410,9 @@ def train_run(opts: TrainOptions, echo=print) -> dict:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics.get('loss', float('nan')):.3g}")
             bar.update(1)
             if opts.checkpoint_every and trainer.step % opts.checkpoint_every == 0 and trainer.step < opts.steps:
-                save_checkpoint(trainer, checkpoints, keep_last=opts.keep_checkpoints or None)
-        save_checkpoint(trainer, checkpoints, keep_last=opts.keep_checkpoints or None)
+                _save(trainer, checkpoints, opts.keep_checkpoints)
+        if trainer.step != first_step or not opts.resume:  # a resumed run with nothing to train keeps its checkpoint
+            _save(trainer, checkpoints, opts.keep_checkpoints)
     finally:
         bar.close()
         if log is not None:
@@ -307,10 +425,64 @@ def train_run(opts: TrainOptions, echo=print) -> dict:
     return _finish(opts, out, setup, reward_fn, reward_module, method, trainer, train_s, echo)
 
 
+def _save(trainer, checkpoints: Path, keep: int) -> None:
+    """A checkpoint; a full disk (or another write error) is one line saying what survived."""
+    from flowkern.train import list_checkpoints, save_checkpoint
+
+    try:
+        save_checkpoint(trainer, checkpoints, keep_last=keep or None)
+    except OSError as err:
+        if err.errno is None:
+            raise
+        newest = list_checkpoints(checkpoints)
+        if newest:
+            then = f"{newest[-1]} is intact; free the space and continue with --resume"
+        else:
+            then = "no earlier checkpoint; free the space and start again"
+        raise OSError(
+            err.errno,
+            f"cannot write checkpoint step-{trainer.step:08d} in {checkpoints}: {err.strerror or err} ({then})",
+        ) from err
+
+
+def saved_options(out: str | os.PathLike, *, skip_damaged: bool = False) -> tuple[dict, Path]:
+    """(options, checkpoint): the options recorded in the newest checkpoint of run directory ``out``, what
+    ``--resume`` continues (a run written before they were recorded: its run_config.json)."""
+    from flowkern.train.checkpoint import DamagedCheckpoint, read_newest
+
+    checkpoints = Path(out) / "checkpoints"
+    if not checkpoints.is_dir():
+        raise ValueError(f"--resume: no complete checkpoint in {checkpoints}")
+    try:
+        path, state = read_newest(checkpoints, skip_damaged=skip_damaged, tensors=False, set_aside=False)
+    except DamagedCheckpoint as err:
+        raise _damaged(err) from None
+    except ValueError as err:
+        raise ValueError(f"--resume: {err}") from None
+    options = (state.get("run_info") or {}).get("options")
+    if not isinstance(options, dict):
+        previous = Path(out) / "run_config.json"
+        options = json.loads(previous.read_text()) if previous.is_file() else {}
+    known = {f.name for f in fields(TrainOptions)}
+    fresh = ("out", "resume", "overwrite", "progress", "allow_change", "skip_damaged_checkpoint")
+    return {k: v for k, v in options.items() if k in known and k not in fresh}, path
+
+
+def _damaged(err) -> ValueError:
+    """The CLI's words for a :class:`flowkern.train.DamagedCheckpoint`: the file, the problem, the way out."""
+    fallback = (
+        f"--skip-damaged-checkpoint resumes from {err.previous.name} on purpose"
+        if err.previous is not None
+        else "there is no older checkpoint to fall back to"
+    )
+    return ValueError(f"--resume: the newest checkpoint {err.path} is damaged: {err.problem}; {fallback}")
+
+
 def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
     """Model, reward, method and Trainer (restored from the last checkpoint with --resume)."""
     from flowkern.app.build import build_method, build_reward, load_model
     from flowkern.train import TrainConfig, Trainer, load_checkpoint
+    from flowkern.train.checkpoint import DamagedCheckpoint
 
     device = str(accelerator.device) if accelerator is not None else opts.device
     setup = load_model(
@@ -342,6 +514,7 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         grad_clip=opts.grad_clip,
         seed=opts.seed,
         residual_probe=min(8, opts.batch_size),
+        extra={"reward": list(opts.reward), "reward_source": dict(opts.reward_source)},  # what the trainer cannot see
     )
     kwargs = {"accelerator": accelerator} if accelerator is not None else {}
     trainer = Trainer(
@@ -352,10 +525,17 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         sample_shape=setup.sample_shape,
         cond_sampler=setup.cond_sampler,
         device=device,
+        run_info={"options": opts.to_dict()},
         **kwargs,
     )
     if opts.resume:
-        loaded = load_checkpoint(trainer, checkpoints)
+        allow = ["config.num_updates"] + [key for name in opts.allow_change for key in CHANGEABLE[name]]
+        try:
+            loaded = load_checkpoint(
+                trainer, checkpoints, allow_changes=allow, skip_damaged=opts.skip_damaged_checkpoint
+            )
+        except DamagedCheckpoint as err:
+            raise _damaged(err) from None
         echo(f"resumed from {loaded} (update {trainer.step})")
     return setup, reward_fn, reward_module, method, trainer
 
@@ -385,7 +565,7 @@ def _finish(opts: TrainOptions, out: Path, setup, reward_fn, reward_module, meth
         "tuned": evaluate_samples(setup, reward_fn, tuned, base, reward_module),
         "base": evaluate_samples(setup, reward_fn, base, None, reward_module),
     }
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "eval.json", json.dumps(result, indent=2))
     from flowkern.app.report import plot_run
 
     plot_run(out)
@@ -402,29 +582,18 @@ def _default_beta(setup) -> float:
     return {"toy": 2.0, "tiny": 600.0}.get(setup.kind, 5e4)
 
 
-def _check_same_run(previous: dict, opts: TrainOptions) -> None:
-    """--resume must continue the same run: the settings that shape the state must match."""
-    keys = (
-        "model",
-        "method",
-        "reward",
-        "lora_rank",
-        "batch_size",
-        "grad_accum",
-        "num_steps",
-        "beta",
-        "lam",
-        "K",
-        "p",
-        "eta",
-        "precision",
-        "seed",
-    )
+def _check_same_run(saved: dict, opts: TrainOptions, checkpoint: Path) -> None:
+    """--resume continues the same run: every option that shapes training must equal the checkpoint's, unless
+    ``--allow-change`` names it (``--steps`` and the bookkeeping options are free)."""
     now = opts.to_dict()
-    changed = [k for k in keys if k in previous and previous[k] != now[k]]
-    if changed:
-        diff = ", ".join(f"{k}: {previous[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"--resume: the checkpoint was trained with other settings ({diff})")
+    changed = [k for k in now if k not in BOOKKEEPING and k in saved and saved[k] != now[k]]
+    refused = [k for k in changed if k not in opts.allow_change]
+    if refused:
+        diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in refused)
+        raise ValueError(
+            f"--resume: the checkpoint {checkpoint} was trained with other settings ({diff}); a resumed run keeps "
+            f"them: leave these flags out (--allow-change NAME changes {', '.join(CHANGEABLE)} on purpose)"
+        )
 
 
 def _clear_run(out: Path) -> None:

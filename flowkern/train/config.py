@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; per-process streams add small offsets (flowkern.train.rng)
+
 
 @dataclass
 class TrainConfig:
@@ -21,6 +23,8 @@ class TrainConfig:
     (an estimate of int_0^1 E||v_theta - v_base||^2 dt, M41); 0 disables, n > 0 probes n trajectories.
     checkpoint_every: with ``Trainer.train(checkpoint_dir=...)``, a checkpoint every k updates (0: only after the
     last update); keep_checkpoints: how many of the newest complete checkpoints to keep (0 = all).
+    extra: JSON-plain settings the trainer cannot see (e.g. the reward spec, the data): saved with every checkpoint
+    and compared on resume like the other fields (:meth:`flowkern.train.Trainer.settings`).
     """
 
     batch_size: int = 32
@@ -57,6 +61,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"TrainConfig.seed must be <= 2**63 - 1, got {self.seed!r}")
+        if not isinstance(self.extra, dict) or not all(isinstance(k, str) for k in self.extra):
+            raise ValueError(f"TrainConfig.extra must be a dict with str keys, got {self.extra!r}")
         if self.time_grid not in ("uniform", "shifted"):
             raise ValueError(f"TrainConfig.time_grid must be 'uniform' or 'shifted', got {self.time_grid!r}")
         if self.lr_schedule not in ("constant", "cosine"):

@@ -11,24 +11,30 @@ One update (design.md section 1, "One update"):
     grad norm per parameter group (theta, phi) (non-finite -> skip)
     clip each group to grad_clip separately (M19 update), AdamW step, method.after_optimizer_step() (M9 tau)
 
-A skipped update zeroes the gradients and leaves weights, optimizer state and method state untouched; it is
-logged (``logging`` warning and :attr:`Trainer.skipped`) and appears in the metrics with ``skipped = 1``.
+A skipped update zeroes the gradients and leaves weights, optimizer state, method state (VGG-Flow's tau and the
+norms queued for its quantile, M9) and every random stream but the data stream untouched (:mod:`flowkern.train.rng`);
+it is logged (``logging`` warning and :attr:`Trainer.skipped`) and appears in the metrics with ``skipped = 1``. An
+update that raises leaves the trainer exactly as before the call.
 
 Data parallel: ``Trainer(..., accelerator=accelerate.Accelerator())`` under ``accelerate launch`` (see
-:mod:`flowkern.train.distributed` for the command lines and what is synchronised). Checkpoints:
-:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` hold everything an exact resume needs;
-:mod:`flowkern.train.checkpoint` writes them atomically (``train(checkpoint_dir=..., checkpoint_every=k)``).
+:mod:`flowkern.train.distributed` for the command lines and what is synchronised).
+
+Checkpoints: :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` hold everything an exact resume needs,
+including :meth:`Trainer.settings` (everything that changes the trajectory of training), which a resume compares;
+:func:`save_checkpoint` / :func:`load_checkpoint` store them through :mod:`flowkern.train.checkpoint` (atomic,
+crash-safe, one writer per directory).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-import random
+import os
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,14 +42,18 @@ import torch
 from flowkern.methods import _common as C
 from flowkern.sampling import sd3_shifted_grid, uniform_grid
 from flowkern.train import checkpoint as ckpt
+from flowkern.train import lock
 from flowkern.train.config import TrainConfig
 from flowkern.train.distributed import Processes
+from flowkern.train.rng import PROCESS_SEED_STRIDE, RandomStreams
+
+__all__ = ["PROCESS_SEED_STRIDE", "Trainer", "load_checkpoint", "save_checkpoint"]
 
 log = logging.getLogger("flowkern.train")
 
 STATE_FORMAT = "flowkern-trainer-state"
-STATE_VERSION = 1
-PROCESS_SEED_STRIDE = 1_000_003  # per-process random streams: seed + stride * (process index + 1)
+STATE_VERSION = 2  # 2: + settings (strict resume), run_info
+UNCOMPARED_CONFIG = ("log_every", "checkpoint_every", "keep_checkpoints")  # bookkeeping, not the trajectory
 
 
 class Trainer:
@@ -63,11 +73,12 @@ class Trainer:
             :mod:`flowkern.train.distributed`); ``config.batch_size`` is then per process. With more than one
             process, a method's own ``generator`` is reseeded on processes > 0 (seed offset by the process index)
             and VGG-Flow's ``tau_gather`` is set to gather the norms of all processes (M9).
+        run_info: JSON-plain information saved with every checkpoint and not compared on resume (the CLI keeps
+            its options there, so ``flowkern train --out RUN --resume`` can rebuild the run).
 
-    Random streams: :attr:`generator` (seed ``config.seed``) draws only x0 and cond, identically on every process;
-    :attr:`process_generator` (seed ``config.seed + 1_000_003 (process index + 1)``) drives the per-process
-    randomness (stochastic rollouts, the residual probe). Kept apart even for one process, so that W processes of
-    batch B draw exactly the x0 of one process of batch W B.
+    Random streams (:mod:`flowkern.train.rng`): :attr:`generator` (seed ``config.seed``) draws only x0 and cond,
+    identically on every process; :attr:`process_generator` (seed ``config.seed + 1_000_003 (process index + 1)``)
+    drives the per-process randomness (stochastic rollouts, the residual probe).
     """
 
     def __init__(
@@ -83,6 +94,7 @@ class Trainer:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         accelerator: Any = None,
+        run_info: dict | None = None,
     ):
         self.config = config or TrainConfig()
         if not isinstance(self.config, TrainConfig):
@@ -105,6 +117,7 @@ class Trainer:
         self.dtype = dtype
         self.ts = C.check_time_grid(ts if ts is not None else self._time_grid()).to(self.device)
         self.velocity, self.base_velocity = C.flow_callables(model, detach_uncond=True)
+        self.run_info = dict(run_info or {})
 
         cfg = self.config
         theta = [p for p in model.trainable_parameters() if p.requires_grad]
@@ -125,9 +138,7 @@ class Trainer:
         self._named_theta = _names(theta, model, "theta")
         value_net = self._value_module()
         self._named_phi = _names(phi, value_net, "phi")
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        index = self.processes.index
-        self.process_generator = torch.Generator().manual_seed(cfg.seed + PROCESS_SEED_STRIDE * (index + 1))
+        self.streams = RandomStreams(cfg.seed, self.processes.index, getattr(method, "generator", None))
         self.backward: Callable[[torch.Tensor], None] = self.processes.backward
         self.step = 0  # attempted updates
         self.updates = 0  # applied optimizer steps
@@ -137,12 +148,18 @@ class Trainer:
         if self.processes.count > 1:
             self._setup_processes()
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The data stream: x0 and cond of every update (:mod:`flowkern.train.rng`)."""
+        return self.streams.data
+
+    @property
+    def process_generator(self) -> torch.Generator:
+        """The per-process stream: stochastic rollouts and the residual probe (:mod:`flowkern.train.rng`)."""
+        return self.streams.process
+
     def _setup_processes(self) -> None:
-        """Identical starting weights, per-process method random streams, tau over all processes (M9)."""
-        index = self.processes.index
-        method_generator = getattr(self.method, "generator", None)
-        if isinstance(method_generator, torch.Generator) and index > 0 and method_generator is not self.generator:
-            method_generator.manual_seed(method_generator.initial_seed() + PROCESS_SEED_STRIDE * index)
+        """Identical starting weights, tau over all processes (M9)."""
         if hasattr(self.method, "tau_gather") and self.method.tau_gather is None:
             self.method.tau_gather = self.processes.gather_cat
         self.processes.broadcast_parameters([p for params in self.param_groups.values() for p in params])
@@ -234,23 +251,61 @@ class Trainer:
         if callable(hook):
             hook()
 
-    def skip(self, reason: str) -> None:
-        """Drop the update: gradients zeroed, weights, optimizer and method state untouched."""
-        self.optimizer.zero_grad(set_to_none=True)
-        hook = getattr(self.method, "discard_step", None)
-        if callable(hook):
-            hook()
+    def skip(self, reason: str, snapshot: dict | None = None) -> None:
+        """Drop the update: gradients zeroed, weights, optimizer and method state untouched (VGG-Flow forgets the
+        norms queued for its quantile, M9); with the update's ``snapshot`` of the random streams, every stream but
+        the data stream is rewound to it (:mod:`flowkern.train.rng`)."""
+        self._discard_gradients()
+        if snapshot is not None:
+            self.streams.rewind(snapshot, data=False)
         self.skipped.append((self.step, reason))
         if self.processes.is_main:
             log.warning(
                 "flowkern.train: update %d skipped (%s); weights and optimizer state unchanged", self.step, reason
             )
 
+    def _discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        hook = getattr(self.method, "discard_step", None)
+        if callable(hook):
+            hook()
+
     # ------------------------------------------------------------ one update
     def train_step(self) -> dict[str, float]:
-        """One optimizer update over grad_accum_steps micro-batches; returns its metrics."""
+        """One optimizer update over grad_accum_steps micro-batches; returns its metrics.
+
+        If computing the update raises (a method's error, KeyboardInterrupt), the trainer is left exactly as before
+        the call (gradients dropped, the method's queued state discarded, every random stream rewound)."""
         cfg = self.config
         start = time.perf_counter()
+        snapshot = self.streams.snapshot()
+        try:
+            sums, reason, norms = self._accumulate()
+        except BaseException:
+            self._discard_gradients()
+            self.streams.rewind(snapshot, data=True)
+            raise
+        if reason is not None:
+            self.skip(reason, snapshot)
+        else:
+            self.optimizer_step(norms)
+            self.updates += 1
+        sums.update(
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            step=float(self.step),
+            updates=float(self.updates),
+            skipped=float(reason is not None),
+            time_s=time.perf_counter() - start,
+        )
+        self.step += 1
+        self.history.append(sums)
+        if cfg.log_every and self.step % cfg.log_every == 0 and self.processes.is_main:
+            log.info("step %d: %s", self.step, {k: _fmt(v) for k, v in sums.items()})
+        return sums
+
+    def _accumulate(self) -> tuple[dict[str, float], str | None, dict[str, torch.Tensor]]:
+        """The update's gradients over its micro-batches: (summed metrics, skip reason or None, group norms)."""
+        cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         n_micro, size = cfg.grad_accum_steps, cfg.batch_size
         n_proc, index = self.processes.count, self.processes.index
@@ -271,6 +326,7 @@ class Trainer:
                 break
         if n_proc > 1:
             sums, reason = self._combine_processes(sums, reason)
+        norms: dict[str, torch.Tensor] = {}
         if reason is None:
             self.processes.mean_gradients([p for params in self.param_groups.values() for p in params])
             norms = self.grad_norms()
@@ -278,23 +334,7 @@ class Trainer:
                 sums[f"grad_norm_{name}"] = float(value)
             if not all(bool(torch.isfinite(v)) for v in norms.values()):
                 reason = "non-finite gradient"
-        if reason is not None:
-            self.skip(reason)
-        else:
-            self.optimizer_step(norms)
-            self.updates += 1
-        sums.update(
-            lr=float(self.optimizer.param_groups[0]["lr"]),
-            step=float(self.step),
-            updates=float(self.updates),
-            skipped=float(reason is not None),
-            time_s=time.perf_counter() - start,
-        )
-        self.step += 1
-        self.history.append(sums)
-        if cfg.log_every and self.step % cfg.log_every == 0 and self.processes.is_main:
-            log.info("step %d: %s", self.step, {k: _fmt(v) for k, v in sums.items()})
-        return sums
+        return sums, reason, norms
 
     def _combine_processes(self, sums: dict[str, float], reason: str | None) -> tuple[dict[str, float], str | None]:
         """Metrics averaged over processes; the update is skipped everywhere if any process failed."""
@@ -311,43 +351,49 @@ class Trainer:
         num_updates: int | None = None,
         callback: Callable[[Trainer, dict[str, float]], None] | None = None,
         *,
-        checkpoint_dir: str | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
         keep_checkpoints: int | None = None,
     ) -> list[dict[str, float]]:
         """Run ``num_updates`` (default config.num_updates) updates; ``callback(trainer, metrics)`` after each.
 
-        checkpoint_dir: a run directory; a checkpoint (:func:`flowkern.train.save_checkpoint`) is written every
-        ``checkpoint_every`` updates (default config.checkpoint_every; 0 = only at the end) and after the last one,
-        keeping the newest ``keep_checkpoints`` (default config.keep_checkpoints; 0 = all). To resume, call
-        :func:`flowkern.train.load_checkpoint` (trainer, run directory) first, then ``train`` the remaining updates.
+        checkpoint_dir: a run directory, locked for the whole call (one writer per directory); a checkpoint
+        (:func:`save_checkpoint`) is written every ``checkpoint_every`` updates (default config.checkpoint_every;
+        0 = only at the end) and after the last one, keeping the newest ``keep_checkpoints`` (default
+        config.keep_checkpoints; 0 = all). To resume, call :func:`load_checkpoint` (trainer, run directory) first,
+        then ``train`` the remaining updates.
         """
         n = self.config.num_updates if num_updates is None else C.check_int("num_updates", num_updates, minimum=0)
         every = self.config.checkpoint_every if checkpoint_every is None else checkpoint_every
         every = C.check_int("checkpoint_every", every, minimum=0)
         keep = self.config.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
         keep = C.check_int("keep_checkpoints", keep, minimum=0)
+        held = contextlib.nullcontext()
+        if checkpoint_dir is not None and self.processes.is_main:
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            held = lock.hold(checkpoint_dir, what="checkpoint directory")
         out = []
-        for _ in range(n):
-            metrics = self.train_step()
-            out.append(metrics)
-            if checkpoint_dir is not None and every and self.step % every == 0:
+        with held:
+            for _ in range(n):
+                metrics = self.train_step()
+                out.append(metrics)
+                if checkpoint_dir is not None and every and self.step % every == 0:
+                    self._save(checkpoint_dir, keep)
+                if callback is not None:
+                    callback(self, metrics)
+            if checkpoint_dir is not None and self._saved_step != self.step:
                 self._save(checkpoint_dir, keep)
-            if callback is not None:
-                callback(self, metrics)
-        if checkpoint_dir is not None and self._saved_step != self.step:
-            self._save(checkpoint_dir, keep)
         return out
 
-    def _save(self, directory: str, keep: int) -> None:
-        path = ckpt.save_checkpoint(self, directory, keep_last=keep or None)
+    def _save(self, directory: str | os.PathLike, keep: int) -> None:
+        path = save_checkpoint(self, directory, keep_last=keep or None)
         self._saved_step = self.step
         if self.processes.is_main:
             log.info("flowkern.train: checkpoint %s", path)
 
     # ------------------------------------------------------------ state (exact resume)
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must match: model/method types, theta and phi names, shapes and dtypes."""
+        """The structure a checkpoint must have: model/method types, theta and phi names, shapes and dtypes."""
         return {
             "model": type(self.model).__name__,
             "method": type(self.method).__name__,
@@ -355,9 +401,34 @@ class Trainer:
             "phi": [[name, list(p.shape), str(p.dtype)] for name, p in self._named_phi],
         }
 
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes the trajectory of training, as flat ``key -> JSON value`` (compared on resume).
+
+        The model and method types; every plain hyperparameter of the method (``method.kind`` tells deterministic
+        from memoryless adjoint matching) and of the model (the frozen weights' dtypes, i.e. the precision; LoRA
+        rank, alpha and targets; CFG constants; prompts); the value net's type; sample shape (the resolution), dtype,
+        device type and the time grid; every TrainConfig field but the bookkeeping ones (optimizer, schedule, batch,
+        seed, ...), and ``config.extra``, where a caller records what the trainer cannot see (e.g. the reward spec).
+        """
+        out: dict[str, Any] = {"model": type(self.model).__name__, "method": type(self.method).__name__}
+        out.update(_plain_attributes("method", self.method, skip=_state_keys(self.method)))
+        value_net = self._value_module()
+        if value_net is not None:
+            out["value_net"] = type(value_net).__name__
+        out.update(_model_settings(self.model))
+        out["sample_shape"] = list(self.sample_shape)
+        out["dtype"] = str(self.dtype)
+        out["device"] = self.device.type
+        out["ts"] = [float(t) for t in self.ts.detach().double().cpu()]
+        for key, value in self.config.to_dict().items():
+            if key not in UNCOMPARED_CONFIG:
+                _flatten(f"config.{key}", value, out)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (cloned tensors) of everything an exact resume needs: theta (by name), the value net,
-        AdamW and LR-schedule state, method state (VGG-Flow tau, M9), RNG states, counters, history, config.
+        AdamW and LR-schedule state, method state (VGG-Flow tau, M9), RNG states, counters, history, config,
+        :meth:`settings` and ``run_info``.
 
         With ``accelerate`` this is collective: every process must call it (the per-process RNG states are
         gathered into ``state['rng']['processes']``)."""
@@ -372,7 +443,9 @@ class Trainer:
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint(),
+            "settings": self.settings(),
             "config": self.config.to_dict(),
+            "run_info": copy.deepcopy(self.run_info),
             "counters": {
                 "step": self.step,
                 "updates": self.updates,
@@ -387,31 +460,15 @@ class Trainer:
             "optimizer": _clone(self.optimizer.state_dict()),
             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
             "method": _clone(method_state()) if callable(method_state) else None,
-            "rng": {"generator": self.generator.get_state(), "processes": [self._process_rng_state()]},
+            "rng": {"generator": self.streams.data.get_state(), "processes": [self.streams.process_state()]},
         }
 
-    def _method_generator(self) -> torch.Generator | None:
-        g = getattr(self.method, "generator", None)
-        if isinstance(g, torch.Generator) and g is not self.generator and g is not self.process_generator:
-            return g
-        return None
-
-    def _process_rng_state(self) -> dict[str, Any]:
-        method_generator = self._method_generator()
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        return {
-            "process_generator": self.process_generator.get_state(),
-            "method_generator": None if method_generator is None else method_generator.get_state(),
-            "method_generator_device": None if method_generator is None else str(method_generator.device),
-            "torch": torch.get_rng_state(),
-            "cuda": list(torch.cuda.get_rng_state_all()) if cuda else [],
-            "python": random.getstate(),
-            "numpy": _numpy_rng_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output. ValueError (and the trainer unchanged) if it does not fit."""
-        self._check_state(state)
+    def load_state_dict(self, state: dict[str, Any], *, allow_changes: Iterable[str] = ()) -> None:
+        """Restore :meth:`state_dict` output. ValueError (and the trainer unchanged) if it does not fit: another
+        structure (:meth:`fingerprint`), or other :meth:`settings`, listing every differing key, unless the key is
+        in ``allow_changes`` (e.g. ``config.num_updates`` to extend a run, ``config.lr`` on purpose); allowed changes
+        take effect (the optimizer's learning rates, betas, weight decay and eps follow the current config)."""
+        self._check_state(state, set(allow_changes))
         backup = self._local_state()
         try:
             self._apply_state(state)
@@ -421,7 +478,7 @@ class Trainer:
                 raise ValueError(f"trainer state could not be restored ({type(err).__name__}: {err})") from err
             raise
 
-    def _check_state(self, state: Any) -> None:
+    def _check_state(self, state: Any, allow_changes: set[str]) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a flowkern trainer state (format {STATE_FORMAT!r} expected)")
         version = state.get("version")
@@ -431,6 +488,7 @@ class Trainer:
         if missing:
             raise ValueError(f"trainer state lacks {missing}")
         _compare_fingerprints(state["fingerprint"], self.fingerprint())
+        self._compare_settings(state, allow_changes)
         _check_tensors("model (theta)", state["model"], dict(self._named_theta))
         value_net = self._value_module()
         if value_net is not None:
@@ -456,14 +514,33 @@ class Trainer:
         counters = state["counters"]
         if not all(isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("step", "updates")):
             raise ValueError(f"trainer state counters malformed: {counters!r}")
-        rng = state["rng"]
-        if not isinstance(rng, dict) or not isinstance(rng.get("processes"), list) or not rng["processes"]:
-            raise ValueError("trainer state: RNG states missing")
-        if self.processes.is_main and isinstance(state.get("config"), dict):
-            current = self.config.to_dict()
-            changed = sorted(k for k in current if k in state["config"] and state["config"][k] != current[k])
-            if changed:
-                log.warning("flowkern.train: resuming with a changed config: %s", changed)
+        self.streams.check(state["rng"])
+
+    def _compare_settings(self, state: dict[str, Any], allow_changes: set[str]) -> None:
+        current = self.settings()
+        saved = state.get("settings")
+        if not isinstance(saved, dict):  # version 1 recorded the TrainConfig only: compare what it recorded
+            saved = {}
+            for key, value in (state.get("config") or {}).items():
+                if key not in UNCOMPARED_CONFIG:
+                    _flatten(f"config.{key}", value, saved)
+            current = {k: v for k, v in current.items() if k in saved}
+            if self.processes.is_main:
+                log.warning("flowkern.train: a version-1 checkpoint records no method or model settings: only its "
+                            "TrainConfig is compared")  # fmt: skip
+        changed = [k for k in sorted(saved.keys() | current.keys()) if saved.get(k, _ABSENT) != current.get(k, _ABSENT)]
+        refused = [k for k in changed if k not in allow_changes]
+
+        def describe(keys: list[str]) -> str:
+            return "; ".join(f"{k}: {_show(saved.get(k, _ABSENT))} -> {_show(current.get(k, _ABSENT))}" for k in keys)
+
+        if refused:
+            raise ValueError(
+                f"settings differ from the checkpoint's ({describe(refused)}): a resumed run must keep them "
+                f"(allow a deliberate change with allow_changes={refused!r})"
+            )
+        if changed and self.processes.is_main:
+            log.warning("flowkern.train: resuming with changed settings (allowed): %s", describe(changed))
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         method_load = getattr(self.method, "load_state_dict", None)
@@ -481,44 +558,137 @@ class Trainer:
         # cloned: AdamW updates its moments in place, the caller's state must not change
         self.optimizer.load_state_dict(_clone(state["optimizer"]))
         self.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
-        self._restore_rng(state["rng"], state["counters"])
-        self.step = state["counters"]["step"]
-        self.updates = state["counters"]["updates"]
+        self._apply_config_to_optimizer()
+        counters = state["counters"]
+        self.streams.load(state["rng"], counters["step"], count=self.processes.count, is_main=self.processes.is_main)
+        self.step = counters["step"]
+        self.updates = counters["updates"]
         self.history = copy.deepcopy(list(state.get("history", [])))
         self.skipped = [tuple(s) for s in state.get("skipped", [])]
         self._saved_step = self.step
 
-    def _restore_rng(self, rng: dict[str, Any], counters: dict[str, Any]) -> None:
-        self.generator.set_state(rng["generator"])
-        saved = rng["processes"]
-        index, count = self.processes.index, self.processes.count
-        entry = saved[index] if index < len(saved) else None
-        if len(saved) != count and self.processes.is_main:
-            warnings.warn(
-                f"checkpoint written by {len(saved)} process(es), resumed on {count}: per-process random streams "
-                "of new processes are reseeded (the run continues, not bitwise equal to an uninterrupted one)",
-                stacklevel=3,
-            )
-        if entry is None:
-            offset = PROCESS_SEED_STRIDE * (index + 1) + counters["step"]
-            self.process_generator.manual_seed(self.config.seed + offset)
-            return
-        self.process_generator.set_state(entry["process_generator"])
-        if entry.get("method_generator") is not None:
-            g = self._method_generator()
-            if g is None and getattr(self.method, "generator", None) is None:
-                g = torch.Generator(device=entry.get("method_generator_device") or "cpu")
-                self.method.generator = g  # a method that creates its generator lazily (memoryless AM)
-            if g is not None:
-                g.set_state(entry["method_generator"])
-        torch.set_rng_state(entry["torch"])
-        cuda_states = entry.get("cuda") or []
-        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-        if entry.get("python") is not None:
-            random.setstate(entry["python"])
-        if entry.get("numpy") is not None:
-            _set_numpy_rng_state(entry["numpy"])
+    def _apply_config_to_optimizer(self) -> None:
+        """The current config's AdamW hyperparameters and base learning rates (equal to the loaded ones unless a
+        change was allowed); the learning rate of each group is base * schedule factor, as LambdaLR computes it."""
+        cfg = self.config
+        base = {"theta": cfg.lr, "phi": cfg.value_lr or cfg.lr}
+        groups = self.optimizer.param_groups
+        for group in groups:
+            group.update(betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, initial_lr=base[group["name"]])
+        self.scheduler.base_lrs = [group["initial_lr"] for group in groups]
+        factor = self._lr_factor(self.scheduler.last_epoch)
+        for group in groups:
+            group["lr"] = group["initial_lr"] * factor
+
+
+# ---------------------------------------------------------------- checkpoints of a trainer
+def save_checkpoint(trainer: Trainer, directory: str | os.PathLike, *, keep_last: int | None = None) -> Path:
+    """Write ``trainer``'s state to ``directory/step-<trainer.step>`` atomically (:mod:`flowkern.train.checkpoint`);
+    returns that path.
+
+    ``keep_last``: after the new checkpoint is complete, delete all but the newest ``keep_last`` complete ones
+    (None or 0 keeps all). With ``accelerate`` every process must call this (the RNG states are gathered); only the
+    main process writes (holding the directory's lock), the others return the same path once it is written.
+    """
+    state = trainer.state_dict()  # collective under accelerate
+    final = Path(directory) / f"step-{trainer.step:08d}"
+    if trainer.processes.is_main:
+        try:
+            ckpt.write_state(state, directory, trainer.step, keep_last=keep_last)
+        finally:
+            trainer.processes.wait()
+    else:
+        trainer.processes.wait()
+    return final
+
+
+def load_checkpoint(
+    trainer: Trainer, path: str | os.PathLike, *, allow_changes: Iterable[str] = (), skip_damaged: bool = False
+) -> Path:
+    """Restore ``trainer`` from a checkpoint directory, or from a run directory's newest checkpoint; returns the
+    checkpoint directory that was loaded.
+
+    Raises ValueError (naming the file and the problem; the trainer unchanged) for a missing, truncated, corrupt or
+    incompatible checkpoint, and for settings that differ from the checkpoint's (:meth:`Trainer.load_state_dict`,
+    ``allow_changes``). A damaged newest checkpoint of a run directory is :class:`flowkern.train.checkpoint.
+    DamagedCheckpoint`; ``skip_damaged=True`` sets it aside and falls back to the previous one on purpose.
+    """
+    path, state = ckpt.read_newest(path, skip_damaged=skip_damaged, set_aside=trainer.processes.is_main)
+    try:
+        trainer.load_state_dict(state, allow_changes=allow_changes)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {str(path)!r}: {err}") from None
+    return path
+
+
+# ---------------------------------------------------------------- helpers
+_ABSENT = type("Absent", (), {"__repr__": lambda self: "(absent)"})()
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a JSON-plain value (tuples as lists), or _NOT_PLAIN (tensors, callables, modules, ...)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_plain(v) for v in (sorted(value, key=str) if isinstance(value, set | frozenset) else value)]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items.values()) else items
+    if isinstance(value, torch.dtype | torch.device):
+        return str(value)
+    return _NOT_PLAIN
+
+
+def _plain_attributes(prefix: str, obj: Any, skip: set[str] = frozenset()) -> dict[str, Any]:
+    """``prefix.name -> value`` for the public attributes of ``obj`` holding plain, non-None values (its
+    hyperparameters; the state in ``skip``, nn.Module's ``training`` and None values left out)."""
+    out = {}
+    for name, value in sorted(getattr(obj, "__dict__", {}).items()):
+        if name.startswith("_") or name in skip or name == "training" or value is None:
+            continue
+        plain = _plain(value)
+        if plain is not _NOT_PLAIN:
+            out[f"{prefix}.{name}"] = plain
+    return out
+
+
+def _state_keys(method: Any) -> set[str]:
+    method_state = getattr(method, "state_dict", None)
+    state = method_state() if callable(method_state) else None
+    return set(state) if isinstance(state, dict) else set()
+
+
+def _model_settings(model: Any) -> dict[str, Any]:
+    """The model's plain hyperparameters, its frozen weights' dtypes and its LoRA adapters' configs (peft)."""
+    out = _plain_attributes("model", model)
+    if isinstance(model, torch.nn.Module):
+        out["model.frozen_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad})
+        for module in model.modules():
+            configs = getattr(module, "peft_config", None)
+            if isinstance(configs, dict):
+                for name, config in configs.items():
+                    fields = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora")
+                    values = {f: _plain(getattr(config, f, None)) for f in fields}
+                    out[f"model.lora.{name}"] = {f: v for f, v in values.items() if v is not _NOT_PLAIN}
+    return out
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    elif value is not None and not (isinstance(value, dict) and not value):
+        plain = _plain(value)
+        out[prefix] = repr(value) if plain is _NOT_PLAIN else plain
 
 
 def _fmt(v: float) -> str:
@@ -577,20 +747,3 @@ def _compare_fingerprints(saved: Any, current: dict[str, Any]) -> None:
         for a, b in zip(theirs, ours):
             if a != b:
                 raise ValueError(f"incompatible {key} parameter: saved {a}, this trainer has {b}")
-
-
-def _numpy_rng_state() -> dict[str, Any] | None:
-    try:
-        import numpy as np
-    except ImportError:
-        return None
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}  # fmt: skip
-
-
-def _set_numpy_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    keys = np.asarray(state["keys"], dtype=np.uint32)
-    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
