@@ -91,27 +91,25 @@ def adjoint_matching_loss(
         sigma: memoryless only (required there): sigma_i per sample, > 0 ([B], 0-dim or float).
         lct: memoryless only (required there): the loss clamp LCT > 0; float('inf') disables the clamp.
     """
-    V.check_tensors(v_ft, "v_ft", v_base=v_base, adjoint=adjoint)
+    backend = select_backend(OP, IMPLS, V.device_of("v_ft", v_ft))
+    V.check_tensors(v_ft, "v_ft", backend, v_base=v_base, adjoint=adjoint)
     lam = V.check_float("lam", lam, positive=True)
     p = V.check_float("p", p, minimum=1.0)
-    code = MODES[V.check_choice("mode", mode, tuple(MODES))]
+    code = MODES.get(mode) if isinstance(mode, str) else None
+    if code is None:
+        V.check_choice("mode", mode, tuple(MODES))
     sigma_tensor, sigma_value = None, 0.0
     if code == MEMORYLESS:
         if sigma is None:
             raise ValueError("sigma is required for mode='memoryless' (M32)")
         if lct is None:
             raise ValueError("lct is required for mode='memoryless' (M32); float('inf') disables the clamp")
-        sigma_tensor, sigma_value = V.coefficient("sigma", sigma, v_ft)
-        if sigma_tensor is None and sigma_value <= 0:
-            raise ValueError(f"sigma must be > 0, got {sigma_value}")
+        sigma_tensor, sigma_value = V.coefficient("sigma", sigma, v_ft, backend, positive=True)
         lct = _check_lct(lct)
     else:
         for name, value in (("sigma", sigma), ("lct", lct)):
             if value is not None:
                 raise ValueError(f"{name} is only used by mode='memoryless', got mode={mode!r}")
-    backend = select_backend(OP, IMPLS, v_ft.device)
-    if backend in ("torch", "triton"):
-        V.check_coefficient_values("sigma", sigma_tensor, positive=True)
     if backend == "torch":
         return reference(v_ft, v_base, adjoint, lam, p, mode, sigma, lct)
     compute_grad = torch.is_grad_enabled() and v_ft.requires_grad

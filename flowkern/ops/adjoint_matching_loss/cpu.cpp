@@ -98,10 +98,10 @@ double control_loss(const T* v_ft, const T* v_base, const T* adj, T* grad, int64
   if (mode == kNorm) {  // per-sample ||omega_b||, omega = a/lam (M26)
     std::vector<A> partial(batch * chunks);
     at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(kChunk);
+      A* buf = scratch<A>(kChunk);  // per-thread, reused
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
-        partial[task] = omega_sum_of_squares(as_acc(adj + b * d + start, n, buf.data()), n, lam);
+        partial[task] = omega_sum_of_squares(as_acc(adj + b * d + start, n, buf), n, lam);
       }
     });
     for (int64_t b = 0; b < batch; ++b) {  // fixed order
@@ -114,20 +114,21 @@ double control_loss(const T* v_ft, const T* v_base, const T* adj, T* grad, int64
   }
   std::vector<A> partial(batch * chunks);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(3 * kChunk), diff(kChunk);
+    A* buf = scratch<A>(3 * kChunk + kChunk);  // per-thread, reused
+    A* diff = buf + 3 * kChunk;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, d - start), off = b * d + start;
       const Control<A> control{mode, p == 2.0, lam, exponent, factor[b]};
-      const A* vf = as_acc(v_ft + off, n, buf.data());
-      const A* vb = as_acc(v_base + off, n, buf.data() + kChunk);
-      const A* a = as_acc(adj + off, n, buf.data() + 2 * kChunk);
+      const A* vf = as_acc(v_ft + off, n, buf);
+      const A* vb = as_acc(v_base + off, n, buf + kChunk);
+      const A* a = as_acc(adj + off, n, buf + 2 * kChunk);
       Vec acc(A(0));
       int64_t i = 0;
       for (; i + Vec::size() <= n; i += Vec::size()) {
         const Vec x = Vec::loadu(vf + i) - Vec::loadu(vb + i) - control(Vec::loadu(a + i));
         acc = acc + x * x;
-        x.store(diff.data() + i);
+        x.store(diff + i);
       }
       A tail = 0;
       for (; i < n; ++i) {
@@ -136,7 +137,7 @@ double control_loss(const T* v_ft, const T* v_base, const T* adj, T* grad, int64
         diff[i] = x;
       }
       partial[task] = lane_sum(acc) + tail;
-      if (grad != nullptr) scale_store<T>(diff.data(), n, grad_scale, grad + off, buf.data());
+      if (grad != nullptr) scale_store<T>(diff, n, grad_scale, grad + off, buf);
     }
   });
   double total = 0;  // fixed order
@@ -188,13 +189,14 @@ double memoryless_loss(const T* v_ft, const T* v_base, const T* adj, Coef<acc_t<
   const bool one_chunk = chunks == 1;
   std::vector<A> partial(batch * chunks);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(4 * kChunk), residual(kChunk);
+    A* buf = scratch<A>(4 * kChunk + kChunk);  // per-thread, reused
+    A* residual = buf + 4 * kChunk;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, d - start), off = b * d + start;
-      partial[task] = residual_of(b, off, n, buf.data(), residual.data());
+      partial[task] = residual_of(b, off, n, buf, residual);
       // one chunk: s_b is this partial (the same value the ordered sum below gives)
-      if (one_chunk && grad != nullptr) write_grad(b, off, n, partial[task], residual.data(), buf.data() + 3 * kChunk);
+      if (one_chunk && grad != nullptr) write_grad(b, off, n, partial[task], residual, buf + 3 * kChunk);
     }
   });
   std::vector<A> sums(batch);
@@ -205,12 +207,13 @@ double memoryless_loss(const T* v_ft, const T* v_base, const T* adj, Coef<acc_t<
   }
   if (!one_chunk && grad != nullptr) {
     at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(4 * kChunk), residual(kChunk);
+      A* buf = scratch<A>(4 * kChunk + kChunk);  // per-thread, reused
+      A* residual = buf + 4 * kChunk;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / chunks, start = (task % chunks) * kChunk;
         const int64_t n = std::min(kChunk, d - start), off = b * d + start;
-        if (sums[b] < lct) residual_of(b, off, n, buf.data(), residual.data());
-        write_grad(b, off, n, sums[b], residual.data(), buf.data() + 3 * kChunk);
+        if (sums[b] < lct) residual_of(b, off, n, buf, residual);
+        write_grad(b, off, n, sums[b], residual, buf + 3 * kChunk);
       }
     });
   }

@@ -102,13 +102,14 @@ def adjoint_step(
 
     a_new is fp32 (fp64 for fp64 a). Differentiable (linear) in a, vjp_u, vjp_c, through both outputs.
     """
-    V.check_tensors(a, "a", vjp_u=vjp_u, vjp_c=vjp_c)
+    backend = select_backend(OP, IMPLS, V.device_of("a", a))
+    V.check_tensors(a, "a", backend, vjp_u=vjp_u, vjp_c=vjp_c)
     if type(return_cot) is not bool:
         raise TypeError(f"return_cot must be a bool, got {type(return_cot).__name__}")
     code = MODES.get(mode) if isinstance(mode, str) else None
     if code is None:
         V.check_choice("mode", mode, tuple(MODES))
-    h_pair = V.coefficient("h", h, a)
+    h_pair = V.coefficient("h", h, a, backend)
     if vjp_c is None:
         if w is not None:
             raise ValueError("w is only used with vjp_c (CFG); pass vjp_c or drop w")
@@ -116,19 +117,15 @@ def adjoint_step(
     elif w is None:
         raise ValueError("w is required when vjp_c is given (CFG)")
     else:
-        w_pair = V.coefficient("w", w, a)
+        w_pair = V.coefficient("w", w, a, backend)
     if code == MODE_MEMORYLESS:
         if kappa is None:
             raise ValueError("kappa is required with mode='memoryless' (M31)")
-        kappa_pair = V.coefficient("kappa", kappa, a)
+        kappa_pair = V.coefficient("kappa", kappa, a, backend)
     elif kappa is not None:
         raise ValueError("kappa is only used with mode='memoryless', got mode='ode'")
     else:
         kappa_pair = (None, 0.0)
-    backend = select_backend(OP, IMPLS, a.device)
-    if backend in ("torch", "triton"):
-        for name, value in (("h", h_pair[0]), ("w", w_pair[0]), ("kappa", kappa_pair[0])):
-            V.check_coefficient_values(name, value)
     if backend == "torch":
         return reference(a, vjp_u, h, vjp_c, w, kappa, mode, return_cot)
     return IMPLS[backend](a, vjp_u, vjp_c, *h_pair, *w_pair, *kappa_pair, code, return_cot)

@@ -35,15 +35,15 @@ void adjoint_step_forward_kernel(const TX* a, const TV* vjp_u, const TV* vjp_c, 
   using Vec = at::vec::Vectorized<A>;
   const int64_t chunks = num_chunks(d);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(3 * kChunk);
+    A* buf = scratch<A>(3 * kChunk);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, d - start), off = b * d + start;
       const A hb = h[b], wb = kCfg ? w[b] : A(0), kb = kMemoryless ? kappa[b] : A(0);
       const A omw = A(1) - wb;
-      const A* pa = as_acc(a + off, n, buf.data());
-      const A* pu = as_acc(vjp_u + off, n, buf.data() + kChunk);
-      const A* pc = kCfg ? as_acc(vjp_c + off, n, buf.data() + 2 * kChunk) : pu;
+      const A* pa = as_acc(a + off, n, buf);
+      const A* pu = as_acc(vjp_u + off, n, buf + kChunk);
+      const A* pc = kCfg ? as_acc(vjp_c + off, n, buf + 2 * kChunk) : pu;
       A* out = a_new + off;
       int64_t i = 0;
       for (; i + Vec::size() <= n; i += Vec::size()) {
@@ -96,10 +96,10 @@ void adjoint_step_backward_kernel(const acc_t<TX>* grad_a_new, const TV* grad_co
   using A = acc_t<TX>;
   const int64_t chunks = num_chunks(d);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(3 * kChunk);
-    A* g = buf.data();
-    A* conv = buf.data() + kChunk;
-    A* out = buf.data() + 2 * kChunk;
+    A* buf = scratch<A>(3 * kChunk);  // per-thread, reused
+    A* g = buf;
+    A* conv = buf + kChunk;
+    A* out = buf + 2 * kChunk;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, d - start), off = b * d + start;

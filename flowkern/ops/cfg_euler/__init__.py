@@ -112,36 +112,34 @@ def cfg_euler(
         mode: 'ode' (M2) or 'memoryless' (M30: x + h(2v - kappa x) + sqrt(h) sigma noise).
         kappa, sigma: per-sample coefficients of the memoryless step (M29); noise: xi ~ N(0, I) like x.
     """
-    V.check_tensors(v_cond, "v_cond", x=x, v_uncond=v_uncond)
-    for name, flag in (("detach_uncond", detach_uncond), ("stopgrad_xhat", stopgrad_xhat)):
-        if type(flag) is not bool:
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    backend = select_backend(OP, IMPLS, V.device_of("v_cond", v_cond))
+    V.check_tensors(v_cond, "v_cond", backend, x=x, v_uncond=v_uncond)
+    if type(detach_uncond) is not bool or type(stopgrad_xhat) is not bool:
+        for name, flag in (("detach_uncond", detach_uncond), ("stopgrad_xhat", stopgrad_xhat)):
+            if type(flag) is not bool:
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     code = MODES.get(mode) if isinstance(mode, str) else None
     if code is None:
         V.check_choice("mode", mode, tuple(MODES))
-    coefs = [*V.coefficient("h", h, v_cond), *V.coefficient("t", t, v_cond)]
+    coefs = [*V.coefficient("h", h, v_cond, backend), *V.coefficient("t", t, v_cond, backend)]
     if v_uncond is None:
         w_pair = (None, 1.0)  # unused by the forward; makes d v_cond = 1 * gbar in the backward
     elif w is None:
         raise ValueError("w is required when v_uncond is given")
     else:
-        w_pair = V.coefficient("w", w, v_cond)
+        w_pair = V.coefficient("w", w, v_cond, backend)
     memoryless = (None, 0.0, None, 0.0)
     if code == MODE_MEMORYLESS:
         for name, value in (("kappa", kappa), ("sigma", sigma), ("noise", noise)):
             if value is None:
                 raise ValueError(f"{name} is required with mode='memoryless' (M30)")
-        memoryless = (*V.coefficient("kappa", kappa, v_cond), *V.coefficient("sigma", sigma, v_cond))
-        V.check_tensors(x, "x", noise=noise)
-    elif kappa is not None or sigma is not None or noise is not None:
+        memoryless = (*V.coefficient("kappa", kappa, v_cond, backend), *V.coefficient("sigma", sigma, v_cond, backend))
+        V.check_tensors(x, "x", backend, noise=noise)
+    elif not (kappa is None and sigma is None and noise is None):
         name = next(n for n, v in (("kappa", kappa), ("sigma", sigma), ("noise", noise)) if v is not None)
         raise ValueError(f"{name} is only used with mode='memoryless', got mode='ode'")
-    if v_uncond is not None and detach_uncond:
+    if detach_uncond and v_uncond is not None and v_uncond.requires_grad:
         v_uncond = v_uncond.detach()
-    backend = select_backend(OP, IMPLS, v_cond.device)
-    if backend in ("torch", "triton"):
-        for name, value in zip(("w", "h", "t", "kappa", "sigma"), (w_pair[0], coefs[0], coefs[2], *memoryless[::2])):
-            V.check_coefficient_values(name, value)
     if backend == "torch":
         return reference(v_uncond, v_cond, x, w, h, t, stopgrad_xhat, mode, kappa, sigma, noise)
     return IMPLS[backend](v_uncond, v_cond, x, *w_pair, *coefs, *memoryless, noise, code, stopgrad_xhat)

@@ -53,20 +53,20 @@ void cfg_euler_forward_kernel(const TV* vu, const TV* vc, const TX* x, const TX*
   using Vec = at::vec::Vectorized<A>;
   const int64_t chunks = num_chunks(d);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(7 * kChunk);
-    A* bv = buf.data() + 4 * kChunk;
-    A* bn = buf.data() + 5 * kChunk;
-    A* bh = buf.data() + 6 * kChunk;
+    A* buf = scratch<A>(7 * kChunk);  // per-thread, reused
+    A* bv = buf + 4 * kChunk;
+    A* bn = buf + 5 * kChunk;
+    A* bh = buf + 6 * kChunk;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, d - start), off = b * d + start;
       const A wb = kCfg ? w[b] : A(0), hb = h[b], omt = A(1) - t[b];
       const A kb = kMemoryless ? kappa[b] : A(0);
       const A ns = kMemoryless ? std::sqrt(hb) * sigma[b] : A(0);
-      const A* pc = as_acc(vc + off, n, buf.data());
-      const A* pu = kCfg ? as_acc(vu + off, n, buf.data() + kChunk) : pc;
-      const A* px = as_acc(x + off, n, buf.data() + 2 * kChunk);
-      const A* pn = kMemoryless ? as_acc(noise + off, n, buf.data() + 3 * kChunk) : px;
+      const A* pc = as_acc(vc + off, n, buf);
+      const A* pu = kCfg ? as_acc(vu + off, n, buf + kChunk) : pc;
+      const A* px = as_acc(x + off, n, buf + 2 * kChunk);
+      const A* pn = kMemoryless ? as_acc(noise + off, n, buf + 3 * kChunk) : px;
       A* ov = acc_out(v_out + off, bv);
       A* on = acc_out(next_out + off, bn);
       A* oh = acc_out(hat_out + off, bh);
@@ -120,23 +120,23 @@ void cfg_euler_backward_kernel(const TV* gv, const TX* gn, const TX* gh, Coef<ac
   using A = acc_t<TX>;
   const int64_t chunks = num_chunks(d);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(7 * kChunk);
-    A* gbar = buf.data() + 3 * kChunk;
-    A* gx = buf.data() + 4 * kChunk;
+    A* buf = scratch<A>(7 * kChunk);  // per-thread, reused
+    A* gbar = buf + 3 * kChunk;
+    A* gx = buf + 4 * kChunk;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, d - start), off = b * d + start;
       const A hb = h[b], wb = w[b];
       const A step = f.memoryless ? A(2) * hb : hb;                       // d x_next / d v (M2, M30)
       const A keep = f.memoryless ? A(1) - hb * kappa[b] : A(1);          // d x_next / d x
-      const A* pn = f.has_gn ? as_acc(gn + off, n, buf.data() + kChunk) : nullptr;
-      const A* ph = f.has_gh ? as_acc(gh + off, n, buf.data() + 2 * kChunk) : nullptr;
+      const A* pn = f.has_gn ? as_acc(gn + off, n, buf + kChunk) : nullptr;
+      const A* ph = f.has_gh ? as_acc(gh + off, n, buf + 2 * kChunk) : nullptr;
       if (f.need_u || f.need_c) {
         std::fill(gbar, gbar + n, A(0));
-        if (f.has_gv) axpy(gbar, A(1), as_acc(gv + off, n, buf.data()), n);
+        if (f.has_gv) axpy(gbar, A(1), as_acc(gv + off, n, buf), n);
         if (f.has_gn) axpy(gbar, step, pn, n);
         if (f.has_gh && f.xhat_grad) axpy(gbar, A(1) - t[b], ph, n);
-        A* out = buf.data() + 5 * kChunk;
+        A* out = buf + 5 * kChunk;
         if (f.need_c) {
           A* oc = acc_out(dc + off, out);
           scale(oc, wb, gbar, n);

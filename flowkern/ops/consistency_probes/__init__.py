@@ -73,14 +73,12 @@ def consistency_probes(
     evaluates c_phi and ghat for T2), x_G = x + eps_x*G/rho_G (where it evaluates v_base for T3);
     rho = rms over each sample, floored at 1e-12. Pass rho_w, rho_G on to `consistency_residual`.
     """
-    V.check_tensors(x, "x", v_base=v_base, value_out=value_out, reward_grad=reward_grad)
+    backend = select_backend(OP, IMPLS, V.device_of("x", x))
+    V.check_tensors(x, "x", backend, v_base=v_base, value_out=value_out, reward_grad=reward_grad)
     beta = V.check_float("beta", beta, positive=True)
     mode = V.eta_code(eta_mode)
     eps_x = V.check_float("eps_x", eps_x, positive=True)
-    t_tensor, t_value = V.coefficient("t", t, x)
-    backend = select_backend(OP, IMPLS, x.device)
-    if backend in ("torch", "triton"):
-        V.check_coefficient_values("t", t_tensor)
+    t_tensor, t_value = V.coefficient("t", t, x, backend)
     if backend == "torch":
         return reference(x, v_base, value_out, reward_grad, t, beta, eta_mode, eps_x)
     args = (x.detach(), v_base.detach(), value_out.detach(), reward_grad.detach())

@@ -17,8 +17,6 @@
 namespace flowkern {
 namespace cpu {
 namespace {
-
-constexpr int64_t kSub = 1024;      // elements converted and processed at a time (buffers stay in L1/L2)
 constexpr double kRmsFloor = 1e-12;  // rms_b floor of (M20)
 
 template <typename T>
@@ -31,7 +29,7 @@ void probes_kernel(const T* x, const T* v_base, const T* value_out, const T* gha
   std::vector<A> partial(2 * batch * chunks);
   // pass 1: sums of w^2 and G^2 per (sample, chunk)
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(3 * kSub);
+    A* buf = scratch<A>(3 * kSub);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
       const A coef = A(beta) * eta_of(t[b], eta_mode);
@@ -39,9 +37,9 @@ void probes_kernel(const T* x, const T* v_base, const T* value_out, const T* gha
       A tail_w = 0, tail_g = 0;
       for (int64_t s = 0; s < n; s += kSub) {
         const int64_t m = std::min(kSub, n - s), off = b * d + start + s;
-        const A* vb = as_acc(v_base + off, m, buf.data());
-        const A* c = as_acc(value_out + off, m, buf.data() + kSub);
-        const A* g = as_acc(ghat + off, m, buf.data() + 2 * kSub);
+        const A* vb = as_acc(v_base + off, m, buf);
+        const A* c = as_acc(value_out + off, m, buf + kSub);
+        const A* g = as_acc(ghat + off, m, buf + 2 * kSub);
         int64_t i = 0;
         for (; i + Vec::size() <= m; i += Vec::size()) {
           const Vec gv = Vec::loadu(c + i) - Vec(coef) * Vec::loadu(g + i);
@@ -70,17 +68,17 @@ void probes_kernel(const T* x, const T* v_base, const T* value_out, const T* gha
   }
   // pass 2: the probes
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(4 * kSub);
+    A* buf = scratch<A>(4 * kSub);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
       const A coef = A(beta) * eta_of(t[b], eta_mode);
       const A step_w = A(eps_x) / rho_w[b], step_g = A(eps_x) / rho_g[b];
       for (int64_t s = 0; s < n; s += kSub) {
         const int64_t m = std::min(kSub, n - s), off = b * d + start + s;
-        const A* xs = as_acc(x + off, m, buf.data());
-        const A* vb = as_acc(v_base + off, m, buf.data() + kSub);
-        const A* c = as_acc(value_out + off, m, buf.data() + 2 * kSub);
-        const A* g = as_acc(ghat + off, m, buf.data() + 3 * kSub);
+        const A* xs = as_acc(x + off, m, buf);
+        const A* vb = as_acc(v_base + off, m, buf + kSub);
+        const A* c = as_acc(value_out + off, m, buf + 2 * kSub);
+        const A* g = as_acc(ghat + off, m, buf + 3 * kSub);
         A* out_w = x_w + off;
         A* out_g = x_g + off;
         int64_t i = 0;

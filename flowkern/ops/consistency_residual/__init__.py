@@ -111,13 +111,10 @@ def _(dG, t3, c, mask, mask_value, compute_grad):
 
 
 def _coefficients(primary: torch.Tensor, backend: str, **coefs) -> list:
-    """(tensor, value) per coefficient, flattened in the given order; values checked here for the Python backends."""
+    """(tensor, value) per coefficient, flattened in the given order."""
     out = []
     for name, value in coefs.items():
-        tensor, scalar = V.coefficient(name, value, primary)
-        if backend in ("torch", "triton"):
-            V.check_coefficient_values(name, tensor)
-        out += [tensor, scalar]
+        out += V.coefficient(name, value, primary, backend)
     return out
 
 
@@ -151,12 +148,12 @@ def consistency_residual(
 
     The caller forms L_cons + alpha * L_bnd (M19).
     """
-    V.check_tensors(c, "c", c_t=c_t, c_x=c_x, ghat=ghat, ghat_t=ghat_t, ghat_x=ghat_x, vb=vb, vb_G=vb_G)
+    backend = select_backend(OP, IMPLS, V.device_of("c", c))
+    V.check_tensors(c, "c", backend, c_t=c_t, c_x=c_x, ghat=ghat, ghat_t=ghat_t, ghat_x=ghat_x, vb=vb, vb_G=vb_G)
     beta = V.check_float("beta", beta, positive=True)
     mode = V.eta_code(eta_mode)
     eps_t = V.check_float("eps_t", eps_t, positive=True)
     eps_x = V.check_float("eps_x", eps_x, positive=True)
-    backend = select_backend(OP, IMPLS, c.device)
     t_, t_v, rho_w_, rho_w_v, rho_G_, rho_G_v, mask_, mask_v = _coefficients(
         c, backend, t=t, rho_w=rho_w, rho_G=rho_G, mask=mask
     )
@@ -184,8 +181,8 @@ def consistency_residual_exact(
 
     R = dG + t3, L_cons = mean(R^2), L_bnd = (1/B) sum_b m_b mean_b(c_b^2). The caller forms L_cons + alpha L_bnd.
     """
-    V.check_tensors(dG, "dG", t3=t3, c=c)
-    backend = select_backend(OP_EXACT, EXACT_IMPLS, dG.device)
+    backend = select_backend(OP_EXACT, EXACT_IMPLS, V.device_of("dG", dG))
+    V.check_tensors(dG, "dG", backend, t3=t3, c=c)
     mask_, mask_v = _coefficients(dG, backend, mask=mask)
     if backend == "torch":
         return reference_exact(dG, t3, c, mask)

@@ -19,8 +19,6 @@ namespace flowkern {
 namespace cpu {
 namespace {
 
-constexpr int64_t kSub = 1024;  // elements converted and processed at a time (buffers stay in L1/L2)
-
 // e_b of (M20): +eps_t, or -eps_t where t + eps_t > 1 (the test runs in A, as in every backend)
 template <typename A>
 inline A signed_step(A t, A eps_t) {
@@ -52,7 +50,7 @@ void residual_kernel(const T* const* in, Coef<acc_t<T>> t, Coef<acc_t<T>> rho_w,
   const int64_t chunks = num_chunks(d);
   const A q_scale = A(2.0 / (static_cast<double>(batch) * static_cast<double>(d)));
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(8 * kSub);
+    A* buf = scratch<A>(8 * kSub);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
       const A tb = t[b], step = signed_step(tb, A(eps_t)), inv_step = A(1) / step;
@@ -63,7 +61,7 @@ void residual_kernel(const T* const* in, Coef<acc_t<T>> t, Coef<acc_t<T>> rho_w,
       for (int64_t s = 0; s < n; s += kSub) {
         const int64_t m = std::min(kSub, n - s), off = b * d + start + s;
         const A* p[8];
-        for (int k = 0; k < 8; ++k) p[k] = as_acc(in[k] + off, m, buf.data() + k * kSub);
+        for (int k = 0; k < 8; ++k) p[k] = as_acc(in[k] + off, m, buf + k * kSub);
         const A *c = p[0], *c_t = p[1], *c_x = p[2], *g = p[3], *g_t = p[4], *g_x = p[5], *vb = p[6], *vb_g = p[7];
         A* qs = q == nullptr ? nullptr : q + off;
         int64_t i = 0;
@@ -119,7 +117,7 @@ void residual_backward_kernel(acc_t<T> grad_cons, acc_t<T> grad_bnd, const acc_t
   const int64_t chunks = num_chunks(d);
   const A bnd_scale = A(2.0 / (static_cast<double>(batch) * static_cast<double>(d)));
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(2 * kSub);
+    A* buf = scratch<A>(2 * kSub);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
       const A inv_step = A(1) / signed_step(t[b], A(eps_t)), k_w = rho_w[b] / A(eps_x);
@@ -128,11 +126,11 @@ void residual_backward_kernel(acc_t<T> grad_cons, acc_t<T> grad_bnd, const acc_t
       for (int64_t s = 0; s < n; s += kSub) {
         const int64_t m = std::min(kSub, n - s), off = b * d + start + s;
         const A* qs = q + off;
-        if (grad_c_t != nullptr) scaled_store<T>(qs, s_t, nullptr, A(0), grad_c_t + off, m, buf.data());
-        if (grad_c_x != nullptr) scaled_store<T>(qs, s_x, nullptr, A(0), grad_c_x + off, m, buf.data());
+        if (grad_c_t != nullptr) scaled_store<T>(qs, s_t, nullptr, A(0), grad_c_t + off, m, buf);
+        if (grad_c_x != nullptr) scaled_store<T>(qs, s_x, nullptr, A(0), grad_c_x + off, m, buf);
         if (grad_c != nullptr) {  // c is read on terminal samples only (s_b == 0 elsewhere; c assumed finite)
-          const A* cs = s_b != A(0) ? as_acc(c + off, m, buf.data() + kSub) : nullptr;
-          scaled_store<T>(qs, s_c, cs, s_b, grad_c + off, m, buf.data());
+          const A* cs = s_b != A(0) ? as_acc(c + off, m, buf + kSub) : nullptr;
+          scaled_store<T>(qs, s_c, cs, s_b, grad_c + off, m, buf);
         }
       }
     }
@@ -147,8 +145,8 @@ void exact_kernel(const T* dG, const T* t3, const T* c, Coef<acc_t<T>> mask, T* 
   const int64_t chunks = num_chunks(d);
   const A grad_scale = A(2.0 / (static_cast<double>(batch) * static_cast<double>(d)));
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(4 * kSub);
-    A* scaled = buf.data() + 3 * kSub;
+    A* buf = scratch<A>(4 * kSub);  // per-thread, reused
+    A* scaled = buf + 3 * kSub;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
       const bool terminal = mask[b] != A(0);  // c is read on terminal samples only (M17)
@@ -156,8 +154,8 @@ void exact_kernel(const T* dG, const T* t3, const T* c, Coef<acc_t<T>> mask, T* 
       A tail_r = 0, tail_c = 0;
       for (int64_t s = 0; s < n; s += kSub) {
         const int64_t m = std::min(kSub, n - s), off = b * d + start + s;
-        const A* dg = as_acc(dG + off, m, buf.data());
-        const A* t3s = as_acc(t3 + off, m, buf.data() + kSub);
+        const A* dg = as_acc(dG + off, m, buf);
+        const A* t3s = as_acc(t3 + off, m, buf + kSub);
         A* out = grad == nullptr ? nullptr : (std::is_same_v<T, A> ? reinterpret_cast<A*>(grad + off) : scaled);
         int64_t i = 0;
         for (; i + Vec::size() <= m; i += Vec::size()) {
@@ -174,7 +172,7 @@ void exact_kernel(const T* dG, const T* t3, const T* c, Coef<acc_t<T>> mask, T* 
           if (grad != nullptr) store_from_acc<T>(scaled, grad + off, m);
         }
         if (terminal) {
-          const A* cs = as_acc(c + off, m, buf.data() + 2 * kSub);
+          const A* cs = as_acc(c + off, m, buf + 2 * kSub);
           int64_t j = 0;
           for (; j + Vec::size() <= m; j += Vec::size()) acc_c = acc_c + Vec::loadu(cs + j) * Vec::loadu(cs + j);
           for (; j < m; ++j) tail_c += cs[j] * cs[j];

@@ -60,9 +60,9 @@ def reward_grad_clip(grad: torch.Tensor, tau: float) -> tuple[torch.Tensor, torc
     Not differentiable: `grad` is detached, so the outputs never require grad (backward through
     them raises PyTorch's "does not require grad" error).
     """
-    V.check_tensors(grad, "grad")
+    backend = select_backend(OP, IMPLS, V.device_of("grad", grad))
+    V.check_tensors(grad, "grad", backend)
     tau = V.check_float("tau", tau, positive=True)
-    backend = select_backend(OP, IMPLS, grad.device)
     if backend == "torch":
         return reference(grad, tau)
     return IMPLS[backend](grad.detach(), tau)

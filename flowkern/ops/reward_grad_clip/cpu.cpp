@@ -59,22 +59,22 @@ void clip_kernel(const T* grad, T* out, acc_t<T>* norms, int64_t batch, int64_t 
   const A tau = A(tau_d);
   if (chunks == 1) {  // one task per sample: norm and scale while the sample is in cache
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(2 * kChunk);
+      A* buf = scratch<A>(2 * kChunk);  // per-thread, reused
       for (int64_t b = begin; b < end; ++b) {
-        const A* x = as_acc(grad + b * d, d, buf.data());
+        const A* x = as_acc(grad + b * d, d, buf);
         const A norm = std::sqrt(sum_of_squares(x, d));
         norms[b] = norm;
-        scale_store<T>(x, d, clip_factor(norm, tau), out + b * d, buf.data() + kChunk);
+        scale_store<T>(x, d, clip_factor(norm, tau), out + b * d, buf + kChunk);
       }
     });
     return;
   }
   std::vector<A> partial(batch * chunks);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(kChunk);
+    A* buf = scratch<A>(kChunk);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
-      partial[task] = sum_of_squares(as_acc(grad + b * d + start, n, buf.data()), n);
+      partial[task] = sum_of_squares(as_acc(grad + b * d + start, n, buf), n);
     }
   });
   for (int64_t b = 0; b < batch; ++b) {  // fixed order
@@ -83,12 +83,12 @@ void clip_kernel(const T* grad, T* out, acc_t<T>* norms, int64_t batch, int64_t 
     norms[b] = std::sqrt(s);
   }
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(2 * kChunk);
+    A* buf = scratch<A>(2 * kChunk);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
       const int64_t off = b * d + start;
-      scale_store<T>(as_acc(grad + off, n, buf.data()), n, clip_factor(norms[b], tau), out + off,
-                     buf.data() + kChunk);
+      scale_store<T>(as_acc(grad + off, n, buf), n, clip_factor(norms[b], tau), out + off,
+                     buf + kChunk);
     }
   });
 }

@@ -61,13 +61,11 @@ def vggflow_matching_loss(
         t: paper time per sample ([B] or scalar). beta: 1/lambda > 0.
         eta_mode: 'quad' (t^2, default), 'linear' (t) or 'constant' (1).
     """
-    V.check_tensors(v_ft, "v_ft", v_base=v_base, reward_grad=reward_grad, value_out=value_out)
+    backend = select_backend(OP, IMPLS, V.device_of("v_ft", v_ft))
+    V.check_tensors(v_ft, "v_ft", backend, v_base=v_base, reward_grad=reward_grad, value_out=value_out)
     beta = V.check_float("beta", beta, positive=True)
     mode = V.eta_code(eta_mode)
-    t_tensor, t_value = V.coefficient("t", t, v_ft)
-    backend = select_backend(OP, IMPLS, v_ft.device)
-    if backend in ("torch", "triton"):
-        V.check_coefficient_values("t", t_tensor)
+    t_tensor, t_value = V.coefficient("t", t, v_ft, backend)
     if backend == "torch":
         return reference(v_ft, v_base, reward_grad, value_out, t, beta, eta_mode)
     compute_grad = torch.is_grad_enabled() and v_ft.requires_grad
