@@ -59,11 +59,10 @@ def _step(fn: Callable, inputs: list, grads: list) -> Callable:
 
     def step():
         out = fn(*inputs)
-        if out.dim() > 0:  # cfg_euler's v: a fixed random cotangent
-            out = (out * cot.setdefault("c", torch.randn_like(out))).sum()
         for x in grads:
             x.grad = None
-        out.backward()
+        # cfg_euler's v: a fixed random cotangent (the training case: v's gradient from the matching loss)
+        out.backward(cot.setdefault("c", torch.randn_like(out)) if out.dim() > 0 else None)
 
     return step
 

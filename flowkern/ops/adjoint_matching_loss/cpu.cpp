@@ -2,8 +2,8 @@
 // elementwise / norm: per (sample, chunk) task, diff = v_ft - v_base - u* with u* = -grad c*(a/lam) (M26),
 //   partial sum of diff^2 and the gradient 2*diff/D in place (M28); 'norm' first sums (a/lam)^2 per
 //   sample for ||omega_b||. memoryless (M32): d = (2/sigma_b)(v_ft - v_base) + sigma_b*a; pass 1 sums d^2
-//   per sample, pass 2 writes 1[s_b < lct] (4/sigma_b) d / B (zeros for clamped samples, no reads);
-//   a sample of one chunk gets its gradient in the same task, from d still in cache.
+//   per sample and writes (4/sigma_b) d / B with d still in cache; once s_b is known the clamped samples
+//   (s_b >= lct) are zeroed: one pass over the inputs.
 // Partials are fp32 (fp64 for fp64 inputs) and summed in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -172,31 +172,20 @@ double memoryless_loss(const T* v_ft, const T* v_base, const T* adj, Coef<acc_t<
   using A = acc_t<T>;
   const int64_t chunks = num_chunks(d);
   const A lct = A(lct_d);
-  // dL/dv_ft = 1[s_b < lct] (4/sigma_b) d / B (M32); clamped samples get zeros without reading.
-  auto write_grad = [&](int64_t b, int64_t off, int64_t n, A s, const A* residual, A* tmp) {
-    if (s < lct) {
-      scale_store<T>(residual, n, A(4) / (sigma[b] * A(batch)), grad + off, tmp);
-    } else {
-      std::fill(grad + off, grad + off + n, T(0));
-    }
-  };
-  auto residual_of = [&](int64_t b, int64_t off, int64_t n, A* buf, A* residual) {
-    const A* vf = as_acc(v_ft + off, n, buf);
-    const A* vb = as_acc(v_base + off, n, buf + kChunk);
-    const A* a = as_acc(adj + off, n, buf + 2 * kChunk);
-    return memoryless_residual(vf, vb, a, n, sigma[b], residual);
-  };
-  const bool one_chunk = chunks == 1;
+  // dL/dv_ft = 1[s_b < lct] (4/sigma_b) d / B (M32), in one pass: the gradient is written with d still in cache as
+  // if every sample were active, then the (rare) clamped samples are zeroed once s_b is known.
   std::vector<A> partial(batch * chunks);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    A* buf = scratch<A>(4 * kChunk + kChunk);  // per-thread, reused
+    A* buf = scratch<A>(5 * kChunk);  // per-thread, reused
     A* residual = buf + 4 * kChunk;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, d - start), off = b * d + start;
-      partial[task] = residual_of(b, off, n, buf, residual);
-      // one chunk: s_b is this partial (the same value the ordered sum below gives)
-      if (one_chunk && grad != nullptr) write_grad(b, off, n, partial[task], residual, buf + 3 * kChunk);
+      const A* vf = as_acc(v_ft + off, n, buf);
+      const A* vb = as_acc(v_base + off, n, buf + kChunk);
+      const A* a = as_acc(adj + off, n, buf + 2 * kChunk);
+      partial[task] = memoryless_residual(vf, vb, a, n, sigma[b], residual);
+      if (grad != nullptr) scale_store<T>(residual, n, A(4) / (sigma[b] * A(batch)), grad + off, buf + 3 * kChunk);
     }
   });
   std::vector<A> sums(batch);
@@ -204,18 +193,7 @@ double memoryless_loss(const T* v_ft, const T* v_base, const T* adj, Coef<acc_t<
     A s = 0;
     for (int64_t c = 0; c < chunks; ++c) s += partial[b * chunks + c];
     sums[b] = s;
-  }
-  if (!one_chunk && grad != nullptr) {
-    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-      A* buf = scratch<A>(4 * kChunk + kChunk);  // per-thread, reused
-      A* residual = buf + 4 * kChunk;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / chunks, start = (task % chunks) * kChunk;
-        const int64_t n = std::min(kChunk, d - start), off = b * d + start;
-        if (sums[b] < lct) residual_of(b, off, n, buf, residual);
-        write_grad(b, off, n, sums[b], residual, buf + 3 * kChunk);
-      }
-    });
+    if (grad != nullptr && !(s < lct)) std::fill(grad + b * d, grad + (b + 1) * d, T(0));  // clamped: no gradient
   }
   double total = 0;  // (1/B) sum_b min(s_b, lct), fixed order
   for (A s : sums) total += static_cast<double>(std::min(s, lct));

@@ -119,41 +119,50 @@ void cfg_euler_backward_kernel(const TV* gv, const TX* gn, const TX* gh, Coef<ac
                                int64_t d, BackwardFlags f) {
   using A = acc_t<TX>;
   const int64_t chunks = num_chunks(d);
+  // L1-sized sub-blocks: the few passes over each (fill, axpy, scale) stay in cache
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    A* buf = scratch<A>(7 * kChunk);  // per-thread, reused
-    A* gbar = buf + 3 * kChunk;
-    A* gx = buf + 4 * kChunk;
+    A* buf = scratch<A>(6 * kSub);  // per-thread, reused
+    A* sum = buf + 3 * kSub;
+    A* gx = buf + 4 * kSub;
+    A* out = buf + 5 * kSub;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, start = (task % chunks) * kChunk;
-      const int64_t n = std::min(kChunk, d - start), off = b * d + start;
+      const int64_t b = task / chunks, start = (task % chunks) * kChunk, n_task = std::min(kChunk, d - start);
       const A hb = h[b], wb = w[b];
       const A step = f.memoryless ? A(2) * hb : hb;                       // d x_next / d v (M2, M30)
       const A keep = f.memoryless ? A(1) - hb * kappa[b] : A(1);          // d x_next / d x
-      const A* pn = f.has_gn ? as_acc(gn + off, n, buf + kChunk) : nullptr;
-      const A* ph = f.has_gh ? as_acc(gh + off, n, buf + 2 * kChunk) : nullptr;
-      if (f.need_u || f.need_c) {
-        std::fill(gbar, gbar + n, A(0));
-        if (f.has_gv) axpy(gbar, A(1), as_acc(gv + off, n, buf), n);
-        if (f.has_gn) axpy(gbar, step, pn, n);
-        if (f.has_gh && f.xhat_grad) axpy(gbar, A(1) - t[b], ph, n);
-        A* out = buf + 5 * kChunk;
-        if (f.need_c) {
-          A* oc = acc_out(dc + off, out);
-          scale(oc, wb, gbar, n);
-          finish_out(oc, dc + off, n);
+      const bool gv_only = f.has_gv && !f.has_gn && !(f.has_gh && f.xhat_grad);  // training: gbar = g_v, no pass
+      for (int64_t s = 0; s < n_task; s += kSub) {
+        const int64_t n = std::min(kSub, n_task - s), off = b * d + start + s;
+        const A* pn = f.has_gn ? as_acc(gn + off, n, buf + kSub) : nullptr;
+        const A* ph = f.has_gh ? as_acc(gh + off, n, buf + 2 * kSub) : nullptr;
+        if (f.need_u || f.need_c) {
+          const A* gbar = sum;
+          if (gv_only) {
+            gbar = as_acc(gv + off, n, buf);
+          } else {
+            std::fill(sum, sum + n, A(0));
+            if (f.has_gv) axpy(sum, A(1), as_acc(gv + off, n, buf), n);
+            if (f.has_gn) axpy(sum, step, pn, n);
+            if (f.has_gh && f.xhat_grad) axpy(sum, A(1) - t[b], ph, n);
+          }
+          if (f.need_c) {
+            A* oc = acc_out(dc + off, out);
+            scale(oc, wb, gbar, n);
+            finish_out(oc, dc + off, n);
+          }
+          if (f.need_u) {
+            A* ou = acc_out(du + off, out);
+            scale(ou, A(1) - wb, gbar, n);
+            finish_out(ou, du + off, n);
+          }
         }
-        if (f.need_u) {
-          A* ou = acc_out(du + off, out);
-          scale(ou, A(1) - wb, gbar, n);
-          finish_out(ou, du + off, n);
+        if (f.need_x) {
+          A* ox = acc_out(dx + off, gx);
+          std::fill(ox, ox + n, A(0));
+          if (f.has_gn) axpy(ox, keep, pn, n);
+          if (f.has_gh) axpy(ox, A(1), ph, n);
+          finish_out(ox, dx + off, n);
         }
-      }
-      if (f.need_x) {
-        A* ox = acc_out(dx + off, gx);
-        std::fill(ox, ox + n, A(0));
-        if (f.has_gn) axpy(ox, keep, pn, n);
-        if (f.has_gh) axpy(ox, A(1), ph, n);
-        finish_out(ox, dx + off, n);
       }
     }
   });
