@@ -61,8 +61,9 @@ def _step(fn: Callable, inputs: list, grads: list) -> Callable:
         out = fn(*inputs)
         for x in grads:
             x.grad = None
-        # cfg_euler's v: a fixed random cotangent (the training case: v's gradient from the matching loss)
-        out.backward(cot.setdefault("c", torch.randn_like(out)) if out.dim() > 0 else None)
+        if out.dim() > 0 and "v" not in cot:  # cfg_euler's v: one fixed random cotangent (drawn once, not timed)
+            cot["v"] = torch.randn_like(out)
+        out.backward(cot["v"] if out.dim() > 0 else None)  # the training case: v's gradient from the matching loss
 
     return step
 
@@ -76,11 +77,15 @@ def _best_ms(fn: Callable, repeats: int) -> float:
     return best * 1e3
 
 
-def table(threads: int, dtypes: list[str], repeats: int = 15, shape=SHAPE, compiler: str = "inductor") -> list[tuple]:
+def table(
+    threads: int, dtypes: list[str], repeats: int = 15, shape=SHAPE, compiler: str = "inductor", ops=None
+) -> list[tuple]:
     torch.set_num_threads(threads)
     rows = []
     for dname in dtypes:
         for name, (eager, fused, inputs, grads) in _cases(shape, DTYPES[dname]).items():
+            if ops and name not in ops:
+                continue
             providers = {
                 "eager": _step(eager, inputs, grads),
                 "compile": _step(torch.compile(eager, dynamic=False, backend=compiler), inputs, grads),
@@ -109,11 +114,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--ops", nargs="*", help="only these rows (default: all)")
     args = parser.parse_args()
     print(f"{'op':34s} {'dtype':5s} {'thr':>3s} {'eager ms':>9s} {'compile ms':>10s} {'flowkern ms':>11s} "
           f"{'x eager':>7s} {'x compile':>9s}")  # fmt: skip
     for threads in args.threads:
-        for name, dname, thr, e, c, f in table(threads, args.dtype):
+        for name, dname, thr, e, c, f in table(threads, args.dtype, ops=args.ops):
             print(f"{name:34s} {dname:5s} {thr:3d} {e:9.2f} {c:10.2f} {f:11.2f} {e / f:7.2f} {c / f:9.2f}")
     return 0
 
