@@ -4,9 +4,10 @@
 # 2. their SASS: every kernel with a 16-byte path (template flag true) that writes element data must contain
 #    128-bit stores (STG.E.128); kernels that only write per-tile partials are exempt. cuobjdump/nvdisasm come from
 #    PyPI (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) when not on PATH;
-# 3. the launchers flowkern/ops/*/cuda.cu against torch's headers. A CPU-only torch wheel lacks one generated
-#    header (c10/cuda/impl/cuda_cmake_macros.h); an empty stand-in in a temp dir is enough to compile (never to link).
-#    The registration code (op.cpp) is plain C++ built by setup.py, CUDA registrations included (FLOWKERN_WITH_CUDA).
+# 3. the launchers flowkern/ops/*/cuda.cu and csrc/cuda/*.cu against torch's headers. A CPU-only torch wheel lacks
+#    one generated header (c10/cuda/impl/cuda_cmake_macros.h); an empty stand-in in a temp dir is enough to compile
+#    (never to link: CUDA torch builds link them);
+# 4. the registration code with the CUDA kernels registered (g++ -DFLOWKERN_WITH_CUDA -fsyntax-only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -55,3 +56,11 @@ export ARCH torch_inc tmp
 ls flowkern/ops/*/cuda.cu csrc/cuda/*.cu | xargs -P "${MAX_JOBS:-2}" -I{} sh -c \
   'nvcc -c -std=c++20 $ARCH -DFLOWKERN_WITH_CUDA -w -I "$tmp/stub" -I csrc/include -I csrc $torch_inc {} -o "$tmp/$(echo {} | tr / _).o" || { echo "nvcc failed: {}"; exit 255; }'
 echo "nvcc sm_90a: flowkern/ops/*/cuda.cu, csrc/cuda/*.cu launchers ok ($(ls flowkern/ops/*/cuda.cu csrc/cuda/*.cu | wc -l) files)"
+
+# 4. the registration code with the CUDA kernels registered (op.cpp, csrc/*.cpp under FLOWKERN_WITH_CUDA): plain C++
+#    against the CPU-only torch headers (generic c10 APIs only), so it is checked here too (syntax and templates).
+py_inc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+export py_inc
+ls flowkern/ops/*/op.cpp csrc/*.cpp | xargs -P "${MAX_JOBS:-2}" -I{} sh -c \
+  'g++ -std=c++20 -fsyntax-only -DFLOWKERN_WITH_CUDA -I csrc/include -I csrc -I "$py_inc" $torch_inc {} || { echo "g++ failed: {}"; exit 255; }'
+echo "g++ -DFLOWKERN_WITH_CUDA: flowkern/ops/*/op.cpp, csrc/*.cpp registrations ok"
