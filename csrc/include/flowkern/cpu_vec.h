@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace flowkern {
 namespace cpu {
@@ -53,6 +54,16 @@ inline void store_from_acc(const acc_t<T>* src, T* dst, int64_t n) {
   } else {
     at::vec::convert(src, dst, n);
   }
+}
+
+// A per-thread scratch buffer of at least n elements of A, reused across calls: no allocation or zero-fill per call
+// (a fresh std::vector of a few chunks cost more than the whole kernel on small inputs). One live buffer per thread
+// and type: a task slices it rather than asking twice.
+template <typename A>
+inline A* scratch(int64_t n) {
+  thread_local std::vector<A> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
 }
 
 // Elements converted and processed at a time inside a chunk: a few such buffers stay in L1.
