@@ -47,7 +47,10 @@ def extension_modules():
         print(f"flowkern: torch not importable ({exc}); building pure Python", file=sys.stderr)
         return [], {}
 
-    sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
+    # csrc/*.cpp: the library, shared helpers, autograd; flowkern/ops/<op>/{op,cpu}.cpp: each op's schema and CPU kernel
+    sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    sources += _rel(glob.glob(os.path.join(HERE, "flowkern", "ops", "*", "*.cpp")))
     include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
     cxx_flags = ["-O3", "-std=c++20"]
     if platform.machine().lower() in ("x86_64", "amd64"):
@@ -62,7 +65,9 @@ def extension_modules():
         nvcc_flags += ["--threads", os.environ.get("NVCC_THREADS", "4")]
         ext = CUDAExtension(
             "flowkern._C",
-            sources + _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))),
+            sources
+            + _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+            + _rel(glob.glob(os.path.join(HERE, "flowkern", "ops", "*", "cuda.cu"))),
             include_dirs=include_dirs,
             define_macros=[("FLOWKERN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags + ["-DFLOWKERN_WITH_CUDA"], "nvcc": nvcc_flags},

@@ -1,4 +1,4 @@
-"""Fused ops (math.md section 8), each a torch.library custom op `flowkern::<name>`."""
+"""Fused ops (math.md section 8), one folder per op (docs/ops.md); native ops `torch.ops.flowkern.<name>`."""
 
 from flowkern.ops.adjoint_matching_loss import adjoint_matching_loss
 from flowkern.ops.adjoint_step import adjoint_step

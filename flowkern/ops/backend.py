@@ -1,10 +1,11 @@
 """Backend selection for the fused ops (design.md section 2).
 
-Backends: ``torch`` (reference, any device), ``triton`` (CUDA; CPU under TRITON_INTERPRET=1),
-``cpp`` (C++ CPU kernels in flowkern._C), ``cuda`` (CUDA C++ kernels in flowkern._C).
+Backends: ``torch`` (the op's reference.py, any device), ``triton`` (CUDA; CPU under TRITON_INTERPRET=1),
+``cpp`` and ``cuda``: the native op ``torch.ops.flowkern.<op>`` from flowkern._C, whose CPU and CUDA kernels the
+dispatcher picks by device (C++ autograd, so an eager call stays in C++).
 Priority: ``use_backend(...)`` context > ``FLOWKERN_BACKEND`` env var > automatic
 (CUDA tensor: cuda, else triton; CPU tensor: cpp, else triton when interpreting, else torch).
-Selection runs inside the op body at call time, so torch.compile never sees it.
+The public function of each op selects before calling; under torch.compile the choice is made once while tracing.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ if _cpu_lacks_avx2():  # pragma: no cover - depends on the machine
     EXT_IMPORT_ERROR = "this CPU has no AVX2, which flowkern._C's CPU kernels are compiled for"
 else:
     try:  # the package works without the extension (pure-Python install or ABI mismatch)
-        from flowkern import _C  # type: ignore[attr-defined,no-redef]
+        from flowkern import _C  # type: ignore[attr-defined,no-redef]  (importing it registers the flowkern:: ops)
 
         HAS_EXT = True
-    except ImportError as exc:  # pragma: no cover - depends on the install
+    except (ImportError, OSError) as exc:  # pragma: no cover - depends on the install
         EXT_IMPORT_ERROR = str(exc)
 
-HAS_CUDA_EXT = HAS_EXT and bool(getattr(_C, "WITH_CUDA", False))
+HAS_CUDA_EXT = HAS_EXT and bool(getattr(_C, "WITH_CUDA", 0))
 
 try:  # never query the Triton driver here: it raises on machines without a GPU
     import triton  # noqa: F401
@@ -81,24 +82,33 @@ def use_backend(name: str | None) -> Iterator[None]:
         _FORCED.reset(token)
 
 
+# FLOWKERN_BACKEND is read on every call (it may change at run time); os.environ.get costs ~1 us, a lookup in its
+# underlying dict ~0.1 us (CPython keeps it in sync with os.environ).
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FLOWKERN_BACKEND") if _ENV_DATA is not None else None
+
+
 def forced_backend() -> str | None:
     name = _FORCED.get()
     if name is not None:
         return name
-    env = os.environ.get("FLOWKERN_BACKEND", "").strip().lower()
+    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get("FLOWKERN_BACKEND")
+    if raw is None:
+        return None
+    env = (os.environ.decodevalue(raw) if isinstance(raw, bytes) else raw).strip().lower()
     if env in ("", "auto"):
         return None
     return _check_name(env, "FLOWKERN_BACKEND")
 
 
-def ext_function(name: str) -> Callable | None:
-    """The compiled entry point ``flowkern._C.<name>``, or None without the extension."""
-    return getattr(_C, name, None) if HAS_EXT else None
+def native_op(name: str):
+    """The compiled op ``torch.ops.flowkern.<name>.default`` (CPU and, if built, CUDA kernels; C++ autograd) or None."""
+    return getattr(torch.ops.flowkern, name).default if HAS_EXT else None
 
 
-def implementations(reference: Callable, triton_impl: Callable | None, ext_impl: Callable | None) -> dict:
-    """An op's backend table. flowkern._C serves CPU (cpp) and CUDA (cuda) tensors through one entry point."""
-    return {"torch": reference, "triton": triton_impl, "cpp": ext_impl, "cuda": ext_impl}
+def implementations(reference: Callable, triton_impl: Callable | None, native: Callable | None) -> dict:
+    """An op's backend table. The native op serves CPU (cpp) and CUDA (cuda) tensors; the dispatcher picks a kernel."""
+    return {"torch": reference, "triton": triton_impl, "cpp": native, "cuda": native}
 
 
 def _why_unavailable(backend: str, device: torch.device, impls: Mapping[str, Callable | None]) -> str | None:
@@ -135,31 +145,33 @@ def available_backends(impls: Mapping[str, Callable | None], device: torch.devic
     return [b for b in BACKEND_NAMES if _why_unavailable(b, device, impls) is None]
 
 
-def select_backend(op: str, impls: Mapping[str, Callable | None], device: torch.device) -> Callable:
-    """Return the implementation of ``op`` to run on ``device`` (see module docstring)."""
+def _warn_no_ext() -> None:
     global _warned_no_ext
+    _warned_no_ext = True
+    warnings.warn(
+        f"flowkern._C is not available ({EXT_IMPORT_ERROR}); falling back to Triton/PyTorch. "
+        "'undefined symbol' means it was built against another torch: rebuild with "
+        "`pip install --no-build-isolation -e .`",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates the choice once, while tracing
+def select_backend(op: str, impls: Mapping[str, Callable | None], device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device`` (see module docstring): 'torch', 'triton', 'cpp' or 'cuda'."""
     forced = forced_backend()
-    if forced is not None:
-        why = _why_unavailable(forced, device, impls)
-        if why is not None:
-            raise BackendUnavailableError(
-                f"flowkern.{op}: backend {forced!r} cannot serve {device.type} tensors: {why}"
-            )
-        return impls[forced]  # type: ignore[return-value]
-    if device.type == "cuda":
-        order = ("cuda", "triton", "torch")
-    else:
-        order = ("cpp", "triton", "torch") if triton_interpreting() else ("cpp", "torch")
-    if not HAS_EXT and not _warned_no_ext:
-        _warned_no_ext = True
-        warnings.warn(
-            f"flowkern._C is not available ({EXT_IMPORT_ERROR}); falling back to Triton/PyTorch. "
-            "'undefined symbol' means it was built against another torch: rebuild with "
-            "`pip install --no-build-isolation -e .`",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    for name in order:
-        if _why_unavailable(name, device, impls) is None:
-            return impls[name]  # type: ignore[return-value]
-    return impls["torch"]  # type: ignore[return-value]
+    if forced is None:  # automatic; the common case first
+        if device.type == "cpu":
+            if HAS_EXT:
+                return "cpp"
+        elif device.type == "cuda" and HAS_CUDA_EXT:
+            return "cuda"
+        if not HAS_EXT and not _warned_no_ext:
+            _warn_no_ext()
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpp", "triton")
+        return next((name for name in order if _why_unavailable(name, device, impls) is None), "torch")
+    why = _why_unavailable(forced, device, impls)
+    if why is not None:
+        raise BackendUnavailableError(f"flowkern.{op}: backend {forced!r} cannot serve {device.type} tensors: {why}")
+    return forced

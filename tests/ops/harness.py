@@ -19,7 +19,7 @@ ODD_SHAPES = ((3, 5, 7, 9), (2, 4, 33, 17), (3, 16, 37, 29))
 
 
 def op_module(name: str):
-    """The module flowkern/ops/<name>.py (the package re-exports a function of the same name)."""
+    """The package flowkern/ops/<name>/ (flowkern.ops re-exports a function of the same name)."""
     import importlib
 
     return importlib.import_module(f"flowkern.ops.{name}")
@@ -27,6 +27,19 @@ def op_module(name: str):
 
 def cpu_backends(impls) -> list[str]:
     return available_backends(impls, torch.device("cpu"))
+
+
+def require_gpu_backend(impls, backend: str) -> None:
+    """Under `-m gpu`: a missing CUDA extension fails the cuda-backend tests (a GPU run must run the CUDA kernels);
+    a missing Triton skips the triton ones."""
+    import pytest
+
+    from flowkern.ops.backend import EXT_IMPORT_ERROR, HAS_CUDA_EXT
+
+    if backend == "cuda" and not HAS_CUDA_EXT:
+        pytest.fail(f"flowkern._C has no CUDA kernels ({EXT_IMPORT_ERROR or 'built without nvcc'}): rebuild on the GPU")
+    if backend not in available_backends(impls, torch.device("cuda")):
+        pytest.skip(f"{backend} not available on CUDA")
 
 
 def _clone_inputs(inputs: dict, dtype: torch.dtype | None, grad_names: tuple[str, ...]) -> dict:
@@ -53,8 +66,8 @@ def _run(call: Callable, backend: str | None, inputs: dict, grad_names, cotangen
         gen = torch.Generator().manual_seed(cotangents_seed)
         total = 0
         for o in outs:
-            if o.requires_grad:
-                cot = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+            if o.requires_grad:  # drawn on the CPU (same values on every device), then moved to the output's device
+                cot = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype)
                 total = total + (o * cot).sum()
         if isinstance(total, torch.Tensor):
             params = [inputs[n] for n in grad_names]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flowkern
-from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module
+from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module, require_gpu_backend
 from tests.utils import make_noncontiguous
 
 mod = op_module("adjoint_matching_loss")
@@ -226,14 +226,24 @@ def test_deterministic(backend, mode):
 def test_opcheck(config):
     x = make_inputs((2, 3, 4, 5), *config)
     memoryless = config[0] == "memoryless"
-    sigma = flowkern.ops._validate.per_sample("sigma", x["sigma"], x["v_ft"]) if memoryless else None
+    sigma = x["sigma"] if memoryless else None
     lct = x["lct"] if memoryless else math.inf
     for compute_grad in (True, False):
-        v_ft = x["v_ft"].clone().requires_grad_(compute_grad)
-        args = (v_ft, x["v_base"], x["adjoint"], sigma, LAM, config[1], mod.MODES[config[0]], lct, compute_grad)
-        torch.library.opcheck(mod._op, args)
-    grad = torch.randn(2, 3, 4, 5)
-    torch.library.opcheck(torch.ops.flowkern.adjoint_matching_loss_backward.default, (torch.tensor(1.5), [grad]))
+        for v_dtype in (torch.float32, torch.bfloat16):  # mixed dtypes: the fake must match the real outputs
+            v_ft = x["v_ft"].to(v_dtype).requires_grad_(compute_grad)
+            args = (
+                v_ft,
+                x["v_base"],
+                x["adjoint"],
+                sigma,
+                0.7,
+                LAM,
+                config[1],
+                mod.MODES[config[0]],
+                lct,
+                compute_grad,
+            )
+            torch.library.opcheck(torch.ops.flowkern.adjoint_matching_loss.default, args)
 
 
 def test_compile_fullgraph():
@@ -324,8 +334,7 @@ def test_lct_inf_disables_the_clamp():
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 4, 32, 32), (8, 16, 128, 128), (1, 32, 128, 128)])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_gpu_matches_reference(backend, dtype, shape, config):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = make_inputs(shape, *config)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
     check_against_reference(call, x, backend, dtype, grad_names=("v_ft",))
@@ -335,8 +344,7 @@ def test_gpu_matches_reference(backend, dtype, shape, config):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("mode", ["elementwise", "norm", "memoryless"])
 def test_gpu_deterministic(backend, mode):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = make_inputs((4, 16, 64, 64), mode, p=1.5)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
     x["v_ft"] = x["v_ft"].bfloat16().requires_grad_()

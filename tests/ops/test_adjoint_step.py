@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flowkern
-from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module
+from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module, require_gpu_backend
 from tests.utils import make_noncontiguous, misaligned
 
 mod = op_module("adjoint_step")
@@ -177,14 +177,17 @@ def test_opcheck():
     for mode in (0, 1):
         for cfg in (True, False):
             a, u, c = (torch.randn(shape, requires_grad=True) for _ in range(3))
-            args = (a, u.bfloat16(), c.bfloat16() if cfg else None, h, w if cfg else None, kappa if mode else None)
-            torch.library.opcheck(mod._op, (*args, mode, cfg))
+            args = (a, u.bfloat16(), c.bfloat16() if cfg else None, h, 0.0, w if cfg else None, 0.5)
+            torch.library.opcheck(
+                torch.ops.flowkern.adjoint_step.default, (*args, kappa if mode else None, 0.0, mode, cfg)
+            )
     grad_a, grad_cot = torch.randn(shape), torch.randn(4, 3, 4, 5).bfloat16()
     for mode in (0, 1):
         for grads in ((grad_a, None), (None, grad_cot), (grad_a, grad_cot)):
-            args = (*grads, h, w, kappa if mode else None, mode, True, True, True, True,
-                    torch.float32, torch.bfloat16, torch.bfloat16)  # fmt: skip
-            torch.library.opcheck(mod._backward_op, args, test_utils=("test_schema", "test_faketensor"))
+            args = (*grads, 2, h, 0.0, None, 0.5, kappa if mode else None, 0.0, mode, True, True, True, True)
+            torch.library.opcheck(
+                torch.ops.flowkern.adjoint_step_backward.default, args, test_utils=("test_schema", "test_faketensor")
+            )
 
 
 def test_compile_fullgraph():
@@ -259,8 +262,7 @@ def test_mixed_devices_rejected(name):
 @pytest.mark.parametrize("mode", ["ode", "memoryless"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (8, 16, 128, 128), (1, 32, 128, 128), (4, 4096, 64)])
 def test_gpu_matches_reference(backend, dtype, mode, shape):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(shape, mode=mode).items()}
     check_against_reference(call, x, backend, dtype, grad_names=GRAD_NAMES)
 
@@ -270,12 +272,12 @@ def test_gpu_matches_reference(backend, dtype, mode, shape):
 @pytest.mark.parametrize("cfg", [True, False])
 def test_gpu_mixed_unaligned_batch_invariant(backend, cfg):
     """fp32 a with bf16 VJPs: 16-byte path == scalar path (misaligned copies) == sample alone."""
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs((4, 16, 64, 64), cfg=cfg).items()}
-    x["vjp_u"] = x["vjp_u"].bfloat16()
+    x["vjp_u"] = x["vjp_u"].bfloat16().requires_grad_()
     if cfg:
-        x["vjp_c"] = x["vjp_c"].bfloat16()
+        x["vjp_c"] = x["vjp_c"].bfloat16().requires_grad_()
+    x["return_cot"] = True
     with flowkern.use_backend(backend):
         full = call(**x)
         for b in range(4):
@@ -285,9 +287,9 @@ def test_gpu_mixed_unaligned_batch_invariant(backend, cfg):
             **{k: (misaligned(v) if isinstance(v, torch.Tensor) and v.dim() > 1 else v) for k, v in x.items()}
         )
         assert all(torch.equal(a, b) for a, b in zip(full, shifted)), "the 16-byte and scalar forward paths differ"
-        h = mod.V.per_sample("h", x["h"], x["a"])
-        w = mod.V.per_sample("w", x["w"], x["a"]) if cfg else None
-        flags = (0, cfg, True, True, cfg, torch.float32, torch.bfloat16, torch.bfloat16)
-        grads = mod._backward_op(full[0], full[1], h, w, None, *flags)
-        grads_shifted = mod._backward_op(misaligned(full[0]), misaligned(full[1]), h, w, None, *flags)
+        # the backward kernel's scalar path: the same cotangents in misaligned buffers (built on the GPU)
+        cots = [o.detach() for o in full]
+        inputs = [x["vjp_u"]] + ([x["vjp_c"]] if cfg else [])
+        grads = torch.autograd.grad(full, inputs, cots, retain_graph=True)
+        grads_shifted = torch.autograd.grad(full, inputs, [misaligned(c) for c in cots])
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_shifted)), "the 16-byte and scalar backward paths differ"

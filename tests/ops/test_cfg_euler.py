@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flowkern
-from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module
+from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module, require_gpu_backend
 from tests.utils import make_noncontiguous, misaligned
 
 mod = op_module("cfg_euler")
@@ -181,14 +181,18 @@ def test_opcheck():
             v_u, v_c, x, noise = (torch.randn(shape) for _ in range(4))
             v_u = v_u.requires_grad_() if with_uncond else None
             extra = (kappa, sigma, noise) if mode == 1 else (None, None, None)
-            args = (v_u, v_c.requires_grad_(), x.requires_grad_(), w, h, t, *extra, mode, mode == 0)
-            torch.library.opcheck(mod._op, args)
+            coefs = (w, 0.0, None, 0.05, t, 0.0, extra[0], 0.0, None, 1.3)  # tensors and Python floats
+            v_c = v_c.bfloat16() if with_uncond else v_c  # bf16 velocities next to fp32 states
+            v_u = v_u.bfloat16() if v_u is not None else None
+            args = (v_u, v_c.requires_grad_(), x.requires_grad_(), *coefs, extra[2], mode, mode == 0)
+            torch.library.opcheck(torch.ops.flowkern.cfg_euler.default, args)
     g = torch.randn(shape)
     for mode in (0, 1):
-        for grads in ((g, None, None), (None, g, g.clone()), (g, g.clone(), g.clone())):
-            args = (*grads, w, h, t, kappa if mode else None, mode, False, True, True, True,
-                    torch.float32, torch.bfloat16, torch.float32)  # fmt: skip
-            torch.library.opcheck(mod._backward_op, args, test_utils=("test_schema", "test_faketensor"))
+        for grads in ((g, None, None), (None, g, g.clone()), (g.bfloat16(), g.clone(), g.clone())):
+            args = (*grads, w, 0.0, h, 0.0, None, 0.3, kappa if mode else None, 0.0, mode, False, True, True, True)
+            torch.library.opcheck(
+                torch.ops.flowkern.cfg_euler_backward.default, args, test_utils=("test_schema", "test_faketensor")
+            )
 
 
 def test_compile_fullgraph():
@@ -284,8 +288,7 @@ def test_coefficient_on_other_device_rejected():
 @pytest.mark.parametrize("mode", ["ode", "memoryless"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (8, 16, 128, 128), (1, 32, 128, 128), (4, 4096, 64)])
 def test_gpu_matches_reference(backend, dtype, mode, shape):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(shape, mode=mode).items()}
     check_against_reference(call, x, backend, dtype, grad_names=GRAD_NAMES)
 
@@ -295,12 +298,12 @@ def test_gpu_matches_reference(backend, dtype, mode, shape):
 @pytest.mark.parametrize("mode", ["ode", "memoryless"])
 def test_gpu_mixed_unaligned_batch_invariant(backend, mode):
     """bf16 velocities with fp32 states: 16-byte path == scalar path (misaligned copies) == sample alone."""
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {
         k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs((4, 16, 64, 64), mode=mode).items()
     }
-    x["v_uncond"], x["v_cond"] = x["v_uncond"].bfloat16(), x["v_cond"].bfloat16()
+    x["v_uncond"], x["v_cond"] = x["v_uncond"].bfloat16(), x["v_cond"].bfloat16().requires_grad_()
+    x["x"].requires_grad_()
     with flowkern.use_backend(backend):
         full = call(**x)
         for b in range(4):
@@ -310,19 +313,9 @@ def test_gpu_mixed_unaligned_batch_invariant(backend, mode):
             **{k: (misaligned(v) if isinstance(v, torch.Tensor) and v.dim() > 1 else v) for k, v in x.items()}
         )
         assert all(torch.equal(a, b) for a, b in zip(full, shifted)), "the 16-byte and scalar forward paths differ"
-        cots = (full[0], full[1], full[2])
-        coefs = [mod.V.per_sample(k, x[k], x["v_cond"]) for k in ("w", "h", "t")]
-        kappa = mod.V.per_sample("kappa", x["kappa"], x["v_cond"]) if mode == "memoryless" else None
-        flags = (
-            1 if mode == "memoryless" else 0,
-            False,
-            True,
-            True,
-            True,
-            torch.bfloat16,
-            torch.bfloat16,
-            torch.float32,
-        )
-        grads = mod._backward_op(*cots, *coefs, kappa, *flags)
-        grads_shifted = mod._backward_op(*(misaligned(c) for c in cots), *coefs, kappa, *flags)
+        # the backward kernel's scalar path: the same cotangents in misaligned buffers (built on the GPU)
+        cots = [o.detach() for o in full]
+        inputs = [x["v_cond"], x["x"]]
+        grads = torch.autograd.grad(full, inputs, cots, retain_graph=True)
+        grads_shifted = torch.autograd.grad(full, inputs, [misaligned(c) for c in cots])
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_shifted)), "the 16-byte and scalar backward paths differ"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flowkern
-from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module
+from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module, require_gpu_backend
 from tests.utils import make_noncontiguous
 
 mod = op_module("consistency_probes")
@@ -124,10 +124,10 @@ def test_outputs_have_no_grad_path(backend):
 
 def test_opcheck():
     x = make_inputs((2, 3, 4, 5))
-    t = flowkern.ops._validate.per_sample("t", x["t"], x["x"])
     for requires_grad in (False, True):
         tensors = [x[k].clone().requires_grad_(requires_grad) for k in TENSORS]
-        torch.library.opcheck(mod._op, (*tensors, t, 1.7, 0, 0.5))
+        for t, t_value in ((x["t"], 0.0), (None, 0.4)):
+            torch.library.opcheck(torch.ops.flowkern.consistency_probes.default, (*tensors, t, t_value, 1.7, 0, 0.5))
 
 
 def test_compile_fullgraph():
@@ -179,8 +179,7 @@ def test_mixed_devices_rejected():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (8, 16, 128, 128), (1, 32, 128, 128)])
 def test_gpu_matches_reference(backend, dtype, shape):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(shape).items()}
     check_against_reference(call, x, backend, dtype)
 
@@ -188,8 +187,7 @@ def test_gpu_matches_reference(backend, dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_batch_invariant(backend):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs((4, 16, 64, 64)).items()}
     with flowkern.use_backend(backend):
         full = call(**x)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flowkern
-from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module
+from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module, require_gpu_backend
 from tests.utils import make_noncontiguous
 
 mod = op_module("consistency_residual")
@@ -272,23 +272,19 @@ def test_no_grad_path_skips_gradient():
     assert torch.isfinite(l_cons) and torch.isfinite(l_bnd) and not l_cons.requires_grad
 
 
-def _coefs(x):
-    per_sample = flowkern.ops._validate.per_sample
-    return {k: per_sample(k, x[k], x["c"]) for k in ("t", "rho_w", "rho_G", "mask")}
-
-
 def test_opcheck():
     x = make_inputs((2, 3, 4, 5))
-    co = _coefs(x)
+    t, rho_w, rho_g = x["t"], x["rho_w"], x["rho_G"]
     for compute_grad in (True, False):
         tensors = [x[k].clone().requires_grad_(compute_grad and k in VALUE_OUTPUTS) for k in TENSORS]
-        args = (*tensors, co["t"], 1.7, 0, 1e-3, 1e-3, co["rho_w"], co["rho_G"], co["mask"], compute_grad)
-        torch.library.opcheck(mod._op, args)
+        tensors[1] = tensors[1].detach().bfloat16().requires_grad_(compute_grad)  # mixed dtypes
+        args = (*tensors, t, 0.0, 1.7, 0, 1e-3, 1e-3, rho_w, 0.0, rho_g, 0.0, None, 1.0, compute_grad)
+        torch.library.opcheck(torch.ops.flowkern.consistency_residual.default, args)
     q = torch.randn(2, 3, 4, 5)
     c = x["c"].bfloat16()
-    for dtypes in ((torch.bfloat16, torch.float32, torch.float16), (None, torch.float32, None)):
-        args = (torch.tensor(0.7), torch.tensor(1.3), q, c, co["t"], co["rho_w"], co["mask"], 1e-3, 1e-3, *dtypes)
-        torch.library.opcheck(mod._backward_op, args)
+    for need in ((True, True, True), (False, True, False)):
+        args = (torch.tensor(0.7), torch.tensor(1.3), q, c, t, 0.0, None, 0.8, None, 1.0, 1e-3, 1e-3, *need, c.dtype)
+        torch.library.opcheck(torch.ops.flowkern.consistency_residual_backward.default, args)
 
 
 def test_compile_fullgraph():
@@ -413,14 +409,13 @@ def test_exact_gradcheck_float64_and_deterministic(backend):
 
 def test_exact_opcheck():
     x = make_exact_inputs((2, 3, 4, 5))
-    mask = flowkern.ops._validate.per_sample("mask", x["mask"], x["dG"])
+    mask = x["mask"]
     for compute_grad in (True, False):
-        dG = x["dG"].clone().requires_grad_(compute_grad)
-        c = x["c"].clone().requires_grad_(True)
-        torch.library.opcheck(mod._exact_op, (dG, x["t3"], c, mask, compute_grad))
-    for need in ((True, True), (False, True), (True, False)):
-        args = (torch.tensor(0.7), torch.tensor(1.3), x["dG"], x["c"].half(), mask, *need)
-        torch.library.opcheck(mod._exact_backward_op, args)
+        for dtype in (torch.float32, torch.bfloat16):
+            dG = x["dG"].to(dtype).requires_grad_(compute_grad)
+            c = x["c"].clone().requires_grad_(True)
+            args = (dG, x["t3"], c, mask if isinstance(mask, torch.Tensor) else None, 1.0, compute_grad)
+            torch.library.opcheck(torch.ops.flowkern.consistency_residual_exact.default, args)
 
 
 @pytest.mark.parametrize(
@@ -448,8 +443,7 @@ GPU_SHAPES = [(3, 5, 7, 9), (8, 16, 128, 128), (1, 32, 128, 128)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_matches_reference(backend, dtype, shape):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(shape).items()}
     check_against_reference(call, x, backend, dtype, grad_names=VALUE_OUTPUTS)
 
@@ -459,8 +453,7 @@ def test_gpu_matches_reference(backend, dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_exact_matches_reference(backend, dtype, shape):
-    if backend not in flowkern.available_backends(mod.EXACT_IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.EXACT_IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_exact_inputs(shape).items()}
     check_against_reference(call_exact, x, backend, dtype, grad_names=EXACT_TENSORS)
 
@@ -468,8 +461,7 @@ def test_gpu_exact_matches_reference(backend, dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_deterministic_and_unaligned(backend):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs((4, 16, 64, 64)).items()}
     for k in VALUE_OUTPUTS:
         x[k].requires_grad_()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flowkern
-from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module
+from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module, require_gpu_backend
 from tests.utils import make_noncontiguous
 
 mod = op_module("reward_grad_clip")
@@ -98,7 +98,7 @@ def test_not_differentiable():
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 3, 70, 70)])
 def test_opcheck(shape):
-    torch.library.opcheck(mod._op, (make_inputs(shape)["grad"], 1.5))
+    torch.library.opcheck(torch.ops.flowkern.reward_grad_clip.default, (make_inputs(shape)["grad"], 1.5))
 
 
 def test_compile_fullgraph():
@@ -140,8 +140,7 @@ def test_bad_input(change, exc, needle):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 4, 32, 32), (8, 16, 128, 128), (1, 32, 128, 128)])
 def test_gpu_matches_reference(backend, dtype, shape):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(shape).items()}
     check_against_reference(call, x, backend, dtype)
 
@@ -150,8 +149,7 @@ def test_gpu_matches_reference(backend, dtype, shape):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("shape", [(4, 4, 32, 32), (8, 16, 128, 128)])
 def test_gpu_batch_invariant_and_deterministic(backend, shape):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = make_inputs(shape, dtype=torch.bfloat16)
     x["grad"] = x["grad"].cuda()
     with flowkern.use_backend(backend):

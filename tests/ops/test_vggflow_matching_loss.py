@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flowkern
-from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module
+from tests.ops.harness import DTYPES, ODD_SHAPES, check_against_reference, cpu_backends, op_module, require_gpu_backend
 from tests.utils import make_noncontiguous
 
 mod = op_module("vggflow_matching_loss")
@@ -84,11 +84,12 @@ def test_deterministic(backend):
 
 def test_opcheck():
     x = make_inputs((2, 3, 4, 5))
-    t = flowkern.ops._validate.per_sample("t", x["t"], x["v_ft"])
     for compute_grad in (True, False):
-        v_ft = x["v_ft"].clone().requires_grad_(compute_grad)
-        args = (v_ft, x["v_base"], x["reward_grad"], x["value_out"], t, 1.7, 0, compute_grad)
-        torch.library.opcheck(mod._op, args)
+        for dtype in (torch.float32, torch.bfloat16):  # bf16 velocity with fp32 targets: fakes match real outputs
+            for t, t_value in ((x["t"], 0.0), (None, 0.3)):
+                v_ft = x["v_ft"].to(dtype).requires_grad_(compute_grad)
+                args = (v_ft, x["v_base"], x["reward_grad"], x["value_out"], t, t_value, 1.7, 0, compute_grad)
+                torch.library.opcheck(torch.ops.flowkern.vggflow_matching_loss.default, args)
 
 
 def test_compile_fullgraph():
@@ -144,7 +145,6 @@ def test_mixed_devices_rejected():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (8, 16, 128, 128), (1, 32, 128, 128)])
 def test_gpu_matches_reference(backend, dtype, shape):
-    if backend not in flowkern.available_backends(mod.IMPLS, torch.device("cuda")):
-        pytest.skip(f"{backend} not available on CUDA")
+    require_gpu_backend(mod.IMPLS, backend)
     x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(shape).items()}
     check_against_reference(call, x, backend, dtype, grad_names=("v_ft",))

@@ -1,34 +1,85 @@
-// Argument checks for the bindings: every failure names the argument (TORCH_CHECK -> Python exception).
+// Argument checks for the op entry points: every failure names the argument and raises TypeError (dtype) or
+// ValueError (shape, device, value) in Python, like the public functions' own checks.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#define FK_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
-#define FK_CHECK_SAME_DEVICE(x, ref) \
-  TORCH_CHECK((x).device() == (ref).device(), #x " is on ", (x).device(), " but " #ref " is on ", (ref).device())
-#define FK_CHECK_SAME_SHAPE(x, ref) \
-  TORCH_CHECK((x).sizes() == (ref).sizes(), #x " has shape ", (x).sizes(), " but " #ref " has shape ", (ref).sizes())
-#define FK_CHECK_SAME_DTYPE(x, ref) \
-  TORCH_CHECK((x).scalar_type() == (ref).scalar_type(), #x " has dtype ", (x).scalar_type(), " but " #ref " has ", (ref).scalar_type())
-#define FK_CHECK_FLOATING(x)                                                                   \
-  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kBFloat16 ||        \
-                  (x).scalar_type() == at::kHalf || (x).scalar_type() == at::kDouble,         \
-              #x " must be float32, bfloat16, float16 or float64, got ", (x).scalar_type())
-// Primary [B, ...] input: floating, contiguous, non-empty batch.
-#define FK_CHECK_PRIMARY(x)  \
-  FK_CHECK_FLOATING(x);      \
-  FK_CHECK_CONTIGUOUS(x);    \
-  TORCH_CHECK((x).dim() >= 1 && (x).size(0) > 0, #x " must have a non-empty batch dimension")
-// Another [B, ...] input like the primary one.
-#define FK_CHECK_LIKE(x, ref) \
-  FK_CHECK_CONTIGUOUS(x);     \
-  FK_CHECK_SAME_DEVICE(x, ref); \
-  FK_CHECK_SAME_SHAPE(x, ref);  \
-  FK_CHECK_SAME_DTYPE(x, ref)
-// Per-sample coefficient: contiguous fp32 (fp64 with fp64 inputs) [B] on the primary's device.
-#define FK_CHECK_COEF(c, ref)                                                                        \
-  FK_CHECK_CONTIGUOUS(c);                                                                            \
-  FK_CHECK_SAME_DEVICE(c, ref);                                                                      \
-  TORCH_CHECK((c).dim() == 1 && (c).size(0) == (ref).size(0), #c " must have shape [B]=[", (ref).size(0), "]"); \
-  TORCH_CHECK((c).scalar_type() == ((ref).scalar_type() == at::kDouble ? at::kDouble : at::kFloat),     \
-              #c " must be float32 (float64 for float64 inputs), got ", (c).scalar_type())
+#include <initializer_list>
+#include <optional>
+
+#include "flowkern/coef.h"
+
+namespace flowkern {
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// fp64 when `t` is fp64 (so gradcheck runs the real kernels), else fp32: the accumulation and loss type.
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A [B, ...] input: floating, on `ref`'s device, of `ref`'s shape (the primary input itself: ref == &x).
+inline void check_input(const at::Tensor& x, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), name, " must be float32, bfloat16, float16 or float64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == ref.device(), name, " is on ", x.device(), " but ", ref_name, " is on ",
+                    ref.device());
+  TORCH_CHECK_VALUE(x.sizes() == ref.sizes(), name, " has shape ", x.sizes(), " but ", ref_name, " has shape ",
+                    ref.sizes());
+}
+
+inline void check_primary(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), name, " must be float32, bfloat16, float16 or float64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(0) > 0, name, " must have a non-empty batch dimension, got shape ",
+                    x.sizes());
+}
+
+inline void check_optional_input(const std::optional<at::Tensor>& x, const char* name, const at::Tensor& ref,
+                                 const char* ref_name) {
+  if (x.has_value()) check_input(*x, name, ref, ref_name);
+}
+
+// A per-sample coefficient argument: an optional tensor ([B] or 0-dim) or, when absent, a value. `tensor` is the
+// coefficient in the accumulation type, contiguous (a copy only when the caller's was not); finite on CPU.
+struct CoefArg {
+  at::Tensor tensor;
+  double value = 0;
+
+  template <typename A>
+  Coef<A> get() const {
+    if (!tensor.defined()) return Coef<A>{nullptr, 0, static_cast<A>(value)};
+    return Coef<A>{tensor.const_data_ptr<A>(), tensor.dim() == 0 ? 0 : 1, A(0)};
+  }
+};
+
+CoefArg coef_arg(const char* name, const std::optional<at::Tensor>& tensor, double value, const at::Tensor& primary,
+                 at::ScalarType acc, bool positive = false);
+
+}  // namespace flowkern
+
+namespace flowkern {
+
+// One element type for kernels that take a single one: the inputs' shared dtype, else fp32 (fp64 if one is fp64).
+inline at::ScalarType common_type(std::initializer_list<const at::Tensor*> xs) {
+  const at::ScalarType first = (*xs.begin())->scalar_type();
+  bool same = true, any_double = false;
+  for (const at::Tensor* x : xs) {
+    if (x == nullptr || !x->defined()) continue;
+    same &= x->scalar_type() == first;
+    any_double |= x->scalar_type() == at::kDouble;
+  }
+  return same ? first : (any_double ? at::kDouble : at::kFloat);
+}
+
+// x in `type` (x itself, without a dispatcher call, when it already is).
+inline at::Tensor to_type(const at::Tensor& x, at::ScalarType type) {
+  return x.scalar_type() == type ? x : x.to(type);
+}
+
+// x as a contiguous tensor of `type` (x itself when it already is one).
+inline at::Tensor as_type(const at::Tensor& x, at::ScalarType type) {
+  return x.scalar_type() == type ? x.contiguous() : x.to(type).contiguous();
+}
+
+}  // namespace flowkern

@@ -3,10 +3,13 @@
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace flowkern {
 namespace cpu {
@@ -32,6 +35,17 @@ inline const acc_t<T>* as_acc(const T* src, int64_t n, acc_t<T>* buf) {
   }
 }
 
+// n elements of S at src as A: zero-copy when S is A, else converted into buf.
+template <typename S, typename A>
+inline const A* as_acc_from(const S* src, int64_t n, A* buf) {
+  if constexpr (std::is_same_v<S, A>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
 // Store n acc_t<T> values as T.
 template <typename T>
 inline void store_from_acc(const acc_t<T>* src, T* dst, int64_t n) {
@@ -41,6 +55,60 @@ inline void store_from_acc(const acc_t<T>* src, T* dst, int64_t n) {
     at::vec::convert(src, dst, n);
   }
 }
+
+// A per-thread scratch buffer of at least n elements of A, reused across calls: no allocation or zero-fill per call
+// (a fresh std::vector of a few chunks cost more than the whole kernel on small inputs). One live buffer per thread
+// and type: a task slices it rather than asking twice.
+template <typename A>
+inline A* scratch(int64_t n) {
+  thread_local std::vector<A> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// Elements converted and processed at a time inside a chunk: a few such buffers stay in L1.
+constexpr int64_t kSub = 512;
+
+// An input whose element type is known at run time (mixed-dtype inputs are read without a cast copy).
+struct Input {
+  const void* data;
+  at::ScalarType type;
+};
+
+// n elements of `in` from element `off` as A: zero-copy when the type is A, else converted into buf (n <= kSub).
+template <typename A>
+inline const A* load(Input in, int64_t off, int64_t n, A* buf) {
+  switch (in.type) {
+    case at::kFloat: return as_acc_from(static_cast<const float*>(in.data) + off, n, buf);
+    case at::kDouble: return as_acc_from(static_cast<const double*>(in.data) + off, n, buf);
+    case at::kBFloat16: return as_acc_from(static_cast<const c10::BFloat16*>(in.data) + off, n, buf);
+    case at::kHalf: return as_acc_from(static_cast<const c10::Half*>(in.data) + off, n, buf);
+    default: TORCH_CHECK(false, "flowkern: unsupported input dtype ", in.type);
+  }
+}
+
+// An output of run-time element type: `target` gives where to write n values of A (the output itself when its type
+// is A, else buf), `store` converts buf into the output afterwards.
+struct Output {
+  void* data;
+  at::ScalarType type;
+
+  template <typename A>
+  A* target(int64_t off, A* buf) const {
+    return type == c10::CppTypeToScalarType<A>::value ? static_cast<A*>(data) + off : buf;
+  }
+  template <typename A>
+  void store(int64_t off, int64_t n, const A* buf) const {
+    if (type == c10::CppTypeToScalarType<A>::value) return;
+    switch (type) {
+      case at::kFloat: at::vec::convert(buf, static_cast<float*>(data) + off, n); break;
+      case at::kDouble: at::vec::convert(buf, static_cast<double*>(data) + off, n); break;
+      case at::kBFloat16: at::vec::convert(buf, static_cast<c10::BFloat16*>(data) + off, n); break;
+      case at::kHalf: at::vec::convert(buf, static_cast<c10::Half*>(data) + off, n); break;
+      default: TORCH_CHECK(false, "flowkern: unsupported output dtype ", type);
+    }
+  }
+};
 
 // Sum of a Vectorized accumulator's lanes in a fixed order.
 template <typename A>

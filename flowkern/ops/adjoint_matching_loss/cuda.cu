@@ -1,0 +1,97 @@
+// adjoint_matching_loss (M26, M28, M32) CUDA launcher: device guard, current stream, dtype dispatch, launch check.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+
+#include <cmath>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "flowkern/cuda_dispatch.cuh"
+#include "kernel.cuh"
+#include "kernel.h"
+
+namespace flowkern {
+using namespace cuda;
+
+template <>
+std::tuple<at::Tensor, at::Tensor> run_adjoint_matching_loss<c10::kCUDA>(const at::Tensor& v_ft,
+                                                                            const at::Tensor& v_base,
+                                                                            const at::Tensor& adjoint,
+                                                                            const CoefArg& sigma, double lam, double p,
+                                                                            int64_t mode, double lct,
+                                                                            bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(v_ft.device());
+  const int64_t batch = v_ft.size(0), d = v_ft.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
+  const auto acc_type = v_ft.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_options = v_ft.options().dtype(acc_type);
+  at::Tensor grad = compute_grad ? at::empty(v_ft.sizes(), v_ft.options()) : at::empty({0}, v_ft.options());
+  at::Tensor loss;
+  if (d == 0) {  // [B, 0]: the mean over no elements is NaN; memoryless sums are 0 (no launch)
+    return {at::full({}, mode == kAmMemoryless ? 0.0 : NAN, acc_options), grad};
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // workspace: per-tile partials, per-sample sums, then two last-block counters (one memset zeroes both)
+  at::Tensor work = at::empty({batch * chunks + batch + 2}, acc_options);
+  loss = at::empty({}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v_ft.scalar_type(), "adjoint_matching_loss_cuda", [&] {
+    using T = cuda_t<scalar_t>;
+    using A = acc_t<T>;
+    const T* vf = reinterpret_cast<const T*>(v_ft.const_data_ptr());
+    const T* vb = reinterpret_cast<const T*>(v_base.const_data_ptr());
+    const T* a = reinterpret_cast<const T*>(adjoint.const_data_ptr());
+    T* g = compute_grad ? reinterpret_cast<T*>(grad.mutable_data_ptr()) : nullptr;
+    const bool vec = d % Pack<T>::N == 0 && aligned16(vf) && aligned16(vb) && aligned16(a) &&
+                     (g == nullptr || aligned16(g));
+    A* partial = work.mutable_data_ptr<A>();
+    A* sums = partial + batch * chunks;
+    unsigned* counters = reinterpret_cast<unsigned*>(sums + batch);
+    C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, 2 * sizeof(unsigned), stream));
+    A* loss_ptr = loss.mutable_data_ptr<A>();
+    if (mode == kAmMemoryless) {  // (M32): s_b and the loss first, then the gradient
+      const Coef<A> s = sigma.get<A>();
+      if (chunks == 1) {  // the sample stays on chip: one launch
+        auto* kernel = vec ? adjoint_matching_memoryless_fused_kernel<T, true>
+                           : adjoint_matching_memoryless_fused_kernel<T, false>;
+        kernel<<<batch, kThreads, 0, stream>>>(vf, vb, a, s, sums, counters, loss_ptr, g, d, A(lct), A(batch));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        auto* reduce = vec ? adjoint_matching_reduce_kernel<T, true, kAmMemoryless>
+                           : adjoint_matching_reduce_kernel<T, false, kAmMemoryless>;
+        reduce<<<batch * chunks, kThreads, 0, stream>>>(vf, vb, a, s, partial, counters, sums, loss_ptr, d, chunks,
+                                                        batch, A(lam), A(lct));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (g != nullptr) {
+          auto* kernel = vec ? adjoint_matching_memoryless_grad_kernel<T, true>
+                             : adjoint_matching_memoryless_grad_kernel<T, false>;
+          kernel<<<batch * chunks, kThreads, 0, stream>>>(vf, vb, a, s, sums, g, d, chunks, A(lct), A(batch));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+      return;
+    }
+    // elementwise / norm (M26, M28)
+    const A exponent = A(mode == kAmElementwise ? 1.0 / (p - 1.0) : (2.0 - p) / (p - 1.0));
+    if (mode == kAmNorm) {  // ||omega_b||^2 per sample, formed by the reduce kernel's last block
+      auto* reduce =
+          vec ? adjoint_matching_reduce_kernel<T, true, kAmNorm> : adjoint_matching_reduce_kernel<T, false, kAmNorm>;
+      reduce<<<batch * chunks, kThreads, 0, stream>>>(vf, vb, a, Coef<A>{}, partial, counters + 1, sums, loss_ptr, d,
+                                                      chunks, batch, A(lam), A(lct));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    auto* kernel = mode == kAmNorm ? (vec ? adjoint_matching_control_kernel<T, true, kAmNorm>
+                                          : adjoint_matching_control_kernel<T, false, kAmNorm>)
+                                   : (vec ? adjoint_matching_control_kernel<T, true, kAmElementwise>
+                                          : adjoint_matching_control_kernel<T, false, kAmElementwise>);
+    const A norm_floor = exponent < A(0) ? A(1e-12) : A(0);  // ||omega||^negative at omega = 0
+    const A grad_scale = A(2.0 / static_cast<double>(v_ft.numel()));
+    kernel<<<batch * chunks, kThreads, 0, stream>>>(vf, vb, a, sums, g, partial, counters, loss_ptr, d, chunks, A(lam),
+                                                    exponent, norm_floor, grad_scale,
+                                                    A(1.0 / static_cast<double>(v_ft.numel())), p == 2.0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, grad};
+}
+
+}  // namespace flowkern

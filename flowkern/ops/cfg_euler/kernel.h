@@ -1,0 +1,78 @@
+// cfg_euler (M5, M2, M6, M30): the kernels' entry points, defined for CPU in cpu.cpp and for CUDA in cuda.cu and called
+// by op.cpp after the argument checks. mode: 0 'ode' x_next = x + h v (M2); 1 'memoryless'
+// x_next = x + h(2v - kappa x) + sqrt(h) sigma noise (M30). Element types: v_uncond, v_cond have the velocity type TV,
+// x, noise the state type TX (all contiguous), a pair that `velocity_state_types` allows; coefficients in TX's
+// accumulation type (fp32, fp64 for fp64).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include "flowkern/checks.h"
+
+namespace flowkern {
+// Returns (v in TV, x_next in TX, x_hat1 in TX). v_uncond absent: no CFG. kappa, sigma, noise: memoryless only.
+template <c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler(const std::optional<at::Tensor>& v_uncond,
+                                                             const at::Tensor& v_cond, const at::Tensor& x,
+                                                             const CoefArg& w, const CoefArg& h, const CoefArg& t,
+                                                             const CoefArg& kappa, const CoefArg& sigma,
+                                                             const std::optional<at::Tensor>& noise, int64_t mode);
+// Returns (d v_uncond, d v_cond) in velocity_type and d x in state_type, each [B, ...] when asked for, else
+// empty. grad_v has velocity_type, grad_next and grad_hat state_type; at least one of the three is given.
+template <c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler_backward(
+    const std::optional<at::Tensor>& grad_v, const std::optional<at::Tensor>& grad_next,
+    const std::optional<at::Tensor>& grad_hat, const CoefArg& w, const CoefArg& h, const CoefArg& t,
+    const CoefArg& kappa, int64_t mode, bool stopgrad_xhat, bool need_uncond, bool need_cond, bool need_x,
+    at::ScalarType velocity_type, at::ScalarType state_type);
+
+// The (velocity, state) element types the kernels take for these input types: equal types, or bf16/fp16
+// velocities with fp32 states (model outputs next to fp32 states: read without a cast copy); any other pair is
+// computed in one common type.
+inline std::pair<at::ScalarType, at::ScalarType> velocity_state_types(at::ScalarType velocity, at::ScalarType state) {
+  if (velocity == state || (state == at::kFloat && (velocity == at::kBFloat16 || velocity == at::kHalf))) {
+    return {velocity, state};
+  }
+  const at::ScalarType common = velocity == at::kDouble || state == at::kDouble ? at::kDouble : at::kFloat;
+  return {common, common};
+}
+
+// x as a contiguous tensor of `type`, or nullopt.
+inline std::optional<at::Tensor> as_type(const std::optional<at::Tensor>& x, at::ScalarType type) {
+  if (!x.has_value()) return std::nullopt;
+  return as_type(*x, type);
+}
+}  // namespace flowkern
+
+// ---- (velocity, state) element-type dispatch, shared by the cfg_euler and adjoint_step kernels ----
+namespace flowkern {
+// Calls f.template operator()<TV, TX>() with the ATen element types of the supported pairs: TV == TX, or TX fp32
+// and TV bf16/fp16 (model-dtype velocities or VJPs next to fp32 states, read without a cast copy). Python
+// (flowkern/ops/cfg_euler.py: ext_dtypes) casts every other combination to one dtype first.
+template <typename F>
+inline void dispatch_velocity_state(at::ScalarType velocity, at::ScalarType state, const char* name, F&& f) {
+  if (velocity == state) {
+    switch (state) {
+      case at::kFloat: return f.template operator()<float, float>();
+      case at::kDouble: return f.template operator()<double, double>();
+      case at::kBFloat16: return f.template operator()<c10::BFloat16, c10::BFloat16>();
+      case at::kHalf: return f.template operator()<c10::Half, c10::Half>();
+      default: break;
+    }
+  } else if (state == at::kFloat && velocity == at::kBFloat16) {
+    return f.template operator()<c10::BFloat16, float>();
+  } else if (state == at::kFloat && velocity == at::kHalf) {
+    return f.template operator()<c10::Half, float>();
+  }
+  TORCH_CHECK(false, name, ": unsupported (velocity, state) dtypes (", velocity, ", ", state,
+              "); expected equal floating dtypes or bfloat16/float16 velocities with float32 states");
+}
+}  // namespace flowkern

@@ -1,0 +1,146 @@
+// consistency_residual (M17, M18, M20) and consistency_residual_exact (M21) CUDA launchers: device guard, current
+// stream, dtype dispatch, launch checks. Each forward is one kernel launch (+ a 4-byte memset): its last block
+// finishes both losses from the per-(sample, chunk) partials in a fixed order.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "flowkern/cuda_dispatch.cuh"
+#include "kernel.cuh"
+#include "kernel.h"
+
+namespace flowkern {
+using namespace cuda;
+namespace {
+
+at::ScalarType acc_type_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Workspace of a forward: the per-tile partials (R^2, c^2) and the last-block counter, zeroed here (one memset).
+template <typename A>
+LossOutputs<A> loss_outputs(at::Tensor& work, at::Tensor& l_cons, at::Tensor& l_bnd, const CoefArg& mask,
+                            int64_t batch, int64_t chunks, double numel, cudaStream_t stream) {
+  A* partial = work.mutable_data_ptr<A>();
+  unsigned* counter = reinterpret_cast<unsigned*>(partial + 2 * batch * chunks);
+  C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned), stream));
+  return {partial, counter, l_cons.mutable_data_ptr<A>(), l_bnd.mutable_data_ptr<A>(), mask.get<A>(), batch,
+          A(1.0 / numel)};
+}
+
+}  // namespace
+
+template <>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual<c10::kCUDA>(
+    const at::Tensor& c, const at::Tensor& c_t, const at::Tensor& c_x, const at::Tensor& ghat, const at::Tensor& ghat_t,
+    const at::Tensor& ghat_x, const at::Tensor& vb, const at::Tensor& vb_G, const CoefArg& t, double beta,
+    int64_t eta_mode, double eps_t, double eps_x, const CoefArg& rho_w, const CoefArg& rho_G, const CoefArg& mask,
+    bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(c.device());
+  const int64_t batch = c.size(0), d = c.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
+  const auto acc_options = c.options().dtype(acc_type_of(c));
+  at::Tensor q = compute_grad ? at::empty(c.sizes(), acc_options) : at::empty({0}, acc_options);
+  at::Tensor work = at::empty({2 * batch * chunks + 1}, acc_options);
+  at::Tensor l_cons = at::empty({}, acc_options), l_bnd = at::empty({}, acc_options);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (d > 0) {  // [B, 0]: no launch (an empty grid is an invalid launch)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "consistency_residual_cuda", [&] {
+    using T = cuda_t<scalar_t>;
+    using A = acc_t<T>;
+    auto ptr = [](const at::Tensor& x) { return reinterpret_cast<const T*>(x.const_data_ptr()); };
+    const ConsistencyInputs<T> in{ptr(c), ptr(c_t), ptr(c_x), ptr(ghat), ptr(ghat_t), ptr(ghat_x), ptr(vb), ptr(vb_G)};
+    A* qp = compute_grad ? q.mutable_data_ptr<A>() : nullptr;
+    const bool vec = d % Pack<T>::N == 0 && aligned16(in.c) && aligned16(in.c_t) && aligned16(in.c_x) &&
+                     aligned16(in.ghat) && aligned16(in.ghat_t) && aligned16(in.ghat_x) && aligned16(in.vb) &&
+                     aligned16(in.vb_G) && (qp == nullptr || aligned16(qp));
+    const A q_scale = A(2.0 / static_cast<double>(c.numel()));
+    auto* kernel = vec ? consistency_residual_kernel<T, true> : consistency_residual_kernel<T, false>;
+    kernel<<<batch * chunks, kThreads, 0, stream>>>(in, t.get<A>(), rho_w.get<A>(),
+                                                     rho_G.get<A>(), qp,
+                                                     loss_outputs<A>(work, l_cons, l_bnd, mask, batch, chunks,
+                                                                     static_cast<double>(c.numel()), stream),
+                                                     d,
+                                                     chunks, A(beta), static_cast<int>(eta_mode), A(eps_t), A(eps_x),
+                                                     q_scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  } else {  // [B, 0]: means over no elements
+    l_cons.fill_(NAN);
+    l_bnd.fill_(NAN);
+  }
+  return {l_cons, l_bnd, q};
+}
+
+template <>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_backward<c10::kCUDA>(
+    const at::Tensor& grad_cons, const at::Tensor& grad_bnd, const at::Tensor& q, const at::Tensor& c,
+    const CoefArg& t, const CoefArg& rho_w, const CoefArg& mask, double eps_t, double eps_x, bool need_c,
+    bool need_c_t, bool need_c_x) {
+  const c10::cuda::CUDAGuard guard(c.device());
+  const int64_t batch = c.size(0), d = c.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
+  auto make = [&](bool need) { return need ? at::empty(c.sizes(), c.options()) : at::empty({0}, c.options()); };
+  at::Tensor grad_c = make(need_c), grad_c_t = make(need_c_t), grad_c_x = make(need_c_x);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (d > 0) {  // [B, 0]: no launch (an empty grid is an invalid launch)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "consistency_residual_backward_cuda", [&] {
+    using T = cuda_t<scalar_t>;
+    using A = acc_t<T>;
+    auto out = [](bool need, at::Tensor& x) { return need ? reinterpret_cast<T*>(x.mutable_data_ptr()) : nullptr; };
+    T* gc = out(need_c, grad_c);
+    T* gct = out(need_c_t, grad_c_t);
+    T* gcx = out(need_c_x, grad_c_x);
+    const T* cp = reinterpret_cast<const T*>(c.const_data_ptr());
+    const A* qp = q.const_data_ptr<A>();
+    const bool vec = d % Pack<T>::N == 0 && aligned16(qp) && aligned16(cp) && (gc == nullptr || aligned16(gc)) &&
+                     (gct == nullptr || aligned16(gct)) && (gcx == nullptr || aligned16(gcx));
+    const A bnd_scale = A(2.0 / static_cast<double>(c.numel()));
+    auto* kernel =
+        vec ? consistency_residual_backward_kernel<T, true> : consistency_residual_backward_kernel<T, false>;
+    kernel<<<batch * chunks, kThreads, 0, stream>>>(qp, cp, t.get<A>(), rho_w.get<A>(),
+                                                     mask.get<A>(), grad_cons.const_data_ptr<A>(),
+                                                     grad_bnd.const_data_ptr<A>(), gc, gct, gcx, d, chunks, A(eps_t),
+                                                     A(eps_x), bnd_scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  }
+  return {grad_c, grad_c_t, grad_c_x};
+}
+
+template <>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_exact<c10::kCUDA>(
+    const at::Tensor& dG, const at::Tensor& t3, const at::Tensor& c, const CoefArg& mask, bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(dG.device());
+  const int64_t batch = dG.size(0), d = dG.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
+  at::Tensor grad = compute_grad ? at::empty(dG.sizes(), dG.options()) : at::empty({0}, dG.options());
+  const auto acc_options = dG.options().dtype(acc_type_of(dG));
+  at::Tensor work = at::empty({2 * batch * chunks + 1}, acc_options);
+  at::Tensor l_cons = at::empty({}, acc_options), l_bnd = at::empty({}, acc_options);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (d > 0) {  // [B, 0]: no launch (an empty grid is an invalid launch)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dG.scalar_type(), "consistency_residual_exact_cuda", [&] {
+    using T = cuda_t<scalar_t>;
+    using A = acc_t<T>;
+    const T* dgp = reinterpret_cast<const T*>(dG.const_data_ptr());
+    const T* t3p = reinterpret_cast<const T*>(t3.const_data_ptr());
+    const T* cp = reinterpret_cast<const T*>(c.const_data_ptr());
+    T* gp = compute_grad ? reinterpret_cast<T*>(grad.mutable_data_ptr()) : nullptr;
+    const bool vec = d % Pack<T>::N == 0 && aligned16(dgp) && aligned16(t3p) && aligned16(cp) &&
+                     (gp == nullptr || aligned16(gp));
+    const A scale = A(2.0 / static_cast<double>(dG.numel()));
+    auto* kernel = vec ? consistency_residual_exact_kernel<T, true> : consistency_residual_exact_kernel<T, false>;
+    kernel<<<batch * chunks, kThreads, 0, stream>>>(dgp, t3p, cp, gp,
+                                                     loss_outputs<A>(work, l_cons, l_bnd, mask, batch, chunks,
+                                                                     static_cast<double>(dG.numel()), stream),
+                                                     d, chunks, scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  } else {  // [B, 0]: means over no elements
+    l_cons.fill_(NAN);
+    l_bnd.fill_(NAN);
+  }
+  return {l_cons, l_bnd, grad};
+}
+
+}  // namespace flowkern

@@ -1,0 +1,264 @@
+"""Triton kernels of `consistency_residual` (M18, M20) and `consistency_residual_exact` (M21), with their autograd."""
+
+import torch
+import triton.language as tl
+from triton import jit
+
+from flowkern.ops import _validate as V
+from flowkern.ops._autograd import scale_saved
+from flowkern.ops._triton import coef_tensor, launch_device, reduction_layout, tl_acc
+from flowkern.ops._triton import eta as _eta
+from flowkern.ops.consistency_residual.reference import boundary_grad
+
+
+@jit
+def _signed_step(t, eps_t):
+    # e_b of (M20), the same fp32 test as `signed_time_step`
+    return tl.where(t + eps_t <= 1.0, eps_t, -eps_t).to(t.dtype)
+
+
+@jit
+def _residual_kernel(
+    c_ptr, c_t_ptr, c_x_ptr, g_ptr, g_t_ptr, g_x_ptr, vb_ptr, vb_g_ptr, t_ptr, rho_w_ptr, rho_g_ptr,
+    q_ptr, partial_ptr,
+    d, chunk, n_chunks, beta, eps_t, eps_x, q_scale,
+    ETA_MODE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    t = tl.load(t_ptr + b).to(ACC)
+    step = _signed_step(t, eps_t)
+    inv_step = 1.0 / step
+    coef = beta * _eta(t, ETA_MODE)
+    coef_t = beta * _eta(t + step, ETA_MODE)
+    k_w = tl.load(rho_w_ptr + b).to(ACC) / eps_x
+    k_g = tl.load(rho_g_ptr + b).to(ACC) / eps_x
+    acc_r = tl.zeros([BLOCK], dtype=ACC)
+    acc_c = tl.zeros([BLOCK], dtype=ACC)
+    start = c * chunk
+    for off in range(0, chunk, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < d
+        ptr = b * d + idx
+        # upcast right after every load (the interpreter miscomputes raw bf16)
+        cc = tl.load(c_ptr + ptr, mask=mask, other=0).to(ACC)
+        g = cc - coef * tl.load(g_ptr + ptr, mask=mask, other=0).to(ACC)
+        g_t = tl.load(c_t_ptr + ptr, mask=mask, other=0).to(ACC)
+        g_t -= coef_t * tl.load(g_t_ptr + ptr, mask=mask, other=0).to(ACC)
+        g_x = tl.load(c_x_ptr + ptr, mask=mask, other=0).to(ACC)
+        g_x -= coef * tl.load(g_x_ptr + ptr, mask=mask, other=0).to(ACC)
+        dvb = tl.load(vb_g_ptr + ptr, mask=mask, other=0).to(ACC)
+        dvb -= tl.load(vb_ptr + ptr, mask=mask, other=0).to(ACC)
+        r = (g_t - g) * inv_step + k_w * (g_x - g) + k_g * dvb
+        acc_r += r * r
+        acc_c += cc * cc
+        if COMPUTE_GRAD:
+            tl.store(q_ptr + ptr, r * q_scale, mask=mask)
+    tile = (b * n_chunks + c) * 2
+    tl.store(partial_ptr + tile, tl.sum(acc_r, axis=0))
+    tl.store(partial_ptr + tile + 1, tl.sum(acc_c, axis=0))
+
+
+@jit
+def _residual_backward_kernel(
+    q_ptr, c_ptr, t_ptr, rho_w_ptr, mask_ptr, grad_cons_ptr, grad_bnd_ptr, grad_c_ptr, grad_c_t_ptr, grad_c_x_ptr,
+    d, chunk, eps_t, eps_x, bnd_scale,
+    NEED_C: tl.constexpr, NEED_C_T: tl.constexpr, NEED_C_X: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    t = tl.load(t_ptr + b).to(ACC)
+    inv_step = 1.0 / _signed_step(t, eps_t)
+    k_w = tl.load(rho_w_ptr + b).to(ACC) / eps_x
+    g = tl.load(grad_cons_ptr).to(ACC)
+    s_t = g * inv_step
+    s_x = g * k_w
+    s_c = -g * (inv_step + k_w)
+    s_b = tl.load(grad_bnd_ptr).to(ACC) * tl.load(mask_ptr + b).to(ACC) * bnd_scale
+    # c is read on terminal samples only (s_b == 0 elsewhere; c assumed finite there)
+    c_limit = tl.where(s_b != 0, d, 0)
+    start = c * chunk
+    for off in range(0, chunk, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < d
+        ptr = b * d + idx
+        q = tl.load(q_ptr + ptr, mask=mask, other=0).to(ACC)
+        if NEED_C_T:
+            tl.store(grad_c_t_ptr + ptr, (q * s_t).to(grad_c_t_ptr.dtype.element_ty), mask=mask)
+        if NEED_C_X:
+            tl.store(grad_c_x_ptr + ptr, (q * s_x).to(grad_c_x_ptr.dtype.element_ty), mask=mask)
+        if NEED_C:
+            cc = tl.load(c_ptr + ptr, mask=idx < c_limit, other=0).to(ACC)
+            tl.store(grad_c_ptr + ptr, (q * s_c + s_b * cc).to(grad_c_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _exact_kernel(
+    dg_ptr, t3_ptr, c_ptr, mask_ptr, grad_ptr, partial_ptr,
+    d, chunk, n_chunks, grad_scale,
+    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    # c is read on terminal samples only (M17; c assumed finite elsewhere)
+    c_limit = tl.where(tl.load(mask_ptr + b) != 0, d, 0)
+    acc_r = tl.zeros([BLOCK], dtype=ACC)
+    acc_c = tl.zeros([BLOCK], dtype=ACC)
+    start = c * chunk
+    for off in range(0, chunk, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < d
+        ptr = b * d + idx
+        r = tl.load(dg_ptr + ptr, mask=mask, other=0).to(ACC) + tl.load(t3_ptr + ptr, mask=mask, other=0).to(ACC)
+        acc_r += r * r
+        if COMPUTE_GRAD:
+            tl.store(grad_ptr + ptr, (r * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        cc = tl.load(c_ptr + ptr, mask=idx < c_limit, other=0).to(ACC)
+        acc_c += cc * cc
+    tile = (b * n_chunks + c) * 2
+    tl.store(partial_ptr + tile, tl.sum(acc_r, axis=0))
+    tl.store(partial_ptr + tile + 1, tl.sum(acc_c, axis=0))
+
+
+def _check_layout(primary, tensors, coefs):
+    # the interpreter writes out of bounds silently: check what the kernels index before launching
+    for x in tensors:
+        if x.shape != primary.shape or not x.is_contiguous():
+            raise ValueError(f"kernel input of shape {tuple(x.shape)} does not match {tuple(primary.shape)}")
+    for x in coefs:
+        if x.shape != (primary.shape[0],) or not x.is_contiguous():
+            raise ValueError(f"per-sample coefficient of shape {tuple(x.shape)} is not [{primary.shape[0]}]")
+
+
+def _finish(partial, mask, batch, n_chunks, numel):
+    """Losses from the per-(sample, chunk) partials (R^2, c^2), summed in a fixed order."""
+    partial = partial.view(batch, n_chunks, 2)
+    l_cons = partial[:, :, 0].sum() / numel
+    l_bnd = (mask.to(partial.dtype) * partial[:, :, 1].sum(1)).sum() / numel  # (1/B) sum m_b sum_b c^2 / D_b
+    return l_cons, l_bnd
+
+
+def _launch(c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x, rho_w, rho_G, mask,
+            compute_grad):  # fmt: skip
+    tensors = [a.contiguous() for a in (c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G)]
+    c = tensors[0]
+    _check_layout(c, tensors, (t, rho_w, rho_G, mask))
+    batch, d = c.shape[0], c[0].numel()
+    block, chunk, n_chunks = reduction_layout(d)
+    acc = V.loss_dtype(c)
+    q = torch.empty(c.shape, dtype=acc, device=c.device) if compute_grad else c.new_empty(0, dtype=acc)
+    partial = torch.zeros(batch * max(n_chunks, 1) * 2, dtype=acc, device=c.device)
+    if d > 0:
+        _residual_kernel[(batch, n_chunks)](
+            *tensors, t, rho_w, rho_G, q if compute_grad else partial, partial,
+            d, chunk, n_chunks, beta, eps_t, eps_x, 2.0 / c.numel(),
+            ETA_MODE=eta_mode, COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=tl_acc(c),
+        )  # fmt: skip
+    return (*_finish(partial, mask, batch, max(n_chunks, 1), c.numel()), q)
+
+
+def _launch_backward(grad_cons, grad_bnd, q, c, t, rho_w, mask, eps_t, eps_x, need_c, need_c_t, need_c_x, out_dtype):
+    c = c.contiguous()
+    _check_layout(q, (c,), (t, rho_w, mask))
+    batch, d = q.shape[0], q[0].numel()
+    block, chunk, n_chunks = reduction_layout(d)
+    needs = (need_c, need_c_t, need_c_x)
+    outs = [torch.empty(q.shape if n else (0,), dtype=out_dtype, device=q.device) for n in needs]
+    if d > 0:
+        _residual_backward_kernel[(batch, n_chunks)](
+            q, c, t, rho_w, mask, grad_cons.to(q.dtype), grad_bnd.to(q.dtype),
+            *(o if n else q for o, n in zip(outs, needs)),
+            d, chunk, eps_t, eps_x, 2.0 / q.numel(),
+            NEED_C=need_c, NEED_C_T=need_c_t, NEED_C_X=need_c_x, BLOCK=block, ACC=tl_acc(q),
+        )  # fmt: skip
+    return tuple(outs)
+
+
+def _launch_exact(dG, t3, c, mask, compute_grad):
+    dG, t3, c = (a.contiguous() for a in (dG, t3, c))
+    _check_layout(dG, (t3, c), (mask,))
+    batch, d = dG.shape[0], dG[0].numel()
+    block, chunk, n_chunks = reduction_layout(d)
+    grad = torch.empty_like(dG) if compute_grad else dG.new_empty(0)
+    partial = torch.zeros(batch * max(n_chunks, 1) * 2, dtype=V.loss_dtype(dG), device=dG.device)
+    if d > 0:
+        _exact_kernel[(batch, n_chunks)](
+            dG, t3, c, mask, grad if compute_grad else dG, partial,
+            d, chunk, n_chunks, 2.0 / dG.numel(),
+            COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=tl_acc(dG),
+        )  # fmt: skip
+    return (*_finish(partial, mask, batch, max(n_chunks, 1), dG.numel()), grad)
+
+
+class _Residual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x, rho_w, rho_G,
+                mask, compute_grad):  # fmt: skip
+        with launch_device(c):
+            l_cons, l_bnd, q = _launch(c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x,
+                                       rho_w, rho_G, mask, compute_grad)  # fmt: skip
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, c, t, rho_w, mask)
+        ctx.eps = (eps_t, eps_x)
+        # the gradients' dtype: the value outputs' common one (autograd casts each to its input's dtype)
+        dtypes = {c.dtype, c_t.dtype, c_x.dtype}
+        ctx.out_dtype = (
+            dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
+        )
+        ctx.mark_non_differentiable(q)
+        return l_cons, l_bnd, q
+
+    @staticmethod
+    def backward(ctx, grad_cons, grad_bnd, _unused):
+        q, c, t, rho_w, mask = ctx.saved_tensors
+        grads: list = [None] * 17
+        need = (ctx.needs_input_grad[0], *(n and grad_cons is not None for n in ctx.needs_input_grad[1:3]))
+        if q.numel() == 0 or not any(need) or (grad_cons is None and grad_bnd is None):
+            return tuple(grads)
+        zero = q.new_zeros(())
+        with launch_device(c):
+            g_cons = grad_cons if grad_cons is not None else zero
+            g_bnd = grad_bnd if grad_bnd is not None else zero
+            outs = _launch_backward(g_cons, g_bnd, q, c, t, rho_w, mask, *ctx.eps, *need, ctx.out_dtype)
+        for i in range(3):
+            if need[i]:
+                grads[i] = outs[i]
+        return tuple(grads)
+
+
+class _Exact(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dG, t3, c, mask, compute_grad):
+        with launch_device(dG):
+            l_cons, l_bnd, grad = _launch_exact(dG, t3, c, mask, compute_grad)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad, c, mask)
+        ctx.mark_non_differentiable(grad)
+        return l_cons, l_bnd, grad
+
+    @staticmethod
+    def backward(ctx, grad_cons, grad_bnd, _unused):
+        grad, c, mask = ctx.saved_tensors
+        d_dG = d_c = None
+        if ctx.needs_input_grad[0] and grad_cons is not None and grad.numel() > 0:
+            d_dG = scale_saved(grad, grad_cons)
+        if ctx.needs_input_grad[2] and grad_bnd is not None:
+            acc = V.loss_dtype(c)
+            d_c = boundary_grad(grad_bnd, c, mask, acc).to(c.dtype)
+        return d_dG, None, d_c, None, None
+
+
+def consistency_residual(c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, t_value, beta, eta_mode, eps_t, eps_x,
+                         rho_w, rho_w_value, rho_G, rho_G_value, mask, mask_value, compute_grad):  # fmt: skip
+    """The native op's contract, differentiable in c, c_t, c_x."""
+    coefs = [
+        coef_tensor(*cv, c) for cv in ((t, t_value), (rho_w, rho_w_value), (rho_G, rho_G_value), (mask, mask_value))
+    ]
+    t, rho_w, rho_G, mask = coefs
+    return _Residual.apply(c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x, rho_w, rho_G,
+                           mask, compute_grad)  # fmt: skip
+
+
+def consistency_residual_exact(dG, t3, c, mask, mask_value, compute_grad):
+    """The native op's contract, differentiable in dG and c."""
+    return _Exact.apply(dG, t3, c, coef_tensor(mask, mask_value, dG), compute_grad)

@@ -1,0 +1,52 @@
+"""Triton kernel of `vggflow_matching_loss` (M16): one pass, loss partials per (sample, tile) and the gradient."""
+
+import torch
+import triton
+import triton.language as tl
+
+from flowkern.ops._triton import coef_tensor, eta, launch_device, reduction_layout, tl_acc
+
+
+@triton.jit
+def _matching_loss_kernel(
+    v_ft_ptr, v_base_ptr, ghat_ptr, value_ptr, t_ptr, grad_ptr, partial_ptr,
+    d, chunk, n_chunks, beta, grad_scale,
+    ETA_MODE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    coef = beta * eta(tl.load(t_ptr + b).to(ACC), ETA_MODE)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    start = c * chunk
+    for off in range(0, chunk, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < d
+        ptr = b * d + idx
+        # upcast right after every load (the interpreter miscomputes raw bf16)
+        x = tl.load(v_ft_ptr + ptr, mask=mask, other=0).to(ACC)
+        x -= tl.load(v_base_ptr + ptr, mask=mask, other=0).to(ACC)
+        x -= coef * tl.load(ghat_ptr + ptr, mask=mask, other=0).to(ACC)
+        x += tl.load(value_ptr + ptr, mask=mask, other=0).to(ACC)
+        acc += x * x
+        if COMPUTE_GRAD:
+            tl.store(grad_ptr + ptr, (x * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + b * n_chunks + c, tl.sum(acc, axis=0))
+
+
+def vggflow_matching_loss(v_ft, v_base, reward_grad, value_out, t, t_value, beta, eta_mode, compute_grad):
+    """(loss, dloss/dv_ft or empty): the native op's contract."""
+    v_ft, v_base, reward_grad, value_out = (x.contiguous() for x in (v_ft, v_base, reward_grad, value_out))
+    batch, d = v_ft.shape[0], v_ft[0].numel()
+    block, chunk, n_chunks = reduction_layout(d)
+    grad = torch.empty_like(v_ft) if compute_grad else v_ft.new_empty(0)
+    partial = torch.zeros(
+        batch * n_chunks, dtype=torch.float64 if v_ft.dtype == torch.float64 else torch.float32, device=v_ft.device
+    )
+    if d > 0:
+        with launch_device(v_ft):
+            _matching_loss_kernel[(batch, n_chunks)](
+                v_ft, v_base, reward_grad, value_out, coef_tensor(t, t_value, v_ft), grad if compute_grad else v_ft,
+                partial, d, chunk, n_chunks, beta, 2.0 / v_ft.numel(),
+                ETA_MODE=eta_mode, COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=tl_acc(v_ft),
+            )  # fmt: skip
+    return partial.sum() / v_ft.numel(), grad
