@@ -15,9 +15,9 @@ CITATION = re.compile(r"\bM(\d{1,3})\b")
 DEFINITION = re.compile(r"\*\*\(M(\d{1,3})\)\*\*")  # a bold label "**(M12)**" opens the equation's definition
 SECTION_CITATION = re.compile(r"\b(math|design)\.md,? section (\d+)")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-# linked from docs/ before they exist: written by the concurrent ops and rewards work. Remove an entry once the
-# file is in the repository (a missing file that is not listed here fails the test).
-PENDING = {"docs/ops.md"}
+# linked from docs/ before they exist. Remove an entry once the file is in the repository (a missing file that is
+# not listed here fails the test).
+PENDING: set[str] = set()
 
 
 def _code_files():
