@@ -25,8 +25,19 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests importing this fixture run single-threaded (deterministic sums; the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 # ---------------------------------------------------------------- seeded weights
 

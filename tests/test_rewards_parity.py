@@ -30,20 +30,13 @@ from tests.rewards_originals import (  # noqa: E402
     import_imagereward,
     import_open_clip,
     load_golden,
+    one_thread,  # noqa: F401  (autouse fixture)
     tiny_bert_tokenizer,
     tiny_clip_tokenizer,
 )
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "rewards_parity")
 TOLERANCE = 1e-5  # fp32, relative to max |reference| (scores and gradients)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _check(result: dict) -> None:
