@@ -42,10 +42,51 @@ from tests.rewards_originals import (  # noqa: E402
     save_golden,
 )
 
+ARCHITECTURES = {
+    "hps": "open_clip ViT-H-14 (32+24 layers, 224 px)",
+    "imagereward": "BLIP ViT-L/16 224 px + bert-base with cross-attention + MLP",
+    "aesthetic": "OpenAI CLIP ViT-L/14 224 px + LAION MLP 768-1024-128-64-16-1",
+    "pickscore": "CLIPModel ViT-H/14 (laion config), 224 px",
+    "clipscore": "CLIPModel ViT-L/14 (OpenAI config, quick_gelu), 224 px",
+}
+
+
+def report(results_path: str) -> str:
+    """parity.md from parity.json."""
+    with open(results_path) as f:
+        rows = json.load(f)
+    lines = [
+        "# Reward parity with the original implementations (fp32, CPU)",
+        "",
+        "`python -m benchmarks.rewards_parity` (golden run in the original's environment, compare in flowkern's;",
+        "see docs/rewards.md). Scores and d score / d images on the same natural-looking images and prompts;",
+        '"rel" = max |diff| / max |original|. Preprocessing gap: the original model on the original\'s PIL',
+        "preprocessing vs on flowkern's tensor preprocessing of the same uint8 images.",
+        "",
+        "| reward | size | original | architecture | score max abs | score max rel | grad max rel | grad cosine "
+        "| tokens equal | PIL gap max / mean | score std across images |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(rows):
+        r = rows[key]
+        orig = (
+            r["original"] if isinstance(r["original"], str) else ", ".join(f"{k} {v}" for k, v in r["original"].items())
+        )
+        arch = ARCHITECTURES[r["reward"]] if r["size"] == "real" else "reduced sizes, same structure"
+        gap = r["preprocessing_gap"]
+        lines.append(
+            f"| {r['reward']} | {r['size']} | {orig} | {arch} | {r['score']['max_abs']:.2e} | "
+            f"{r['score']['max_rel']:.2e} | {r['grad']['max_rel']:.2e} | {r['grad'].get('cosine', float('nan')):.9f} | "
+            f"{r.get('token_ids_equal', 'n/a')} | {gap['max_abs']:.2e} / {gap['mean_abs']:.2e} | "
+            f"{gap['score_std_across_images']:.3g} (n={gap['n_images']}) |"
+        )
+    lines += ["", "Tolerance (CI, tests/test_rewards_parity.py): 1e-5 relative for fp32 scores and gradients."]
+    return "\n".join(lines) + "\n"
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["golden", "compare", "hf"])
+    p.add_argument("step", choices=["golden", "compare", "hf", "report"])
     p.add_argument("--reward", choices=["hps", "imagereward", "aesthetic", "pickscore", "clipscore"])
     p.add_argument("--size", choices=["tiny", "real"], default="tiny")
     p.add_argument("--out", default="tests/data/rewards_parity", help="golden: output folder")
@@ -55,6 +96,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.step == "report":
+        text = report(args.results)
+        with open(os.path.splitext(args.results)[0] + ".md", "w") as f:
+            f.write(text)
+        print(text)
+        return
     if args.step == "golden":
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"{args.reward}_{args.size}")

@@ -60,16 +60,28 @@ def _std_for(key: str, shape: Sequence[int]) -> tuple[float, float]:
 def seeded_state(layout: Mapping[str, Sequence[int]], seed: int, dtype: torch.dtype = torch.float32):
     """A state dict with ``layout``'s keys and shapes: N(mean, std) per tensor (see `_std_for`), drawn in
     sorted key order from one seeded generator; keys ending ``position_ids`` get ``arange`` (BERT's buffer)."""
+    return dict(_seeded_tensors(layout, seed, dtype))
+
+
+def _seeded_tensors(layout: Mapping[str, Sequence[int]], seed: int, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
-    out = {}
     for key in sorted(layout):
         shape = tuple(int(s) for s in layout[key])
         if key.endswith("position_ids"):
-            out[key] = torch.arange(shape[-1]).expand(shape).clone()
+            yield key, torch.arange(shape[-1]).expand(shape).clone()
             continue
         mean, std = _std_for(key, shape)
-        out[key] = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
-    return out
+        yield key, (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+
+
+@torch.no_grad()
+def seed_module_(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Write `seeded_state` of ``module``'s own layout into it in place, one tensor at a time (no second copy
+    of the weights; real sizes are GBs). Returns the module's state dict (views of its tensors)."""
+    state = module.state_dict()
+    for key, value in _seeded_tensors(layout_of(state), seed):
+        state[key].copy_(value)
+    return state
 
 
 def layout_of(state: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -222,6 +234,7 @@ def _import_torchvision() -> None:
 
 
 _TORCHVISION_FRAGMENT = None
+_import_torchvision()  # before transformers' first vision import, which imports torchvision when it is installed
 
 
 def import_open_clip():
@@ -260,11 +273,8 @@ def open_clip_model(config: Mapping, seed: int, quick_gelu: bool = False, dtype=
     open_clip = import_open_clip()
     from open_clip.model import CLIP
 
-    with torch.device("meta"):
-        layout = layout_of(CLIP(**config, quick_gelu=quick_gelu).state_dict())
     model = CLIP(**config, quick_gelu=quick_gelu)
-    state = seeded_state(layout, seed)
-    model.load_state_dict(state, strict=True)
+    state = seed_module_(model, seed)
     del open_clip
     return model.to(dtype).eval().requires_grad_(False), state
 
@@ -353,8 +363,7 @@ def imagereward_original(size: str, seed: int, med_config_path: str | os.PathLik
         model.blip = blip
         model.mlp = ir_module.MLP(config.hidden_size)
         model.mean, model.std = 0.16717362830052426, 1.0333394966054072
-    state = seeded_state(layout_of(model.state_dict()), seed)
-    model.load_state_dict(state, strict=True)
+    state = seed_module_(model, seed)
     del ir
     return model.eval().requires_grad_(False), state
 
@@ -506,8 +515,7 @@ def _openai_clip_aesthetic(size: str, seed: int):
     args = (16, 32, 2, 64, 8, 20, 54, 24, 3, 2) if size == "tiny" else (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12)
     model = torch.nn.Module()
     model.clip, model.mlp = OpenAICLIP(*args), MLP(args[0])
-    state = seeded_state(layout_of(model.state_dict()), seed)
-    model.load_state_dict(state, strict=True)
+    state = seed_module_(model, seed)
     model.eval().requires_grad_(False)
     transform = openai_clip.clip._transform(args[1])
     return model, state, args[1], args[5], args[3] // 64, args[8], transform
@@ -629,15 +637,14 @@ def hf_clip_parity(reward: str, size: str, work: str, tokenizer_dir: str | None 
     """PickScore / CLIPScore through flowkern vs transformers' own `CLIPModel` code path (the model card's:
     ``get_image_features`` / ``get_text_features`` with ``padding=True``, normalise, ``logit_scale.exp() *``
     for PickScore), on the same tensor-preprocessed pixels; plus the gap of `CLIPImageProcessor` (PIL)."""
+    import transformers
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from flowkern.rewards import build_reward, clip_preprocess
 
     cfg = CLIPConfig(**HF_CLIP["tiny" if size == "tiny" else reward])
-    with torch.device("meta"):
-        layout = layout_of(CLIPModel(cfg).state_dict())
     model = CLIPModel(cfg)
-    model.load_state_dict(seeded_state(layout, seed), strict=True)
+    seed_module_(model, seed)
     model.eval().requires_grad_(False)
     directory = os.path.join(work, reward)
     model.save_pretrained(directory)
@@ -673,7 +680,7 @@ def hf_clip_parity(reward: str, size: str, work: str, tokenizer_dir: str | None 
         tens = original(clip_preprocess(gap_images, image_size))
     gap = (pil - tens).double()
     return {
-        "reward": reward, "size": size, "original": "transformers CLIPModel",
+        "reward": reward, "size": size, "original": f"transformers {transformers.__version__} CLIPModel",
         "score": compare(got, ref), "grad": compare(got_grad, ref_grad),
         "preprocessing_gap": {"max_abs": gap.abs().max().item(), "mean_abs": gap.abs().mean().item(),
                               "score_std_across_images": pil.double().std().item(), "n_images": n},
