@@ -150,7 +150,7 @@ def bert_base_shaped_tokenizer(directory: str | os.PathLike):
     ).split()
     vocab = [f"[unused{i}]" for i in range(100)]
     vocab[0] = "[PAD]"
-    vocab += ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(LETTERS) + words
+    vocab += ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(LETTERS) + [w for w in words if w not in LETTERS]
     vocab += [f"##f{i}" for i in range(30522 - len(vocab))]
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "vocab.txt")
