@@ -33,18 +33,10 @@ from flowkern.rewards import (  # noqa: E402
     open_clip_to_transformers,
 )
 from flowkern.rewards.image_reward import IMAGEREWARD_MEAN, IMAGEREWARD_STD  # noqa: E402
+from tests.rewards_originals import one_thread, tiny_bert_tokenizer, tiny_clip_tokenizer  # noqa: E402, F401
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPTS = ["a red cat", "blue sky"]
 CTX = 20  # tiny text context (77 in the released models)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _images(b: int = 2, h: int = 40, w: int = 36, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -53,31 +45,11 @@ def _images(b: int = 2, h: int = 40, w: int = 36, seed: int = 0, dtype=torch.flo
 
 
 def _clip_tokenizer():
-    """CLIP BPE-style tokenizer whose <|endoftext|> is the largest id, as in open_clip (eot = 49407)."""
-    from transformers import CLIPTokenizer
-
-    vocab = {}
-    for c in LETTERS:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    end = "<|endoftext|>"
-    return CLIPTokenizer(
-        vocab=vocab, merges=[], unk_token=end, bos_token="<|startoftext|>", eos_token=end, pad_token=end,
-        model_max_length=77,
-    )  # fmt: skip
+    return tiny_clip_tokenizer()
 
 
 def _bert_tokenizer():
-    """bert-style WordPiece tokenizer plus BLIP's [DEC] / [ENC] tokens (BLIP's init_tokenizer)."""
-    from transformers import BertTokenizer
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS, "red", "cat", "blue", "sky"]
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    return tok
+    return tiny_bert_tokenizer()
 
 
 def _hf_clip(tok, seed: int = 0, layers: int = 2, image_size: int = 32, patch: int = 4):

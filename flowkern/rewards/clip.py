@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from flowkern.rewards.base import Reward
+from flowkern.rewards.files import check_model_dir, check_tokenizer_dir, is_local, one_line, require_file
 from flowkern.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 AESTHETIC_DIMS = (768, 1024, 128, 64, 16, 1)  # sac+logos+ava1-l14-linearMSE: no activations between layers
+AESTHETIC_EXPECTED = "the LAION aesthetic MLP state dict, e.g. sac+logos+ava1-l14-linearMSE.pth (layers.N.weight)"
 _TEXT_CACHE_LIMIT = 4096
 
 
@@ -75,18 +77,28 @@ def load_clip(
     torch_dtype: torch.dtype | None = None,
     **kwargs,
 ) -> nn.Module:
-    """A frozen eval-mode `CLIPModel`: ``model`` itself, or loaded from a local directory / hub id."""
+    """A frozen eval-mode `CLIPModel`: ``model`` itself, or loaded from a local directory (never the network;
+    checked first: ``config.json`` of a ``clip`` model and a weights file) or a hub id."""
     if isinstance(model, nn.Module):
         clip = model if torch_dtype is None else model.to(torch_dtype)
     else:
         from transformers import CLIPModel
 
-        clip = CLIPModel.from_pretrained(model, local_files_only=local_files_only, dtype=torch_dtype, **kwargs)
+        if is_local(model):
+            what = "a transformers CLIPModel folder (save_pretrained)"
+            path, weights = check_model_dir(model, "clip", what)
+            try:
+                clip = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype, **kwargs)
+            except Exception as err:  # a truncated / foreign weights file: transformers raises many types
+                raise ValueError(f"{weights}: cannot load it ({one_line(err)}; expected {what})") from None
+        else:
+            clip = CLIPModel.from_pretrained(model, local_files_only=local_files_only, dtype=torch_dtype, **kwargs)
     clip.eval().requires_grad_(False)
     return clip
 
 
-def _load_tokenizer(tokenizer, source, local_files_only: bool):
+def _load_tokenizer(tokenizer, source, local_files_only: bool, what: str = "a CLIP tokenizer"):
+    """``tokenizer`` itself, or loaded from it / ``source`` (a local folder: never the network; or a hub id)."""
     if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
         return tokenizer
     source = tokenizer if tokenizer is not None else source
@@ -94,6 +106,12 @@ def _load_tokenizer(tokenizer, source, local_files_only: bool):
         raise ValueError("pass tokenizer= (an object, local directory or hub id) when the model is an instance")
     from transformers import AutoTokenizer
 
+    if is_local(source):
+        path = check_tokenizer_dir(source, what)
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as err:  # unreadable / foreign tokenizer files
+            raise ValueError(f"{path}: cannot load the tokenizer ({one_line(err)}; expected {what})") from None
     return AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
 
 
@@ -236,24 +254,26 @@ class AestheticHead(nn.Module):
             key=lambda kv: kv[0],
         )
         if not weights:
-            raise ValueError("aesthetic head state dict has no 'layers.N.weight' keys")
+            raise ValueError(f"no 'layers.N.weight' keys (expected {AESTHETIC_EXPECTED})")
         dims = [weights[0][1].shape[1]] + [w.shape[0] for _, w in weights]
-        head = cls(dims)
-        head.load_state_dict(state, strict=True)
+        try:
+            head = cls(dims)
+            head.load_state_dict(state, strict=True)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"not an aesthetic MLP head ({one_line(err)}; expected {AESTHETIC_EXPECTED})") from None
         return head
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> AestheticHead:
-        """From a ``.safetensors`` file or the original ``.pth`` state dict (loaded with ``weights_only=True``)."""
-        path = os.fspath(path)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        """From a ``.safetensors`` file or the original ``.pth`` state dict (loaded with ``weights_only=True``);
+        a missing, truncated or foreign file is a one-line error naming it."""
+        from flowkern.rewards.convert import load_state_dict_file
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
-        return cls.from_state_dict(state)
+        path = require_file(path, AESTHETIC_EXPECTED)
+        try:
+            return cls.from_state_dict(load_state_dict_file(path, AESTHETIC_EXPECTED))
+        except ValueError as err:
+            raise ValueError(str(err) if str(err).startswith(path) else f"{path}: {err}") from None
 
 
 class AestheticReward(_CLIPReward):
@@ -272,7 +292,10 @@ class AestheticReward(_CLIPReward):
     ):
         super().__init__(clip, clamp=clamp, size=size, checkpoint=checkpoint)
         if head.dims[0] != clip.config.projection_dim:
-            raise ValueError(f"head input {head.dims[0]} != CLIP projection_dim {clip.config.projection_dim}")
+            raise ValueError(
+                f"aesthetic head input width {head.dims[0]} != the CLIP model's projection_dim "
+                f"{clip.config.projection_dim} (the LAION head fits CLIP ViT-L/14: 768)"
+            )
         self.head = head.to(device=clip.visual_projection.weight.device)
         self.freeze()
 
@@ -287,8 +310,13 @@ class AestheticReward(_CLIPReward):
         **kwargs,
     ) -> AestheticReward:
         clip = load_clip(model, local_files_only=local_files_only, torch_dtype=torch_dtype)
-        head = head if isinstance(head, AestheticHead) else AestheticHead.from_file(head)
-        return cls(clip, head, **kwargs)
+        if isinstance(head, AestheticHead):
+            return cls(clip, head, **kwargs)
+        try:
+            return cls(clip, AestheticHead.from_file(head), **kwargs)
+        except ValueError as err:
+            path = os.fspath(head)
+            raise ValueError(str(err) if str(err).startswith(path) else f"{path}: {err}") from None
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         emb = self.image_features(images)  # fp32 (fp64 for an fp64 tower); the head stays in its own dtype

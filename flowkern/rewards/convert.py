@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from flowkern.rewards.files import one_line, require_file
+
 __all__ = [
     "IMAGEREWARD_MED_CONFIG",
     "OPEN_CLIP_VIT_H_14",
@@ -66,16 +68,31 @@ def unwrap_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch pickle (``weights_only=True``), unwrapped."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def load_state_dict_file(path: str | os.PathLike, what: str = "a checkpoint") -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch pickle (``weights_only=True``, memory-mapped), unwrapped.
+    A missing, truncated or unreadable file is a one-line error naming it and ``what`` was expected."""
+    path = require_file(path, what)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return unwrap_state_dict(load_file(path))
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            state = load_file(path)
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) pickles
+    except Exception as err:  # truncated zip / bad header / not a checkpoint: torch and safetensors raise many types
+        raise ValueError(
+            f"{path}: cannot read it as a torch or safetensors checkpoint, truncated or not one ({one_line(err)}); "
+            f"expected {what}"
+        ) from None
+    try:
+        return unwrap_state_dict(state)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err} (expected {what})") from None
 
 
 def _layer_count(state: Mapping[str, torch.Tensor], pattern: str) -> int:

@@ -21,12 +21,15 @@ from torch import nn
 
 from flowkern.rewards.clip import CLIPScoreReward, _load_tokenizer, load_clip
 from flowkern.rewards.convert import load_state_dict_file, open_clip_to_transformers
+from flowkern.rewards.files import find_tokenizer_dir, is_local, require_file
 
 __all__ = ["HPS_FILES", "HPS_REPO", "HPS_TOKENIZER", "HPSReward", "HPSv21Reward", "clip_from_open_clip"]
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HPS_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+HPS_EXPECTED = "an open_clip CLIP checkpoint such as HPS_v2_compressed.pt (ViT-H-14 weights under 'state_dict')"
+TOKENIZER_EXPECTED = f"the CLIP tokenizer of {HPS_TOKENIZER} (vocab.json, merges.txt, tokenizer_config.json)"
 
 
 def clip_from_open_clip(
@@ -38,9 +41,16 @@ def clip_from_open_clip(
     """A frozen transformers `CLIPModel` from an open_clip state dict or checkpoint file (.pt/.safetensors)."""
     from transformers import CLIPModel
 
+    path = None
     if isinstance(state, str | os.PathLike):
-        state = load_state_dict_file(state)
-    config, converted = open_clip_to_transformers(state, **convert_kwargs)
+        path = os.fspath(state)
+        state = load_state_dict_file(path, HPS_EXPECTED)
+    try:
+        config, converted = open_clip_to_transformers(state, **convert_kwargs)
+    except (TypeError, ValueError) as err:
+        if path is None:
+            raise
+        raise ValueError(f"{path}: {err} (expected {HPS_EXPECTED})") from None
     # fp32 weights (fp16 / bf16 checkpoints upcast; cast with torch_dtype); fp64 kept for gradcheck
     fp64 = converted["vision_model.embeddings.patch_embedding.weight"].dtype == torch.float64
     model = CLIPModel(config).to(torch.float64 if fp64 else torch.float32)
@@ -71,23 +81,36 @@ class HPSReward(CLIPScoreReward):
     ) -> HPSReward:
         """``source``: a converted `CLIPModel` directory (from `save_pretrained`) or instance; an open_clip
         checkpoint file (``HPS_v2*_compressed.pt``); or the hub repo ``xswu/HPSv2``, from which this class's
-        version file is fetched (``local_files_only`` honoured). ``tokenizer`` defaults to the directory for a
-        directory, else ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Head counts: see `open_clip_to_transformers`.
+        version file is fetched (``local_files_only`` honoured). Local sources never touch the network.
+        ``tokenizer``: object or folder; default: the directory for a directory, the checkpoint's folder (or its
+        ``tokenizer/`` subfolder) for a file, ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` for the hub repo.
+        Head counts: see `open_clip_to_transformers`.
         """
-        if isinstance(source, nn.Module) or (isinstance(source, str | os.PathLike) and os.path.isdir(source)):
-            clip = load_clip(source, local_files_only=local_files_only, torch_dtype=torch_dtype)
+        if isinstance(source, nn.Module):
+            clip = load_clip(source, torch_dtype=torch_dtype)
+            return cls(clip, _load_tokenizer(tokenizer, None, local_files_only), **kwargs)
+        if not isinstance(source, str | os.PathLike):
+            raise TypeError(f"source must be a path, hub id or CLIPModel, got {type(source).__name__}")
+        if is_local(source) and os.path.isdir(source):
+            clip = load_clip(source, torch_dtype=torch_dtype)
             return cls(clip, _load_tokenizer(tokenizer, source, local_files_only), **kwargs)
-        if isinstance(source, str | os.PathLike) and os.path.isfile(source):
-            path = source
-        elif isinstance(source, str):
+        if is_local(source):
+            path = require_file(source, HPS_EXPECTED)
+            if tokenizer is None:
+                tokenizer = find_tokenizer_dir(path)
+                if tokenizer is None:
+                    folder = os.path.dirname(os.path.abspath(path))
+                    raise FileNotFoundError(
+                        f"{path}: no tokenizer next to it (expected {TOKENIZER_EXPECTED} in {folder} or "
+                        f"{os.path.join(folder, 'tokenizer')}, or pass tokenizer=)"
+                    )
+        else:
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(source, HPS_FILES[cls.version], local_files_only=local_files_only)
-        else:
-            raise TypeError(f"source must be a path, hub id or CLIPModel, got {type(source).__name__}")
+            tokenizer = HPS_TOKENIZER if tokenizer is None else tokenizer
         clip = clip_from_open_clip(path, torch_dtype=torch_dtype, vision_heads=vision_heads, text_heads=text_heads)
-        return cls(clip, _load_tokenizer(tokenizer if tokenizer is not None else HPS_TOKENIZER, None, local_files_only),
-                   **kwargs)  # fmt: skip
+        return cls(clip, _load_tokenizer(tokenizer, None, local_files_only), **kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """The converted `CLIPModel` and the tokenizer into ``directory`` (``from_pretrained(directory)``)."""

@@ -24,6 +24,7 @@ from torch import nn
 from flowkern.rewards.base import Reward
 from flowkern.rewards.clip import AestheticHead, layer_checkpointing_enabled, set_layer_checkpointing
 from flowkern.rewards.convert import imagereward_to_transformers, load_state_dict_file
+from flowkern.rewards.files import find_tokenizer_dir, is_local, one_line, require_file
 from flowkern.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 __all__ = [
@@ -41,6 +42,8 @@ IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
 IMAGEREWARD_MAX_LENGTH = 35
 IMAGEREWARD_TOKENIZER = "bert-base-uncased"
+IMAGEREWARD_EXPECTED = "ImageReward.pt of THUDM/ImageReward (BLIP ViT + BERT with cross-attention + MLP state dict)"
+TOKENIZER_EXPECTED = "the bert-base-uncased tokenizer (vocab.txt, tokenizer_config.json)"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _FORMAT = "flowkern-imagereward"
@@ -49,12 +52,13 @@ _TOKEN_CACHE_LIMIT = 4096
 
 def load_blip_tokenizer(source=IMAGEREWARD_TOKENIZER, *, local_files_only: bool = False):
     """A BERT tokenizer with BLIP's added tokens (``[DEC]`` as bos, ``[ENC]``), as BLIP's ``init_tokenizer``;
-    an object is returned as is, tokens already present are not added twice."""
+    an object is returned as is, tokens already present are not added twice. A local folder is read with no
+    network access (one-line error when it holds no tokenizer)."""
     if source is not None and not isinstance(source, str | os.PathLike):
         return source
-    from transformers import AutoTokenizer
+    from flowkern.rewards.clip import _load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    tok = _load_tokenizer(source, None, local_files_only, TOKENIZER_EXPECTED)
     vocab = tok.get_vocab()
     if "[DEC]" not in vocab:
         tok.add_special_tokens({"bos_token": "[DEC]"})
@@ -148,15 +152,20 @@ class ImageRewardModel(nn.Module):
         """From a `save_pretrained` directory; ``torch_dtype`` casts the two towers (the head stays fp32)."""
         from safetensors.torch import load_file
 
-        path = os.path.join(directory, CONFIG_NAME)
+        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        expected = "an ImageRewardReward.save_pretrained folder: config.json + model.safetensors"
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r} (an ImageRewardModel directory)")
+            raise FileNotFoundError(f"{path}: not found (expected {expected})")
         with open(path) as f:
             config = json.load(f)
         if config.pop("format", None) != _FORMAT:
-            raise ValueError(f"{path} is not an ImageRewardModel config (format {_FORMAT!r} expected)")
+            raise ValueError(f"{path}: not an ImageRewardModel config (format {_FORMAT!r} expected; {expected})")
         model = cls(**config)
-        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)), strict=True)
+        weights = require_file(os.path.join(os.fspath(directory), WEIGHTS_NAME), expected)
+        try:
+            model.load_state_dict(load_file(weights), strict=True)
+        except Exception as err:  # truncated file (SafetensorError) or other weights (RuntimeError)
+            raise ValueError(f"{weights}: cannot load ({one_line(err)}; expected {expected})") from None
         return model.cast_towers(torch_dtype)
 
     @classmethod
@@ -170,8 +179,16 @@ class ImageRewardModel(nn.Module):
     ):
         """From the released ``ImageReward.pt`` (path or state dict) and optionally ``med_config.json``;
         ``vision_heads`` defaults to ViT-L's 16 at width 1024 (see `imagereward_to_transformers`)."""
-        state = load_state_dict_file(checkpoint) if isinstance(checkpoint, str | os.PathLike) else checkpoint
-        config, converted = imagereward_to_transformers(state, med_config=med_config, vision_heads=vision_heads)
+        path = os.fspath(checkpoint) if isinstance(checkpoint, str | os.PathLike) else None
+        state = checkpoint if path is None else load_state_dict_file(path, IMAGEREWARD_EXPECTED)
+        if isinstance(med_config, str | os.PathLike):
+            med_config = require_file(med_config, "med_config.json of THUDM/ImageReward")
+        try:
+            config, converted = imagereward_to_transformers(state, med_config=med_config, vision_heads=vision_heads)
+        except (TypeError, ValueError) as err:
+            if path is None:
+                raise
+            raise ValueError(f"{path}: {err} (expected {IMAGEREWARD_EXPECTED})") from None
         model = cls(**config)
         if converted["head.layers.0.weight"].dtype == torch.float64:
             model.double()  # fp64 kept for gradcheck; other checkpoints load into fp32 (cast with torch_dtype)
@@ -230,18 +247,33 @@ class ImageRewardReward(Reward):
     ) -> ImageRewardReward:
         """``source``: an `ImageRewardModel`, a `save_pretrained` directory, the original ``ImageReward.pt``,
         or the hub repo ``THUDM/ImageReward`` (``ImageReward.pt`` + ``med_config.json`` fetched,
-        ``local_files_only`` honoured). ``tokenizer``: object, directory or hub id; default: the directory for a
-        directory, else ``bert-base-uncased``, with BLIP's tokens added (`load_blip_tokenizer`)."""
+        ``local_files_only`` honoured). Local sources never touch the network: ``med_config`` defaults to
+        ``med_config.json`` beside the file (bert-base values if absent), ``tokenizer`` to the file's folder or
+        its ``tokenizer/`` subfolder (one-line error if neither has one); a directory holds its own tokenizer.
+        Hub: ``tokenizer`` defaults to ``bert-base-uncased``. BLIP's tokens are added (`load_blip_tokenizer`)."""
         if isinstance(source, ImageRewardModel):
             model = source.cast_towers(torch_dtype)
-        elif isinstance(source, str | os.PathLike) and os.path.isdir(source):
+        elif not isinstance(source, str | os.PathLike):
+            raise TypeError(f"source must be a path, hub id or ImageRewardModel, got {type(source).__name__}")
+        elif is_local(source) and os.path.isdir(source):
             model = ImageRewardModel.from_pretrained(source, torch_dtype=torch_dtype)
             tokenizer = source if tokenizer is None else tokenizer
-        elif isinstance(source, str | os.PathLike) and os.path.isfile(source):
+        elif is_local(source):
+            path = require_file(source, IMAGEREWARD_EXPECTED)
+            folder = os.path.dirname(os.path.abspath(path))
+            if med_config is None and os.path.isfile(os.path.join(folder, "med_config.json")):
+                med_config = os.path.join(folder, "med_config.json")
+            if tokenizer is None:
+                tokenizer = find_tokenizer_dir(path)
+                if tokenizer is None:
+                    raise FileNotFoundError(
+                        f"{path}: no tokenizer next to it (expected {TOKENIZER_EXPECTED} in {folder} or "
+                        f"{os.path.join(folder, 'tokenizer')}, or pass tokenizer=)"
+                    )
             model = ImageRewardModel.from_original(
-                source, med_config=med_config, vision_heads=vision_heads, torch_dtype=torch_dtype
+                path, med_config=med_config, vision_heads=vision_heads, torch_dtype=torch_dtype
             )
-        elif isinstance(source, str):
+        else:
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(source, "ImageReward.pt", local_files_only=local_files_only)
@@ -250,8 +282,6 @@ class ImageRewardReward(Reward):
             model = ImageRewardModel.from_original(
                 path, med_config=med_config, vision_heads=vision_heads, torch_dtype=torch_dtype
             )
-        else:
-            raise TypeError(f"source must be a path, hub id or ImageRewardModel, got {type(source).__name__}")
         tok = load_blip_tokenizer(IMAGEREWARD_TOKENIZER if tokenizer is None else tokenizer,
                                   local_files_only=local_files_only)  # fmt: skip
         return cls(model, tok, **kwargs)

@@ -21,10 +21,13 @@ CLAMP_MODES = ("hard", "straight_through", "none")
 
 
 def apply_clamp(images: torch.Tensor, clamp: str = "hard") -> torch.Tensor:
-    """Clamp to [0, 1]. ``"hard"``: `clamp` (zero gradient on saturated pixels, what peers do);
-    ``"straight_through"``: clamped values, identity gradient; ``"none"``: unchanged."""
+    """Clamp to [0, 1]. ``"hard"``: clamped values, zero gradient on pixels strictly outside [0, 1] (what peers'
+    ``clamp(0, 1)`` does; written out because torch 2.14 changed `clamp`'s gradient at the bounds themselves
+    from 1 to 0, and pixels exactly at 0 or 1 keep gradient 1 here on every torch); ``"straight_through"``:
+    clamped values, identity gradient; ``"none"``: unchanged."""
     if clamp == "hard":
-        return images.clamp(0.0, 1.0)
+        inside = (images >= 0.0) & (images <= 1.0)
+        return torch.where(inside, images, images.detach().clamp(0.0, 1.0))
     if clamp == "straight_through":
         return images + (images.clamp(0.0, 1.0) - images).detach()
     if clamp == "none":
