@@ -144,6 +144,7 @@ class TrainOptions:
     steps: int = 400
     batch_size: int = 8
     grad_accum: int = 1
+    micro_batch: int | None = None
     num_steps: int | None = None
     guidance_scale: float | None = None
     lr: float = 5e-4
@@ -171,6 +172,8 @@ class TrainOptions:
             _int(name, getattr(self, name), 1)
         for name in ("checkpoint_every", "seed", "keep_checkpoints"):
             _int(name, getattr(self, name), 0)
+        if self.micro_batch is not None:
+            _int("micro_batch", self.micro_batch, 1)
         if self.num_steps is not None:
             _int("num_steps", self.num_steps, 1)
         for name in ("lr", "value_lr", "grad_clip", "lora_alpha", "guidance_scale"):
@@ -208,6 +211,7 @@ class TrainOptions:
             alpha=self.alpha,
             subsample=self.subsample,
             consistency=self.consistency,
+            micro_batch=self.micro_batch,
         )
 
     def to_dict(self) -> dict:
