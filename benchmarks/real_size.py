@@ -464,6 +464,7 @@ def markdown(records: list[dict]) -> str:
         s = r["spec"]
         model = {"sit": "SiT-XL/2", "sd3": "SD3-medium"}[s["model"]]
         extra = "" if s["resolution"] == 256 and s["vae"] == "tiny" else f" ({s['resolution']} px, {s['vae']} VAE)"
+        extra += f" [{s['layers']} blocks]" if s.get("layers") else ""
         method = {"vggflow": "VGG-Flow fd", "dam": "DAM", "am": "AM"}.get(s["method"], s["method"]) + extra
         cells = []
         for p in PHASES:
@@ -480,6 +481,23 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def extrapolate_layers(records: list[dict], layers: int) -> dict:
+    """Per-phase peaks of a row at ``layers`` transformer blocks, from runs of the same row at two smaller block
+    counts: peak = a + b L per phase (b: the bytes a block adds: its saved block input under per-block checkpointing,
+    or its activations without; a: everything else, e.g. the VAE decode, which no block changes). Returns
+    {'phases': {phase: bytes}, 'peak_bytes', 'per_block_bytes': {phase: b}, 'from_layers': [L1, L2]}."""
+    if len(records) != 2 or len({r["spec"]["layers"] for r in records}) != 2:
+        raise ValueError("extrapolate_layers needs the same row at two different block counts")
+    (r1, r2) = sorted(records, key=lambda r: r["spec"]["layers"])
+    l1, l2 = r1["spec"]["layers"], r2["spec"]["layers"]
+    phases, slopes = {}, {}
+    for p in PHASES:
+        y1, y2 = r1["phases"][p]["peak_bytes"], r2["phases"][p]["peak_bytes"]
+        slopes[p] = (y2 - y1) / (l2 - l1)
+        phases[p] = int(y2 + slopes[p] * (layers - l2))
+    return {"phases": phases, "peak_bytes": max(phases.values()), "per_block_bytes": slopes, "from_layers": [l1, l2]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=[], help=f"rows to measure: {', '.join(ROWS)}")
@@ -492,10 +510,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flowkern", help="checkout whose flowkern to measure [this repository]")
     parser.add_argument("--native-bf16", action="store_true", help="no fp32 emulation of bf16 GEMMs")
     parser.add_argument("--table", nargs="*", help="print the markdown table of these JSON files and exit")
+    parser.add_argument(
+        "--extrapolate", type=int, metavar="L", help="with --table: per-phase peaks at L blocks from two block counts"
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.flowkern or os.path.join(os.path.dirname(__file__), os.pardir)))
     if args.table is not None:
         records = [r for path in args.table for r in json.load(open(path))]
+        if args.extrapolate:
+            by_row: dict[str, list[dict]] = {}
+            for r in records:
+                if r["spec"].get("layers"):
+                    by_row.setdefault(r["row"].rsplit("-", 1)[0], []).append(r)
+            for row, group in by_row.items():
+                est = extrapolate_layers(group[-2:], args.extrapolate)
+                cells = " | ".join(f"{p} {v / GIB:.2f}" for p, v in est["phases"].items())
+                print(
+                    f"{row} at {args.extrapolate} blocks (from {est['from_layers']}): "
+                    f"{est['peak_bytes'] / GIB:.2f} GiB; "
+                    f"{cells}; per block: "
+                    + ", ".join(f"{p} {v / 2**20:.1f} MiB" for p, v in est["per_block_bytes"].items())
+                )
+            return 0
         print(markdown(records))
         return 0
     if args.threads:
