@@ -70,20 +70,6 @@ SIT_XL_2 = dict(
     num_embeds_ada_norm=1000,
     norm_type="ada_norm_zero",
 )
-# stabilityai/stable-diffusion-3-medium transformer/config.json
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
 SD3_TEXT_TOKENS = 77 + 256  # CLIP-L/G (77) + T5 (256) tokens, as StableDiffusion3Pipeline.encode_prompt returns
 # stabilityai/stable-diffusion-3-medium vae/config.json (the "real-config VAE")
 SD3_VAE = dict(
@@ -164,6 +150,8 @@ def build_transformer(kind: str, dtype: torch.dtype, seed: int = 0, layers: int 
     import diffusers
     from accelerate import init_empty_weights
 
+    from tests.models_tiny import SD3_MEDIUM  # stabilityai/stable-diffusion-3-medium transformer/config.json
+
     cls, config = {
         "sit": (diffusers.DiTTransformer2DModel, SIT_XL_2),
         "sd3": (diffusers.SD3Transformer2DModel, SD3_MEDIUM),
@@ -213,11 +201,12 @@ def build_run(spec: Spec, seed: int = 0):
         from flowkern.models.sd3 import SD3FlowModel as Flow
 
         w, grid, prompts = 5.0, "shifted", ["a photo of a red fox"]
-        text = lambda n: torch.randn(n, SD3_TEXT_TOKENS, SD3_MEDIUM["joint_attention_dim"], generator=g)
-        pooled = lambda n: torch.randn(n, SD3_MEDIUM["pooled_projection_dim"], generator=g)
+        config = transformer.config
+        text = lambda n: torch.randn(n, SD3_TEXT_TOKENS, config.joint_attention_dim, generator=g)
+        pooled = lambda n: torch.randn(n, config.pooled_projection_dim, generator=g)
         rows = {"prompt_embeds": text(1), "pooled_prompt_embeds": pooled(1)}
         shared = {"negative_prompt_embeds": text(1), "negative_pooled_prompt_embeds": pooled(1)}
-        channels = SD3_MEDIUM["in_channels"]
+        channels = config.in_channels
     flow = Flow(transformer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
