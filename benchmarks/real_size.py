@@ -123,6 +123,7 @@ ROWS = {
         Spec("sd3", "bf16", "vggflow", 1, 6),
         Spec("sd3", "bf16", "vggflow", 1, 6, vae="kl"),  # real-config VAE, for the 1024 px estimate
         Spec("sd3", "bf16", "vggflow", 1, 6, resolution=512, vae="kl"),
+        Spec("sd3", "bf16", "dam", 8, 6, 3, vae="kl"),  # the CLI's batch of 8 (run at --resolution 1024 --layers)
     )
 }
 
@@ -250,7 +251,8 @@ def build_run(spec: Spec, seed: int = 0):
             if isinstance(getattr(method, k, None), int | float | str)
         },
         "transformer_checkpointing": bool(getattr(transformer, "gradient_checkpointing", False)),
-        "vae_checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in decoder.vae.modules()),
+        "vae_checkpointing": bool(getattr(decoder, "gradient_checkpointing", False))
+        or any(getattr(m, "gradient_checkpointing", False) for m in decoder.vae.modules()),
     }
     return trainer, info
 

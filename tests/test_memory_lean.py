@@ -355,4 +355,4 @@ def test_real_pipeline_memory_defaults():
     memory_defaults(model, decoder)
     assert model.transformer.gradient_checkpointing
     assert model.transformer._gradient_checkpointing_func == model.checkpoint_block
-    assert any(getattr(m, "gradient_checkpointing", False) for m in decoder.vae.modules())
+    assert decoder.gradient_checkpointing  # per decoder layer
