@@ -39,7 +39,7 @@ from flowkern.ops import (
     time_probe,
     vggflow_matching_loss,
 )
-from flowkern.ops.reference.consistency_residual import boundary_loss
+from flowkern.ops.consistency_residual.reference import boundary_loss
 from flowkern.sampling import sample_euler, subsample_transitions
 
 CONSISTENCY_MODES = ("fd", "exact")
@@ -306,12 +306,17 @@ class VGGFlow:
         for lo, hi in C.micro_batches(n, self.micro_batch):
             # each micro-batch's mean weighted by its share: the sum is the mean over all transitions (M19)
             rows = slice(lo, hi)
-            value, parts, norm = self._micro_batch(states, ts, cond, step[rows], traj[rows], tau, (hi - lo) / n, grads)
+            out = self._micro_batch(states, ts, cond, step[rows], traj[rows], tau, (hi - lo) / n, grads)
+            if out is None:  # a non-finite reward gradient: a non-finite loss, which the caller skips
+                nan = float("nan")
+                return torch.tensor(nan), {"loss": nan, "reward_grad_norm": nan, "tau": tau}
+            value, parts, norm = out
             total = value if total is None else total + value
             for key, v in parts.items():
                 sums[key] += v
             norms.append(norm)
         norms = torch.cat(norms)
+        self._pending_norms.append(norms.double().cpu())  # queued for tau only once the whole loss is finite (M9)
         metrics = {
             "loss": float(total),
             "loss_match": sums["loss_match"],
@@ -327,7 +332,8 @@ class VGGFlow:
 
     def _micro_batch(self, states, ts, cond, step, traj, tau, weight, grads):
         """One micro-batch of transitions: (weighted loss value, weighted parts, norms n_b); its gradients go to
-        ``grads`` (phi's backward before v_theta's graph is built)."""
+        ``grads`` (phi's backward before v_theta's graph is built). None when a reward gradient or its norm is
+        non-finite (NaN/inf, or a finite gradient whose norm overflows): nothing of this update may be applied."""
         device = states.device
         n_steps = ts.numel() - 1
         acc = C.acc_dtype(states)  # fp32 (fp64 for fp64 states): losses and differences in fp32 at least (M20)
@@ -343,9 +349,10 @@ class VGGFlow:
             ghat, norms = reward_grad_clip(g_raw, tau)
         else:
             ghat, norms = g_raw, g_raw.flatten(1).norm(dim=1)
+        if not (bool(torch.isfinite(norms).all()) and bool(torch.isfinite(ghat).all())):
+            return None
         ghat = ghat.to(acc)
         rho = norms.clamp(max=tau) / norms.clamp(min=1e-12) if self.clip else torch.ones_like(norms)
-        self._pending_norms.append(norms.detach().double().cpu())
         del g_raw
 
         if self.consistency == "fd":
