@@ -30,6 +30,7 @@ import torch
 
 from flowkern.adjoint import lean_adjoint
 from flowkern.methods import _common as C
+from flowkern.methods.base import MethodBase
 from flowkern.ops import _validate as V
 from flowkern.ops import adjoint_matching_loss
 from flowkern.sampling import memoryless_coefficients, sample_euler, sample_memoryless
@@ -38,7 +39,7 @@ KINDS = ("ode", "memoryless")
 COSTS = ("elementwise", "norm")
 
 
-class AdjointMatching:
+class AdjointMatching(MethodBase):
     """Deterministic lean-adjoint matching truncated to the last K steps, or memoryless AM.
 
     Args:
@@ -53,8 +54,6 @@ class AdjointMatching:
         generator: torch.Generator for the memoryless noise and transition draws.
         micro_batch: samples per network call with grad, per VJP batch and per reward gradient (None: all at once).
     """
-
-    has_value_net = False
 
     def __init__(
         self,
@@ -101,9 +100,6 @@ class AdjointMatching:
         self.n_random = C.check_int("n_random", n_random, minimum=0)
         self.generator = generator
         self.micro_batch = C.check_micro_batch(micro_batch)
-
-    def value_parameters(self) -> list:
-        return []
 
     # ------------------------------------------------------------ rollout
     def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
@@ -244,7 +240,7 @@ class AdjointMatching:
                 v_b = self.base_velocity(x, t, c_y).to(acc)
             sig = sigma.to(device=x.device, dtype=acc)[step]
             term = adjoint_matching_loss(v_ft, v_b, a, self.lam, mode="memoryless", sigma=sig, lct=self.lct)
-            s = ((2 / C.per_sample(sig, x)) * (v_ft.detach().to(acc) - v_b) + C.per_sample(sig, x) * a).flatten(1)
+            s = ((2 / C.batch_column(sig, x)) * (v_ft.detach().to(acc) - v_b) + C.batch_column(sig, x) * a).flatten(1)
             clipped += float((s.square().sum(1) >= self.lct).float().sum())
             adj_norm += float(a.flatten(1).norm(dim=1).sum())
             del v_ft, v_b, s

@@ -48,7 +48,7 @@ class DRaFT(C.RewardFeedbackMethod):
         x_end = states[-1].detach()
         r, g = C.reward_and_grad(self.reward, x_end)
         if self.relu:  # d/dx of -mean ReLU(r): -1[r > 0] grad r / B
-            g = g * C.per_sample((r > 0).float(), g)
+            g = g * C.batch_column((r > 0).float(), g)
             value = -torch.relu(r).mean()
         else:
             value = -r.mean()

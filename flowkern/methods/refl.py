@@ -51,7 +51,7 @@ class ReFL(C.RewardFeedbackMethod):
         acc = C.acc_dtype(x)
         t = ts.to(device=x.device, dtype=acc)[step]
         v = self.velocity(x, t, C.gather_cond(cond, traj))
-        x_hat1 = x + C.per_sample(1 - t, x).to(x.dtype) * v  # (M34): no sg, the gradient reaches theta
+        x_hat1 = x + C.batch_column(1 - t, x).to(x.dtype) * v  # (M34): no sg, the gradient reaches theta
         r = C.check_reward_output(self.reward(x_hat1), x_hat1).to(acc)
         objective = torch.relu(r) if self.relu else r
         loss = -objective.mean()
