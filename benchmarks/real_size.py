@@ -222,7 +222,7 @@ def build_run(spec: Spec, seed: int = 0):
         model, spec.model, f"random {spec.model} config", (channels, side, side), prompts, spec.num_steps, grid,
         guidance_scale=w, to_images=decoder, weights_dtype=dtype,
     )  # fmt: skip
-    reward_fn, _ = build.build_reward(["redness"], setup)
+    reward_fn, _ = build.reward_for_run(["redness"], setup)
     known = {f.name for f in dataclasses.fields(build.MethodSettings)}
     wanted = {"K": spec.K, "consistency": "fd" if spec.method == "vggflow" else None, **spec.settings}
     settings = build.MethodSettings(**{k: v for k, v in wanted.items() if k in known and v is not None})

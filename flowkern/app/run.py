@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from flowkern.methods.registry import MethodSettings
+
 __all__ = ["JsonlLog", "TrainOptions", "ensure_output_dir", "progress_bar", "run_directory", "saved_options",
            "train_run"]  # fmt: skip
 
@@ -191,10 +193,10 @@ class TrainOptions:
     beta: float | None = None
     lam: float | None = None
     K: int | None = None
-    p: float = 2.0
-    eta: str = "quad"
-    alpha: float = 1e4
-    subsample: float | None = 0.25
+    p: float = MethodSettings.p  # the method settings' defaults are the constructors' (methods/registry.py)
+    eta: str = MethodSettings.eta
+    alpha: float = MethodSettings.alpha
+    subsample: float | None = MethodSettings.subsample
     consistency: str | None = None
     lora_rank: int = 8
     lora_alpha: float | None = None
@@ -273,9 +275,7 @@ class TrainOptions:
                 raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
         self.method_settings().check(self.num_steps or 10**9)
 
-    def method_settings(self):
-        from flowkern.app.build import MethodSettings
-
+    def method_settings(self) -> MethodSettings:
         return MethodSettings(
             beta=self.beta,
             lam=self.lam,
@@ -369,8 +369,7 @@ def make_accelerator(device: str):
 # ---------------------------------------------------------------- the run
 def train_run(opts: TrainOptions, echo=print) -> dict:
     """Train as ``opts`` says; returns the final evaluation (also written to eval.json)."""
-    from flowkern.app.build import check_reward_names, resolve_model
-    from flowkern.app.flags import check_applicable
+    from flowkern.app.build import check_applicable, check_reward_names, resolve_model
 
     opts.check()
     kind, _ = resolve_model(opts.model)
@@ -484,7 +483,7 @@ def _damaged(err) -> ValueError:
 
 def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
     """Model, reward, method and Trainer (restored from the last checkpoint with --resume)."""
-    from flowkern.app.build import build_method, build_reward, load_model
+    from flowkern.app.build import build_method, load_model, reward_for_run
     from flowkern.train import TrainConfig, Trainer, load_checkpoint
     from flowkern.train.checkpoint import DamagedCheckpoint
 
@@ -502,7 +501,7 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         seed=opts.seed,
     )
     opts.method_settings().check(setup.num_steps)
-    reward_fn, reward_module = build_reward(opts.reward, setup, opts.reward_source)
+    reward_fn, reward_module = reward_for_run(opts.reward, setup, opts.reward_source)
     method = build_method(
         opts.method, setup, reward_fn, opts.method_settings(), default_beta=_default_beta(setup), seed=opts.seed
     )

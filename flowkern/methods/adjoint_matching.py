@@ -50,7 +50,8 @@ class AdjointMatching(MethodBase):
         p: control-cost power (> 1), cost: 'elementwise' | 'norm' (M26); p = 2 is quadratic.
         lct: memoryless only, per-sample loss clip LCT (M32); None = 1.6 beta^2 (M33); math.inf = no clamp.
         n_last, n_random: memoryless only, transitions T = the last n_last steps plus n_random drawn without
-            replacement from the others, per trajectory (M33: 10 + 10 of N = 40).
+            replacement from the others, per trajectory. None (default) = max(1, N // 4) each: M33's 10 + 10 of
+            N = 40 at any N (fixed 10 + 10 trained every transition of a 20-step grid, twice the reference's share).
         generator: torch.Generator for the memoryless noise and transition draws.
         micro_batch: samples per network call with grad, per VJP batch and per reward gradient (None: all at once).
     """
@@ -68,8 +69,8 @@ class AdjointMatching(MethodBase):
         p: float = 2.0,
         cost: str = "elementwise",
         lct: float | None = None,
-        n_last: int = 10,
-        n_random: int = 10,
+        n_last: int | None = None,
+        n_random: int | None = None,
         generator: torch.Generator | None = None,
         micro_batch: int | None = None,
     ):
@@ -96,8 +97,8 @@ class AdjointMatching(MethodBase):
             self.lct = math.inf  # no clamp
         else:
             self.lct = C.check_positive("lct", lct)
-        self.n_last = C.check_int("n_last", n_last)
-        self.n_random = C.check_int("n_random", n_random, minimum=0)
+        self.n_last = None if n_last is None else C.check_int("n_last", n_last)
+        self.n_random = None if n_random is None else C.check_int("n_random", n_random, minimum=0)
         self.generator = generator
         self.micro_batch = C.check_micro_batch(micro_batch)
 
@@ -197,10 +198,11 @@ class AdjointMatching(MethodBase):
 
     def _transitions(self, n_steps: int, n_traj: int, device) -> torch.Tensor:
         """[B, n] memoryless transitions T: the last n_last plus n_random others per trajectory (M33)."""
-        n_last = min(self.n_last, n_steps)
+        quarter = max(1, n_steps // 4)  # (M33) 10 + 10 of 40
+        n_last = min(quarter if self.n_last is None else self.n_last, n_steps)
         last = torch.arange(n_steps - n_last, n_steps)
         n_early = n_steps - n_last
-        n_rand = min(self.n_random, n_early)
+        n_rand = min(quarter if self.n_random is None else self.n_random, n_early)
         if n_rand == 0:
             return last.expand(n_traj, n_last).to(device)
         keys = torch.rand((n_traj, n_early), generator=self.generator)

@@ -55,13 +55,17 @@ class SmallValueNet(nn.Module):
     cond). Image-like samples [B, C, H, W]: a small conv net, time/cond features added per channel (FiLM
     shift). ``cond``: None, a floating tensor [B, ..., cond_dim] (mean-pooled over the middle dims; the prompt
     embedding, never the negative prompt, M15) or an integer label tensor [B] (``num_classes``).
+
+    Defaults: hidden 64, depth 3, the net the CLI and demo runs were tuned and measured with (docs/results.md). The
+    paper's 'small' net is a reduced U-Net, so there is no reference width to follow; the CLI once had 64 while this
+    class said 128 (one default now).
     """
 
     def __init__(
         self,
         sample_shape: Sequence[int],
         *,
-        hidden: int = 128,
+        hidden: int = 64,
         depth: int = 3,
         n_freq: int = 4,
         cond_dim: int | None = None,
