@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,8 @@ from flowkern.adjoint import graph_leaves, terminal_reward_grad
 from flowkern.methods.base import MethodBase
 from flowkern.ops import _validate as V
 from flowkern.sampling import sample_euler, validate_grid
+
+log = logging.getLogger("flowkern.methods")
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -282,13 +285,33 @@ class MicroBatchGradients:
 
 class RewardFeedbackMethod(MethodBase):
     """Shared by the unregularised baselines ReFL (M34) and DRaFT (M35): a velocity and a reward, an
-    on-policy Euler rollout (M2) without grad, no value network."""
+    on-policy Euler rollout (M2) without grad, no value network.
+
+    ``relu=True`` (default, M34/M35 as published) maximises mean ReLU(r): samples with r <= 0 give no gradient, so a
+    batch whose rewards are all <= 0 (e.g. ImageReward or redness on a bad start) learns nothing. That is logged (a
+    warning the first time, ``relu_active`` = the fraction of samples with r > 0 in every update's metrics); pass
+    ``relu=False`` for rewards that are often negative.
+    """
 
     def __init__(self, velocity: Velocity, reward: Reward, *, relu: bool = True, generator=None):
         self.velocity = check_callable("velocity", velocity)
         self.reward = check_callable("reward", reward)
         self.relu = bool(relu)
         self.generator = generator
+        self._warned_inactive = False
+
+    def objective(self, r: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(ReLU(r) or r per sample, metrics with ``relu_active``), warning when no sample has r > 0."""
+        if not self.relu:
+            return r, {}
+        active = float((r.detach() > 0).float().mean())
+        if active == 0.0 and bool(torch.isfinite(r).all()):
+            level = logging.DEBUG if self._warned_inactive else logging.WARNING
+            log.log(level, "%s: every reward of the batch is <= 0, so -ReLU(r) has zero gradient and this update "
+                    "learns nothing (relu=True, M34/M35); use relu=False for rewards that are often negative",
+                    type(self).__name__)  # fmt: skip
+            self._warned_inactive = True
+        return torch.relu(r), {"relu_active": active}
 
     def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
         """Euler rollout (M2) without grad: {'states', 'ts', 'cond'}."""
