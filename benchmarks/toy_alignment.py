@@ -182,7 +182,7 @@ def settings_for(name: str, cfg: RunConfig) -> RunConfig:
     return RunConfig(**fields, overrides=overrides)
 
 
-def build_method(name: str, model, P: dict[str, Any], cfg: RunConfig, generator: torch.Generator):
+def method_under_test(name: str, model, P: dict[str, Any], cfg: RunConfig, generator: torch.Generator):
     """The method under test, from the method registry, with the toy's beta = 1/lam; name in METHODS (+ 'dam_k3',
     'vggflow_central'): a registry name, or one with its variant after '_'."""
     v, vb = flow_callables(model)
@@ -263,7 +263,7 @@ def run_method(name: str, refs: dict[str, Any], cfg: RunConfig) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     model = make_toy_model(P["mixture"], hidden=cfg.hidden, depth=cfg.depth)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    method = build_method(name, model, P, cfg, generator)
+    method = method_under_test(name, model, P, cfg, generator)
     n_steps = cfg.am_steps if name == "am_memoryless" else P["N"]
     config = TrainConfig(batch_size=cfg.batch_size, num_steps=n_steps, lr=cfg.lr, num_updates=cfg.updates,
                          value_lr=cfg.value_lr, lr_schedule=cfg.lr_schedule, seed=cfg.seed,

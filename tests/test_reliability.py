@@ -284,13 +284,13 @@ def test_python_api_resume_compares_method_kind_and_settings(tmp_path):
 
 def test_sd3_settings_record_lora_alpha_precision_and_resolution():
     """What the toy cannot show: LoRA rank/alpha, frozen weights' dtype (precision) and sample shape (resolution)."""
-    from flowkern.app.build import MethodSettings, build_method, load_model, reward_for_run
+    from flowkern.app.build import MethodSettings, load_model, method_for_run, reward_for_run
     from flowkern.train import TrainConfig, Trainer
 
     def settings(**kw):
         setup = load_model("tiny", num_steps=2, **{"lora_rank": 2, **kw})
         reward_fn, _ = reward_for_run(["redness"], setup)
-        method = build_method("draft", setup, reward_fn, MethodSettings(K=1))
+        method = method_for_run("draft", setup, reward_fn, MethodSettings(K=1))
         config = TrainConfig(batch_size=1, num_steps=2)
         return Trainer(setup.model, reward_fn, method, config, sample_shape=setup.sample_shape).settings()
 

@@ -43,7 +43,7 @@ __all__ = [
     "MethodSettings",
     "PromptBankFlow",
     "RunSetup",
-    "build_method",
+    "method_for_run",
     "reward_for_run",
     "check_applicable",
     "default_micro_batch",
@@ -671,7 +671,7 @@ def memory_defaults(flow: nn.Module, decoder: nn.Module | None = None) -> None:
         decoder.set_gradient_checkpointing(True)
 
 
-def build_method(
+def method_for_run(
     name: str,
     setup: RunSetup,
     reward_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -684,12 +684,12 @@ def build_method(
     shape, prompts, device and weights' dtype, and the model kind's micro-batch default (:func:`default_micro_batch`)
     when ``settings.micro_batch`` is None."""
     from flowkern.methods import flow_callables
-    from flowkern.methods.registry import build_method as build
+    from flowkern.methods.registry import build_method
 
     if settings.micro_batch is None:
         settings = dataclasses.replace(settings, micro_batch=default_micro_batch(setup.kind))
     velocity, base_velocity = flow_callables(setup.model)
-    return build(
+    return build_method(
         name,
         velocity,
         base_velocity,

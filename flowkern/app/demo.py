@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from flowkern.app import report
-from flowkern.app.build import ASSET_DIR, METHODS, MethodSettings, build_method, load_model, reward_for_run
+from flowkern.app.build import ASSET_DIR, METHODS, MethodSettings, load_model, method_for_run, reward_for_run
 from flowkern.app.evaluate import evaluate_samples, generate
 from flowkern.app.run import TRAINING_FILES, JsonlLog, progress_bar, run_directory
 from flowkern.train import TrainConfig, Trainer
@@ -119,7 +119,7 @@ def _demo(opts: DemoOptions, echo) -> dict:
             setup = _setup(opts)  # a fresh LoRA per method
             reward_fn, reward_module = reward_for_run([opts.reward], setup)
         conf = {**DEMO_SETTINGS[name], **opts.overrides.get(name, {})}
-        method = build_method(name, setup, reward_fn, conf["settings"], seed=opts.seed)
+        method = method_for_run(name, setup, reward_fn, conf["settings"], seed=opts.seed)
         config = TrainConfig(
             batch_size=opts.batch_size,
             num_updates=opts.steps,

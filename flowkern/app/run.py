@@ -483,7 +483,7 @@ def _damaged(err) -> ValueError:
 
 def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
     """Model, reward, method and Trainer (restored from the last checkpoint with --resume)."""
-    from flowkern.app.build import build_method, load_model, reward_for_run
+    from flowkern.app.build import load_model, method_for_run, reward_for_run
     from flowkern.train import TrainConfig, Trainer, load_checkpoint
     from flowkern.train.checkpoint import DamagedCheckpoint
 
@@ -502,7 +502,7 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
     )
     opts.method_settings().check(setup.num_steps)
     reward_fn, reward_module = reward_for_run(opts.reward, setup, opts.reward_source)
-    method = build_method(
+    method = method_for_run(
         opts.method, setup, reward_fn, opts.method_settings(), default_beta=_default_beta(setup), seed=opts.seed
     )
     config = TrainConfig(

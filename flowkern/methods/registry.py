@@ -24,7 +24,7 @@ from flowkern.methods.draft import DRaFT
 from flowkern.methods.refl import ReFL
 from flowkern.methods.vggflow import SmallValueNet, VGGFlow
 
-__all__ = ["METHODS", "MethodEntry", "MethodSettings", "build_method", "method_names"]
+__all__ = ["METHODS", "MethodEntry", "MethodSettings", "build_method"]
 
 
 def _default(cls: type, argument: str) -> Any:
@@ -72,10 +72,6 @@ METHODS: dict[str, MethodEntry] = {
         ),
     )  # fmt: skip
 }
-
-
-def method_names() -> tuple[str, ...]:
-    return tuple(METHODS)
 
 
 @dataclass
