@@ -245,8 +245,6 @@ class TrainOptions:
         for name in ("checkpoint_every", "keep_checkpoints"):
             _int(name, getattr(self, name), 0)
         _int("seed", self.seed, 0, MAX_SEED)
-        if self.micro_batch is not None:
-            _int("micro_batch", self.micro_batch, 1)
         if self.num_steps is not None:
             _int("num_steps", self.num_steps, 1, 10_000)
         unknown = [name for name in self.allow_change if name not in CHANGEABLE]
@@ -273,7 +271,7 @@ class TrainOptions:
 
             if importlib.util.find_spec("tensorboard") is None:
                 raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
-        self.method_settings().check(self.num_steps or 10**9)
+        self.method_settings().check(self.num_steps or 10**9)  # before any model is loaded
 
     def method_settings(self) -> MethodSettings:
         return MethodSettings(
@@ -500,7 +498,7 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         num_steps=opts.num_steps,
         seed=opts.seed,
     )
-    opts.method_settings().check(setup.num_steps)
+    opts.method_settings().check(setup.num_steps)  # K against the model's N, before a reward model is loaded
     reward_fn, reward_module = reward_for_run(opts.reward, setup, opts.reward_source)
     method = method_for_run(
         opts.method, setup, reward_fn, opts.method_settings(), default_beta=_default_beta(setup), seed=opts.seed

@@ -403,8 +403,8 @@ class Trainer:
     def settings(self) -> dict[str, Any]:
         """Everything that changes the trajectory of training, as flat ``key -> JSON value`` (compared on resume).
 
-        The model and method types; every plain hyperparameter of the method (``method.kind`` tells deterministic
-        from memoryless adjoint matching) and of the model (the frozen weights' dtypes, i.e. the precision; LoRA
+        The model and method types; the method's ``hyperparameters()`` (``method.kind`` tells deterministic from
+        memoryless adjoint matching) and of the model (the frozen weights' dtypes, i.e. the precision; LoRA
         rank, alpha and targets; CFG constants; prompts); the value net's type; sample shape (the resolution), dtype,
         device type and the time grid; every TrainConfig field but the bookkeeping ones (optimizer, schedule, batch,
         seed, ...), and ``config.extra``, where a caller records what the trainer cannot see (e.g. the reward spec).
@@ -646,12 +646,12 @@ def _plain(value: Any) -> Any:
     return _NOT_PLAIN
 
 
-def _plain_attributes(prefix: str, obj: Any, skip: set[str] = frozenset()) -> dict[str, Any]:
-    """``prefix.name -> value`` for the public attributes of ``obj`` holding plain, non-None values (its
-    hyperparameters; the state in ``skip``, nn.Module's ``training`` and None values left out)."""
+def _plain_attributes(prefix: str, obj: Any) -> dict[str, Any]:
+    """``prefix.name -> value`` for the public attributes of ``obj`` holding plain, non-None values (a model's
+    hyperparameters; nn.Module's ``training`` and None values left out)."""
     out = {}
     for name, value in sorted(getattr(obj, "__dict__", {}).items()):
-        if name.startswith("_") or name in skip or name == "training" or value is None:
+        if name.startswith("_") or name == "training" or value is None:
             continue
         plain = _plain(value)
         if plain is not _NOT_PLAIN:
