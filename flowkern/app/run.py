@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from flowkern.methods.registry import MethodSettings
+from flowkern.train.config import TrainConfig
 
 __all__ = ["JsonlLog", "TrainOptions", "ensure_output_dir", "progress_bar", "run_directory", "saved_options",
            "train_run"]  # fmt: skip
@@ -200,15 +201,15 @@ class TrainOptions:
     consistency: str | None = None
     lora_rank: int = 8
     lora_alpha: float | None = None
-    steps: int = 400
+    steps: int = TrainConfig.num_updates  # the Trainer's defaults where the CLI has no reason to differ
     batch_size: int = 8
     grad_accum: int = 1
     micro_batch: int | None = None
     num_steps: int | None = None
     guidance_scale: float | None = None
-    lr: float = 5e-4
+    lr: float = TrainConfig.lr
     value_lr: float | None = None
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = TrainConfig.grad_clip
     resolution: int | None = None
     precision: str = "fp32"
     device: str = "cpu"
