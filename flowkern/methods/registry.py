@@ -4,8 +4,8 @@ benchmarks build methods here; the settings a method does not read are refused b
 
 Defaults live in one place each: a method's own in its constructor (with the reason in its docstring and in
 docs/usage.md, "Defaults"), and :class:`MethodSettings` takes its defaults from those signatures. The two things a
-run decides that a constructor cannot know are marked where they are set: beta for the model kind (the app) and the
-K of ReFL / DRaFT-K from the grid (:func:`build_method`).
+run decides that a constructor cannot know are marked where they are set: beta for the model kind (the app) and
+ReFL's window of last steps from the grid (:func:`build_method`).
 """
 
 from __future__ import annotations
