@@ -119,7 +119,7 @@ def _reward_source(text: str) -> tuple[str, list[str]]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from flowkern.app.build import IMAGE_REWARDS, METHOD_HELP, METHODS, TOY_REWARDS
+    from flowkern.app.build import IMAGE_REWARDS, METHODS, TOY_REWARDS
     from flowkern.app.run import CHANGEABLE
     from flowkern.train.config import MAX_SEED
 
@@ -132,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    methods = "\n".join(f"  {name:8s} {METHOD_HELP[name]}" for name in METHODS)
+    methods = "\n".join(f"  {name:8s} {entry.summary}" for name, entry in METHODS.items())
 
     # ------------------------------------------------------------ demo
     demo = sub.add_parser(
@@ -396,7 +396,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from flowkern.app.build import build_reward, load_model
+    from flowkern.app.build import load_model, reward_for_run
     from flowkern.app.evaluate import evaluate_samples, generate
     from flowkern.app.run import ensure_output_dir
 
@@ -422,7 +422,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         num_steps=args.num_steps,
     )
     rewards = args.reward or (["bump"] if setup.kind == "toy" else ["redness"])
-    reward_fn, reward_module = build_reward(rewards, setup, {n: p for n, p in args.reward_source})
+    reward_fn, reward_module = reward_for_run(rewards, setup, {n: p for n, p in args.reward_source})
     tuned = generate(setup, args.samples, seed=args.seed)
     base = generate(setup, args.samples, seed=args.seed, base=True)
     result = {

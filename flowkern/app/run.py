@@ -40,6 +40,9 @@ from typing import Any
 
 import torch
 
+from flowkern.methods.registry import MethodSettings
+from flowkern.train.config import TrainConfig
+
 __all__ = ["JsonlLog", "TrainOptions", "ensure_output_dir", "progress_bar", "run_directory", "saved_options",
            "train_run"]  # fmt: skip
 
@@ -191,22 +194,22 @@ class TrainOptions:
     beta: float | None = None
     lam: float | None = None
     K: int | None = None
-    p: float = 2.0
-    eta: str = "quad"
-    alpha: float = 1e4
-    subsample: float | None = 0.25
+    p: float = MethodSettings.p  # the method settings' defaults are the constructors' (methods/registry.py)
+    eta: str = MethodSettings.eta
+    alpha: float = MethodSettings.alpha
+    subsample: float | None = MethodSettings.subsample
     consistency: str | None = None
     lora_rank: int = 8
     lora_alpha: float | None = None
-    steps: int = 400
+    steps: int = TrainConfig.num_updates  # the Trainer's defaults where the CLI has no reason to differ
     batch_size: int = 8
     grad_accum: int = 1
     micro_batch: int | None = None
     num_steps: int | None = None
     guidance_scale: float | None = None
-    lr: float = 5e-4
+    lr: float = TrainConfig.lr
     value_lr: float | None = None
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = TrainConfig.grad_clip
     resolution: int | None = None
     precision: str = "fp32"
     device: str = "cpu"
@@ -243,8 +246,6 @@ class TrainOptions:
         for name in ("checkpoint_every", "keep_checkpoints"):
             _int(name, getattr(self, name), 0)
         _int("seed", self.seed, 0, MAX_SEED)
-        if self.micro_batch is not None:
-            _int("micro_batch", self.micro_batch, 1)
         if self.num_steps is not None:
             _int("num_steps", self.num_steps, 1, 10_000)
         unknown = [name for name in self.allow_change if name not in CHANGEABLE]
@@ -271,11 +272,9 @@ class TrainOptions:
 
             if importlib.util.find_spec("tensorboard") is None:
                 raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
-        self.method_settings().check(self.num_steps or 10**9)
+        self.method_settings().check(self.num_steps or 10**9)  # before any model is loaded
 
-    def method_settings(self):
-        from flowkern.app.build import MethodSettings
-
+    def method_settings(self) -> MethodSettings:
         return MethodSettings(
             beta=self.beta,
             lam=self.lam,
@@ -369,8 +368,7 @@ def make_accelerator(device: str):
 # ---------------------------------------------------------------- the run
 def train_run(opts: TrainOptions, echo=print) -> dict:
     """Train as ``opts`` says; returns the final evaluation (also written to eval.json)."""
-    from flowkern.app.build import check_reward_names, resolve_model
-    from flowkern.app.flags import check_applicable
+    from flowkern.app.build import check_applicable, check_reward_names, resolve_model
 
     opts.check()
     kind, _ = resolve_model(opts.model)
@@ -484,7 +482,7 @@ def _damaged(err) -> ValueError:
 
 def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
     """Model, reward, method and Trainer (restored from the last checkpoint with --resume)."""
-    from flowkern.app.build import build_method, build_reward, load_model
+    from flowkern.app.build import load_model, method_for_run, reward_for_run
     from flowkern.train import TrainConfig, Trainer, load_checkpoint
     from flowkern.train.checkpoint import DamagedCheckpoint
 
@@ -501,9 +499,9 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         num_steps=opts.num_steps,
         seed=opts.seed,
     )
-    opts.method_settings().check(setup.num_steps)
-    reward_fn, reward_module = build_reward(opts.reward, setup, opts.reward_source)
-    method = build_method(
+    opts.method_settings().check(setup.num_steps)  # K against the model's N, before a reward model is loaded
+    reward_fn, reward_module = reward_for_run(opts.reward, setup, opts.reward_source)
+    method = method_for_run(
         opts.method, setup, reward_fn, opts.method_settings(), default_beta=_default_beta(setup), seed=opts.seed
     )
     config = TrainConfig(
