@@ -144,3 +144,16 @@ def test_benchmark_subsets_keep_and_order():
     other_b8 = _item("cfg_euler", "torch", "fwd_bwd", "bf16", "sd3_1024_B8", 8)
     loss_b1 = _item("vggflow_matching_loss", "torch", "fwd_bwd", "bf16", "sd3_1024_B1", 1)
     assert sorted([loss_b1, other_b8, loss_b8], key=common.priority) == [loss_b8, other_b8, loss_b1]
+
+
+def test_prebuilt_so_is_used_only_for_this_python_and_these_sources(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "PREBUILT", str(tmp_path))
+    assert gpu_check._prebuilt() is None
+    so = tmp_path / f"_C.cpython-{sys.version_info.major}{sys.version_info.minor}-x86_64-linux-gnu.so"
+    so.write_bytes(b"")
+    (tmp_path / "sources.sha256").write_text("0" * 64 + "\n")  # built from other sources
+    assert gpu_check._prebuilt() is None
+    (tmp_path / "sources.sha256").write_text(gpu_check.sources_hash() + "\n")
+    assert gpu_check._prebuilt() == str(so)
+    so.rename(tmp_path / "_C.cpython-39-x86_64-linux-gnu.so")  # another Python's ABI
+    assert gpu_check._prebuilt() is None
