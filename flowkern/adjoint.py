@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from flowkern.ops import adjoint_step
 
-__all__ = ["lean_adjoint", "terminal_reward_grad", "truncated_backprop"]
+__all__ = ["graph_leaves", "lean_adjoint", "terminal_reward_grad", "truncated_backprop"]
 
 KINDS = ("ode", "memoryless")
 
@@ -123,21 +123,30 @@ def _check_output(v: object, x: torch.Tensor, name: str) -> torch.Tensor:
     return v
 
 
-def _depends_on_other_leaves(output: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether ``output``'s autograd graph reaches a leaf that requires grad other than ``x``."""
-    stack, seen = [output.grad_fn], set()
+def graph_leaves(output: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    """(the leaves that require grad reached by ``output``'s autograd graph, in discovery order; whether a reentrant
+    checkpoint hides some of them). The tensors a ``backward()`` of ``output`` would write ``.grad`` to."""
+    stack, seen, leaves, found, hidden = [output.grad_fn], set(), [], set(), False
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if variable is not None and variable is not x:
-            return True
-        if "CheckpointFunction" in node.name():  # reentrant checkpoint hides its parameters: assume trainable
-            return True
+        if variable is not None and id(variable) not in found:
+            found.add(id(variable))
+            leaves.append(variable)
+        if "CheckpointFunction" in node.name():  # reentrant checkpoint hides its parameters
+            hidden = True
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+    return leaves, hidden
+
+
+def _depends_on_other_leaves(output: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``output``'s autograd graph reaches a leaf that requires grad other than ``x`` (a reentrant
+    checkpoint counts as one: assume its parameters are trainable)."""
+    leaves, hidden = graph_leaves(output)
+    return hidden or any(leaf is not x for leaf in leaves)
 
 
 # ---------------------------------------------------------------- truncated discrete adjoint (M23)

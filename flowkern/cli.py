@@ -225,6 +225,13 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_int_min(1), default=S, help="updates [400]")
     g.add_argument("--batch-size", type=_int_min(1), default=S, help="trajectories per micro-batch and process [8]")
     g.add_argument("--grad-accum", type=_int_min(1), default=S, help="micro-batches per update [1]")
+    g.add_argument(
+        "--micro-batch",
+        type=_int_min(1),
+        default=S,
+        help="samples per forward/backward, VJP and reward gradient inside the loss (bounds peak memory) "
+        "[1 for SD3/FLUX/SiT pipelines, all for tiny/toy]",
+    )
     g.add_argument("--lr", type=_positive_float, default=S, help="learning rate of the LoRA [5e-4]")
     g.add_argument("--value-lr", type=_positive_float, default=S, help="learning rate of the value net [= lr]")
     g.add_argument("--seed", type=seed, default=S, help="[0]")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -96,6 +97,7 @@ def test_help_lists_commands_and_flags(capsys):
         "--steps",
         "--batch-size",
         "--grad-accum",
+        "--micro-batch",
         "--resolution",
         "--precision",
         "--out",
@@ -237,6 +239,7 @@ def test_resume_continues_bit_exactly(tmp_path, capsys):
         (["--lr", "nan"], ["--lr", "finite number > 0"]),
         (["--beta", "abc"], ["--beta", "expected a number"]),
         (["--precision", "fp8"], ["--precision", "invalid choice"]),
+        (["--micro-batch", "0"], ["--micro-batch", "must be >= 1"]),
     ],
 )
 def test_bad_flags_fail_with_one_line_and_write_nothing(extra, needles, tmp_path, capsys):
@@ -470,6 +473,28 @@ def test_train_and_eval_an_sd3_pipeline_directory(tmp_path, capsys):
     assert rc == 0, err
     result = json.loads(stdout)
     assert result["prompts"] == ["a cat"] and 0 <= result["tuned"]["reward_mean"] <= 1
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [("dam", ["--K", "2"]), ("vggflow", ["--precision", "bf16"])],  # bf16 picks 'exact' consistency (M21)
+)
+def test_pipeline_defaults_train_dam_and_bf16_vggflow(method, extra, tmp_path, capsys):
+    """A pipeline trains with its memory defaults (micro-batches of 1, transformer and VAE checkpointing with the
+    LoRA off in the base velocity's VJPs); bf16 VGG-Flow's 'exact' consistency runs through the VAE decode."""
+    from tests.test_sd3_adapter import _tiny_pipeline
+
+    _tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    rc, _, err = run(
+        capsys, "train", "--model", tmp_path / "pipe", "--reward", "brightness", "--num-steps", "2", "--no-progress",
+        "--prompt", "a cat", "--method", method, "--steps", "1", "--batch-size", "2", "--lora-rank", "2",
+        "--eval-samples", "2", "--out", out, *extra,
+    )  # fmt: skip
+    assert rc == 0, err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["skipped"] == 0 and math.isfinite(log[0]["loss"])
 
 
 def test_train_flux_and_sit_directories(tmp_path, capsys):

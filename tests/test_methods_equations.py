@@ -194,22 +194,24 @@ def make_vggflow(f, **kw):
 
 
 @pytest.mark.parametrize(
-    "mode,consistency,eps_x,eps_t,scheme",
+    "mode,consistency,eps_x,eps_t,scheme,micro_batch",
     [
-        ("quad", "fd", 1e-3, 1e-3, "forward"),
-        ("linear", "fd", 1e-2, 0.06, "forward"),
-        ("quad", "fd", 1e-3, 1e-3, "central"),
-        ("linear", "fd", 1e-2, 0.06, "central"),  # t_0 = 0 and t + eps_t > 1 take the clipped one-sided branch
-        ("constant", "exact", None, None, "forward"),
-        ("quad", "exact", None, None, "forward"),
+        ("quad", "fd", 1e-3, 1e-3, "forward", None),
+        ("quad", "fd", 1e-3, 1e-3, "forward", 5),  # 24 transitions in micro-batches of 5 (the last one 4)
+        ("linear", "fd", 1e-2, 0.06, "forward", None),
+        ("quad", "fd", 1e-3, 1e-3, "central", None),
+        ("linear", "fd", 1e-2, 0.06, "central", 1),  # t_0 = 0 and t + eps_t > 1 take the clipped one-sided branch
+        ("constant", "exact", None, None, "forward", None),
+        ("quad", "exact", None, None, "forward", None),
+        ("quad", "exact", None, None, "forward", 7),
     ],
 )
-def test_vggflow_loss_matches_transcription(mode, consistency, eps_x, eps_t, scheme):
+def test_vggflow_loss_matches_transcription(mode, consistency, eps_x, eps_t, scheme, micro_batch):
     f, ts, states = setup()
     beta, alpha = 1.7, 3.0
     g_norms = [float(grad_r(f, states[-1, b : b + 1]).norm()) for b in range(states.shape[1])]
     tau = sorted(g_norms)[len(g_norms) // 2]  # some transitions clip, some do not
-    kw = dict(eta_mode=mode, consistency=consistency, tau0=tau)
+    kw = dict(eta_mode=mode, consistency=consistency, tau0=tau, micro_batch=micro_batch)
     if consistency == "fd":
         kw.update(eps_x=eps_x, eps_t=eps_t, fd_scheme=scheme)
     vgg = make_vggflow(f, **kw)
@@ -327,12 +329,19 @@ def optimal_control(a, lam, p, cost):
 
 
 @pytest.mark.parametrize(
-    "K,p,cost", [(1, 2.0, "elementwise"), (3, 2.0, "elementwise"), (6, 3.0, "elementwise"), (4, 1.5, "norm")]
+    "K,p,cost,micro_batch",
+    [
+        (1, 2.0, "elementwise", None),
+        (3, 2.0, "elementwise", None),
+        (3, 2.0, "elementwise", 1),  # 12 samples one at a time, the lean adjoint one trajectory at a time
+        (6, 3.0, "elementwise", 5),
+        (4, 1.5, "norm", None),
+    ],
 )
-def test_dam_loss_matches_transcription(K, p, cost):
+def test_dam_loss_matches_transcription(K, p, cost, micro_batch):
     f, ts, states = setup()
     lam = 0.7
-    am = AdjointMatching(f.v_theta, f.v_base, f.reward, lam=lam, K=K, p=p, cost=cost)
+    am = AdjointMatching(f.v_theta, f.v_base, f.reward, lam=lam, K=K, p=p, cost=cost, micro_batch=micro_batch)
     loss, _ = am.loss({"states": states, "ts": ts})
     loss.backward()
     got = param_grads(f.theta())
@@ -363,8 +372,8 @@ def test_dam_k1_target_is_vggflow_terminal_target():
 
 
 # ---------------------------------------------------------------- memoryless AM transcription (M29-M32)
-@pytest.mark.parametrize("lct", [math.inf, "some"])
-def test_memoryless_am_loss_matches_transcription(lct):
+@pytest.mark.parametrize("lct,micro_batch", [(math.inf, None), ("some", None), ("some", 3)])
+def test_memoryless_am_loss_matches_transcription(lct, micro_batch):
     f = Fields(1)
     n_steps = 5
     ts = torch.linspace(0, 1, n_steps + 1, dtype=DT)
@@ -390,7 +399,10 @@ def test_memoryless_am_loss_matches_transcription(lct):
     ref.backward()
     want = param_grads(f.theta())
     zero(f.theta())
-    am = AdjointMatching(f.v_theta, f.v_base, f.reward, beta=beta, kind="memoryless", lct=lct_value, n_last=n_steps)
+    am = AdjointMatching(
+        f.v_theta, f.v_base, f.reward, beta=beta, kind="memoryless", lct=lct_value, n_last=n_steps,
+        micro_batch=micro_batch,
+    )  # fmt: skip
     loss, metrics = am.loss({"states": states, "ts": ts})
     loss.backward()
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-9, atol=1e-12)

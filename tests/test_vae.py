@@ -110,6 +110,38 @@ def test_gradient_checkpointing_same_gradients():
     assert not calls
 
 
+def test_per_layer_checkpointing_same_gradients_lower_peak():
+    """The default checkpointing wraps every decoder resnet/attention/upsampler: the same gradients, and an exact
+    CPU peak below diffusers' per-up-block checkpointing, itself below none; switched off, the class forwards."""
+    from diffusers import AutoencoderKL
+
+    from flowkern.profiling import peak_memory
+
+    config = {**VAE_KL_TINY, "block_out_channels": (8, 16), "layers_per_block": 2, "norm_num_groups": 4}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        decoder = LatentDecoder(AutoencoderKL(**config).eval(), clamp="none")
+    x = randn(1, 4, 32, 32, seed=3)
+
+    def grad():
+        xx = x.clone().requires_grad_(True)
+        return torch.autograd.grad(decoder(xx).square().sum(), xx)[0]
+
+    block = lambda module, *args: torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+    plain, peak_plain = grad(), peak_memory(grad)
+    decoder.set_gradient_checkpointing(True, block)
+    per_block, peak_block = grad(), peak_memory(grad)
+    decoder.set_gradient_checkpointing(True)
+    assert decoder.gradient_checkpointing and not decoder.vae.decoder.gradient_checkpointing
+    per_layer, peak_layer = grad(), peak_memory(grad)
+    torch.testing.assert_close(per_block, plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(per_layer, plain, rtol=1e-6, atol=1e-7)
+    assert peak_layer < 0.8 * peak_block and peak_block < 0.8 * peak_plain, (peak_layer, peak_block, peak_plain)
+    decoder.set_gradient_checkpointing(False)
+    assert not decoder.gradient_checkpointing
+    assert not any("forward" in vars(m) for m in decoder.vae.modules())
+
+
 def test_bf16_vae_fp32_latents():
     decoder = LatentDecoder(tiny_vae("kl", dtype=torch.bfloat16))
     x = _state("kl").requires_grad_(True)

@@ -39,7 +39,9 @@ __all__ = [
     "RunSetup",
     "build_method",
     "build_reward",
+    "default_micro_batch",
     "load_model",
+    "memory_defaults",
     "parse_reward_spec",
     "resolve_model",
 ]
@@ -595,6 +597,7 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     decoder = LatentDecoder.from_pretrained(
         opts.location, subfolder="vae", local_files_only=opts.local, device=opts.device
     )
+    memory_defaults(flow, decoder)
     factor = 2 ** (len(decoder.vae.config.block_out_channels) - 1)
     config = flow.transformer.config
     patch = int(getattr(config, "patch_size", 1) or 1)
@@ -778,7 +781,9 @@ class MethodSettings:
     steps (1 <= K <= num_steps); p: DAM's cost power (> 1); eta: VGG-Flow's eta_t ('quad' | 'linear' |
     'constant', M15); alpha: VGG-Flow's boundary weight (M17); subsample: VGG-Flow's transition fraction f (M22);
     consistency: VGG-Flow's 'fd' (M20) or 'exact' (M21); None picks 'exact' for bf16 weights (a bf16 network
-    rounds away the finite-difference step, M20) and 'fd' otherwise.
+    rounds away the finite-difference step, M20) and 'fd' otherwise. micro_batch: samples per network call with
+    grad, per VJP and per reward gradient in VGG-Flow, DAM and AM (peak memory: one micro-batch's graph); None
+    picks :func:`default_micro_batch`.
     """
 
     beta: float | None = None
@@ -791,6 +796,7 @@ class MethodSettings:
     consistency: str | None = None
     value_hidden: int = 64
     value_depth: int = 3
+    micro_batch: int | None = None
 
     def check(self, num_steps: int) -> None:
         if self.beta is not None and self.lam is not None:
@@ -809,6 +815,10 @@ class MethodSettings:
             raise ValueError(f"--consistency must be 'fd' or 'exact', got {self.consistency!r}")
         if self.subsample is not None and not (0 < self.subsample <= 1):
             raise ValueError(f"--subsample must be in (0, 1], got {self.subsample!r}")
+        if self.micro_batch is not None and not (
+            isinstance(self.micro_batch, int) and not isinstance(self.micro_batch, bool) and self.micro_batch >= 1
+        ):
+            raise ValueError(f"--micro-batch must be an int >= 1, got {self.micro_batch!r}")
 
     def beta_value(self, default: float) -> float:
         if self.beta is not None:
@@ -816,6 +826,21 @@ class MethodSettings:
         if self.lam is not None:
             return 1.0 / float(self.lam)
         return default
+
+
+def default_micro_batch(kind: str) -> int | None:
+    """Samples per micro-batch when --micro-batch is not given: 1 for real pipelines (SD3, FLUX.1, SiT: one
+    sample's graph at a time, so batch size, K and the number of transitions no longer scale the peak), None (all
+    at once, fastest) for the embedded tiny model and the toy."""
+    return 1 if kind in ADAPTERS else None
+
+
+def memory_defaults(flow: nn.Module, decoder: nn.Module | None = None) -> None:
+    """What a real pipeline trains with: per-block gradient checkpointing of the transformer (recomputed with the
+    forward's LoRA state, ``TransformerFlowModel.checkpoint_block``) and of the VAE decoder the reward reads."""
+    flow.set_gradient_checkpointing(True)
+    if decoder is not None and hasattr(decoder, "set_gradient_checkpointing"):
+        decoder.set_gradient_checkpointing(True)
 
 
 def build_method(
@@ -836,6 +861,7 @@ def build_method(
     velocity, base_velocity = flow_callables(setup.model)
     generator = torch.Generator().manual_seed(seed + 17)
     beta = settings.beta_value(default_beta)
+    micro_batch = settings.micro_batch if settings.micro_batch is not None else default_micro_batch(setup.kind)
     if name == "vggflow":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 11)
@@ -856,9 +882,12 @@ def build_method(
             subsample_fraction=settings.subsample,
             consistency=settings.consistency or ("exact" if setup.weights_dtype != torch.float32 else "fd"),
             generator=generator,
+            micro_batch=micro_batch,
         )
     if name == "dam":
-        return AdjointMatching(velocity, base_velocity, reward_fn, beta=beta, K=settings.K, p=settings.p)
+        return AdjointMatching(
+            velocity, base_velocity, reward_fn, beta=beta, K=settings.K, p=settings.p, micro_batch=micro_batch
+        )
     if name == "am":
         n_last = max(1, setup.num_steps // 4)
         return AdjointMatching(
@@ -870,6 +899,7 @@ def build_method(
             n_last=n_last,
             n_random=n_last,
             generator=generator,
+            micro_batch=micro_batch,
         )
     if name == "refl":
         return ReFL(velocity, reward_fn, last_steps=settings.K or max(1, setup.num_steps // 4), generator=generator)

@@ -25,6 +25,7 @@ FOR_METHODS = {  # setting -> the methods that read it
     "subsample": ("vggflow",),
     "consistency": ("vggflow",),
     "value_lr": ("vggflow",),  # the only method with a value net
+    "micro_batch": ("vggflow", "dam", "am"),  # ReFL and DRaFT-K backpropagate whole trajectories
 }
 FOR_MODELS = {  # setting -> the model kinds that read it (the toy has no LoRA, no pixels, no prompts)
     "lora_rank": IMAGE_MODELS,

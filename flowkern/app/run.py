@@ -201,6 +201,7 @@ class TrainOptions:
     steps: int = 400
     batch_size: int = 8
     grad_accum: int = 1
+    micro_batch: int | None = None
     num_steps: int | None = None
     guidance_scale: float | None = None
     lr: float = 5e-4
@@ -242,6 +243,8 @@ class TrainOptions:
         for name in ("checkpoint_every", "keep_checkpoints"):
             _int(name, getattr(self, name), 0)
         _int("seed", self.seed, 0, MAX_SEED)
+        if self.micro_batch is not None:
+            _int("micro_batch", self.micro_batch, 1)
         if self.num_steps is not None:
             _int("num_steps", self.num_steps, 1, 10_000)
         unknown = [name for name in self.allow_change if name not in CHANGEABLE]
@@ -282,6 +285,7 @@ class TrainOptions:
             alpha=self.alpha,
             subsample=self.subsample,
             consistency=self.consistency,
+            micro_batch=self.micro_batch,
         )
 
     def to_dict(self) -> dict:

@@ -9,6 +9,11 @@ Methods take callables and tensors, never a model (design.md section 1):
 
 ``t`` is a [B] fp32 tensor. :func:`flow_callables` builds the first two from any object with the
 ``FlowModel`` shape (``velocity``, ``base_velocity()``) by duck typing.
+
+Micro-batches: a method's ``micro_batch`` bounds how many samples (transitions, trajectories) one network call
+with grad, one VJP or one reward gradient sees. A loss over many transitions is then a sum of micro-batch terms,
+each backpropagated as soon as it is built (:class:`MicroBatchGradients`): one micro-batch's graph is alive at a
+time, and ``loss.backward()`` applies the summed gradients (scaled, for gradient accumulation).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flowkern.adjoint import terminal_reward_grad
+from flowkern.adjoint import graph_leaves, terminal_reward_grad
 from flowkern.ops import _validate as V
 from flowkern.sampling import sample_euler, validate_grid
 
@@ -44,6 +49,17 @@ def check_int(name: str, value: object, minimum: int = 1, maximum: int | None = 
         upper = "" if maximum is None else f" and <= {maximum}"
         raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
     return value
+
+
+def check_micro_batch(value: object) -> int | None:
+    """``micro_batch``: None (everything in one call) or an int >= 1 (samples per call)."""
+    return None if value is None else check_int("micro_batch", value)
+
+
+def micro_batches(n: int, size: int | None) -> list[tuple[int, int]]:
+    """[(start, stop)] covering 0..n in runs of ``size`` (one run when ``size`` is None)."""
+    step = n if size is None else max(1, size)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)] or [(0, 0)]
 
 
 def check_callable(name: str, value: object) -> Callable:
@@ -95,13 +111,20 @@ def check_reward_output(r: object, x: torch.Tensor, name: str = "reward") -> tor
     return r
 
 
-def evaluate_reward(reward: Reward, x: torch.Tensor, name: str = "reward") -> torch.Tensor:
-    """r(x) as fp32 [B], shape-checked (M7: reward in fp32)."""
-    return check_reward_output(reward(x), x, name).to(acc_dtype(x))
+def evaluate_reward(
+    reward: Reward, x: torch.Tensor, name: str = "reward", micro_batch: int | None = None
+) -> torch.Tensor:
+    """r(x) as fp32 [B], shape-checked (M7: reward in fp32), ``micro_batch`` samples per call."""
+    chunks = micro_batches(x.shape[0], micro_batch)
+    parts = [check_reward_output(reward(x[lo:hi]), x[lo:hi], name) for lo, hi in chunks]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(acc_dtype(x))
 
 
-def reward_and_grad(reward: Reward, y: torch.Tensor, name: str = "reward") -> tuple[torch.Tensor, torch.Tensor]:
-    """(r(y) [B], grad_y r(y)) in fp32 (fp64 for fp64 y) via ``flowkern.adjoint.terminal_reward_grad`` (M7).
+def reward_and_grad(
+    reward: Reward, y: torch.Tensor, name: str = "reward", micro_batch: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(y) [B], grad_y r(y)) in fp32 (fp64 for fp64 y) via ``flowkern.adjoint.terminal_reward_grad`` (M7),
+    ``micro_batch`` samples per decode + backward.
 
     Only y gets a gradient (frozen reward parameters get no ``.grad``).
 
@@ -109,13 +132,28 @@ def reward_and_grad(reward: Reward, y: torch.Tensor, name: str = "reward") -> tu
     """
     checked = lambda image: check_reward_output(reward(image), image, name)
     acc = acc_dtype(y)
-    g, r = terminal_reward_grad(y.detach().to(acc), None, checked)
-    return r.to(acc), g.to(acc)
+    rs, gs = [], []
+    for lo, hi in micro_batches(y.shape[0], micro_batch):
+        g, r = terminal_reward_grad(y[lo:hi].detach().to(acc), None, checked)
+        rs.append(r.to(acc))
+        gs.append(g.to(acc))
+    return (rs[0], gs[0]) if len(rs) == 1 else (torch.cat(rs), torch.cat(gs))
 
 
-def reward_grad_functional(reward: Reward) -> Callable[[torch.Tensor], torch.Tensor]:
-    """y -> grad_y r(y) as a torch.func transform: composable with ``torch.func.jvp`` (forward-over-reverse, M21)."""
-    return torch.func.grad(lambda y: reward(y).sum())
+def reward_grad_and_hvp(reward: Reward, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad r(y), H(y) v) per sample, H the Hessian of r, by double backward (M21's forward-over-reverse JVP of
+    grad r along v: the Jacobian of a gradient is the symmetric Hessian, so J v = H v = grad_y <grad r(y), v>).
+
+    Reverse-over-reverse runs through any differentiable decoder (forward-mode AD fails in group_norm); attention
+    (a VAE's mid block) runs SDPA's math kernel, the one whose backward is differentiable."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    yy = y.detach().requires_grad_(True)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        r = check_reward_output(reward(yy), yy)
+        (g,) = torch.autograd.grad(r.sum(), yy, create_graph=True)
+        (hv,) = torch.autograd.grad(g, yy, grad_outputs=v.to(g.dtype))
+    return g.detach(), hv
 
 
 # ---------------------------------------------------------------- batches
@@ -207,6 +245,47 @@ def deferred_loss(value: torch.Tensor, backward_fn: Callable[[torch.Tensor], Non
     """A scalar equal to ``value`` whose ``.backward()`` calls ``backward_fn(grad_output)`` once."""
     anchor = torch.zeros((), dtype=value.dtype, device=value.device, requires_grad=True)
     return _DeferredBackward.apply(value.reshape(()), anchor, backward_fn)
+
+
+class MicroBatchGradients:
+    """The gradient of a loss that is a sum of micro-batch terms, each term backpropagated as soon as it is built
+    (its graph freed before the next is built), exposed through the usual ``loss.backward()``.
+
+    ``add(term)``: the gradients of ``term`` for every leaf its graph reaches (what its ``backward()`` would write)
+    are summed into private buffers; returns ``term.detach()``. ``loss(value)``: a scalar equal to ``value`` whose
+    ``backward()`` adds ``grad_output * buffers`` into the leaves' ``.grad`` (so ``(loss / A).backward()``
+    accumulates, and a loss that is never backpropagated, e.g. a skipped non-finite update, leaves ``.grad`` as is).
+    One term and grad_output 1 give the very tensors ``term.backward()`` would.
+    """
+
+    def __init__(self):
+        self._grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, term: torch.Tensor) -> torch.Tensor:
+        if term.requires_grad:
+            leaves, hidden = graph_leaves(term)
+            if hidden:
+                raise ValueError(
+                    "micro-batched losses need the graph's leaves: use non-reentrant gradient checkpointing "
+                    "(torch.utils.checkpoint(..., use_reentrant=False), diffusers' default)"
+                )
+            grads = torch.autograd.grad(term, leaves, allow_unused=True)
+            for leaf, g in zip(leaves, grads, strict=True):
+                if g is not None:
+                    entry = self._grads.get(id(leaf))
+                    self._grads[id(leaf)] = (leaf, g if entry is None else entry[1] + g)
+        return term.detach()
+
+    def loss(self, value: torch.Tensor) -> torch.Tensor:
+        return deferred_loss(value, self._apply)
+
+    def _apply(self, scale: torch.Tensor) -> None:
+        grads, self._grads = self._grads, {}
+        unit = bool(scale == 1)
+        for leaf, g in grads.values():
+            g = g if unit else g * scale.to(g.dtype)
+            g = g if g.is_contiguous() else g.contiguous()
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
 
 
 def finite_or_nan(x: float) -> float:

@@ -11,6 +11,12 @@ Per selected transition (x, t) of an on-policy rollout (M22 subsampling, M2 Eule
 
 theta (the flow model) and phi (the value network c_phi) are disjoint; one backward, one optimizer step
 (M19); after it tau <- Quantile_0.8 of the unperturbed norms n_b of that update (M9).
+
+Memory (``micro_batch``): the transitions are processed ``micro_batch`` at a time, each through the whole pipeline:
+reward gradients first (no graph of v_theta alive while the decoder's backward runs), then the phi terms
+(consistency, boundary) and their backward, then the v_theta graph and its backward
+(`flowkern.methods._common.MicroBatchGradients`). Only the rollout's states outlive a micro-batch, so the peak
+does not grow with the number of transitions. The same L, gradients and tau as one batch.
 """
 
 from __future__ import annotations
@@ -148,6 +154,7 @@ class VGGFlow:
         clip_quantile, tau0: running-quantile clipping (M9); clip=False disables clipping (rho = 1).
         tau_gather: optional callable gathering the update's norms over ranks before the quantile (M9).
         generator: torch.Generator for the subsampling draws.
+        micro_batch: transitions per micro-batch (None: all at once); see the module docstring.
     """
 
     has_value_net = True
@@ -174,10 +181,12 @@ class VGGFlow:
         tau0: float = 1.0,
         tau_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        micro_batch: int | None = None,
     ):
         self.velocity = C.check_callable("velocity", velocity)
         self.base_velocity = C.check_callable("base_velocity", base_velocity)
         self.reward = C.check_callable("reward", reward)
+        self.micro_batch = C.check_micro_batch(micro_batch)
         self.beta = C.check_positive("beta", beta)
         self.alpha = C.check_positive("alpha", alpha)
         V.eta_code(eta_mode)  # ValueError naming eta_mode
@@ -286,21 +295,50 @@ class VGGFlow:
         """
         states, ts, cond = C.unpack_batch(batch)
         n_steps, n_traj = ts.numel() - 1, states.shape[1]
-        device = states.device
-        idx = self._transitions(n_steps, n_traj, device)  # [B, n]
-        traj = torch.arange(n_traj, device=device)[:, None].expand_as(idx).reshape(-1)
+        idx = self._transitions(n_steps, n_traj, states.device)  # [B, n]
+        traj = torch.arange(n_traj, device=states.device)[:, None].expand_as(idx).reshape(-1)
         step = idx.reshape(-1)
+        n = step.numel()
+        tau = self.tau if self.clip else float("inf")
+        grads = C.MicroBatchGradients()
+        sums = dict.fromkeys(("loss", "loss_match", "loss_cons", "loss_bnd", "value_sq"), 0.0)
+        total, norms = None, []
+        for lo, hi in C.micro_batches(n, self.micro_batch):
+            # each micro-batch's mean weighted by its share: the sum is the mean over all transitions (M19)
+            rows = slice(lo, hi)
+            value, parts, norm = self._micro_batch(states, ts, cond, step[rows], traj[rows], tau, (hi - lo) / n, grads)
+            total = value if total is None else total + value
+            for key, v in parts.items():
+                sums[key] += v
+            norms.append(norm)
+        norms = torch.cat(norms)
+        metrics = {
+            "loss": float(total),
+            "loss_match": sums["loss_match"],
+            "loss_cons": sums["loss_cons"],
+            "loss_bnd": sums["loss_bnd"],
+            "tau": tau,
+            "reward_grad_norm": float(norms.mean()),
+            "clip_fraction": float((norms > tau).float().mean()) if self.clip else 0.0,
+            "value_rms": sums["value_sq"] ** 0.5,
+            "transitions": float(n),
+        }
+        return grads.loss(total), metrics
+
+    def _micro_batch(self, states, ts, cond, step, traj, tau, weight, grads):
+        """One micro-batch of transitions: (weighted loss value, weighted parts, norms n_b); its gradients go to
+        ``grads`` (phi's backward before v_theta's graph is built)."""
+        device = states.device
+        n_steps = ts.numel() - 1
         acc = C.acc_dtype(states)  # fp32 (fp64 for fp64 states): losses and differences in fp32 at least (M20)
         x = states[step, traj].detach().to(acc)
         t = ts.to(device=device, dtype=acc)[step]
         mask = (step == n_steps - 1).to(acc)  # boundary transitions (M17)
         c_y = C.gather_cond(cond, traj)
 
-        v_ft = self.velocity(x, t, c_y)  # grad to theta
         with torch.no_grad(), C.no_autocast(device):
             v_b = self.base_velocity(x, t, c_y).to(acc)
         g_raw = C.reward_and_grad(self.reward, self._x_hat1(x, t, c_y))[1]
-        tau = self.tau if self.clip else float("inf")
         if self.clip:
             ghat, norms = reward_grad_clip(g_raw, tau)
         else:
@@ -308,6 +346,7 @@ class VGGFlow:
         ghat = ghat.to(acc)
         rho = norms.clamp(max=tau) / norms.clamp(min=1e-12) if self.clip else torch.ones_like(norms)
         self._pending_norms.append(norms.detach().double().cpu())
+        del g_raw
 
         if self.consistency == "fd":
             with C.no_autocast(device):
@@ -316,22 +355,20 @@ class VGGFlow:
             l_cons, l_bnd = fd(x, t, c_y, c, v_b, ghat, rho, mask)
         else:
             c, l_cons, l_bnd = self._consistency_exact(x, t, c_y, v_b, ghat, rho, mask)
-        c = c.to(acc)
-        l_match = vggflow_matching_loss(v_ft, v_b, ghat, c.detach(), t, self.beta, self.eta_mode)
-        total = l_match + l_cons + self.alpha * l_bnd  # (M19)
-
-        metrics = {
-            "loss": float(total.detach()),
-            "loss_match": float(l_match.detach()),
-            "loss_cons": float(l_cons.detach()),
-            "loss_bnd": float(l_bnd.detach()),
-            "tau": tau,
-            "reward_grad_norm": float(norms.mean()),
-            "clip_fraction": float((norms > tau).float().mean()) if self.clip else 0.0,
-            "value_rms": float(c.detach().square().mean().sqrt()),
-            "transitions": float(step.numel()),
+        c = c.detach().to(acc)
+        grads.add((l_cons + self.alpha * l_bnd) * weight)  # phi (M17, M18)
+        v_ft = self.velocity(x, t, c_y)  # grad to theta
+        l_match = vggflow_matching_loss(v_ft, v_b, ghat, c, t, self.beta, self.eta_mode)
+        grads.add(l_match * weight)  # theta (M16)
+        l_match, l_cons, l_bnd = l_match.detach(), l_cons.detach(), l_bnd.detach()
+        value = (l_match + l_cons + self.alpha * l_bnd) * weight  # (M19)
+        parts = {
+            "loss_match": float(l_match) * weight,
+            "loss_cons": float(l_cons) * weight,
+            "loss_bnd": float(l_bnd) * weight,
+            "value_sq": float(c.square().mean()) * weight,
         }
-        return total, metrics
+        return value, parts, norms.detach()
 
     def _consistency_fd(self, x, t, cond, c, v_b, ghat, rho, mask):
         """(M20) forward differences at (x, t+e_b) and (x + eps_x w/rho_w, t), T3 along sg(G); fp32, autocast off."""
@@ -388,8 +425,8 @@ class VGGFlow:
         return l_cons, boundary_loss(c, mask, x.dtype)  # (M17), the op reference's definition
 
     def _consistency_exact(self, x, t, cond, v_b, ghat, rho, mask):
-        """(M21) T1+T2 = d/ds G_phi(x + s w, t + s) by one forward-mode JVP (c_phi with grad to phi; the ghat
-        branch through v_theta in x_hat1 and forward-over-reverse through the reward, detached), T3 = J_vb^T sg(G)."""
+        """(M21) T1+T2 = d/ds G_phi(x + s w, t + s) by forward-mode JVPs (c_phi with grad to phi; x_hat1 through
+        v_theta), the reward gradient's derivative by a Hessian-vector product (detached), T3 = J_vb^T sg(G)."""
         device = x.device
         beta, mode = self.beta, self.eta_mode
         with torch.no_grad(), C.no_autocast(device):
@@ -398,23 +435,27 @@ class VGGFlow:
         g_phi = c0 - beta * eta_t * ghat  # G_phi (M15)
         w = (v_b - g_phi).detach()  # w = sg(v_base - G_phi) (shared by M20/M21)
         ones = torch.ones_like(t)
-        # forward-mode AD through attention: only SDPA's math kernel has a JVP rule (the fused ones raise)
+        # forward-mode AD through attention: only SDPA's math kernel has a JVP rule (the fused ones raise), and only
+        # its backward is twice differentiable (a decoder's attention in the Hessian-vector product)
         with C.no_autocast(device), sdpa_kernel(SDPBackend.MATH):
             c, dc = torch.func.jvp(lambda xx, tt: self._value(xx, tt, cond), (x, t), (w, ones))
-            grad_r = C.reward_grad_functional(self.reward)
-            rho_b = C.per_sample(rho, x)
 
-            def eta_ghat(xx, tt):
-                v = self.velocity(xx, tt, cond)
-                y = xx + C.per_sample(1 - tt, xx) * v.to(xx.dtype)  # x_hat1 (M6), differentiated along (w, 1)
-                return C.per_sample(C.eta(tt, mode), xx) * rho_b * grad_r(y).to(xx.dtype)
+            def x_hat1(xx, tt):  # (M6), differentiated along (w, 1) through v_theta
+                return xx + C.per_sample(1 - tt, xx) * self.velocity(xx, tt, cond).to(xx.dtype)
 
             with torch.no_grad():
-                _, d_eta_ghat = torch.func.jvp(eta_ghat, (x, t), (w, ones))
+                y, dy = torch.func.jvp(x_hat1, (x, t), (w, ones))
+                eta_y, d_eta = torch.func.jvp(lambda tt: C.eta(tt, mode), (t,), (ones,))
+            # d/ds [eta rho grad r(y)] = eta' rho grad r(y) + eta rho H(y) dy (M7; rho fixed, M9)
+            g_y, h_dy = C.reward_grad_and_hvp(self.reward, y, dy)
+            d_eta_ghat = C.per_sample(d_eta * rho, x) * g_y.to(x.dtype) + C.per_sample(eta_y * rho, x) * h_dy.to(
+                x.dtype
+            )
+            del g_y, h_dy, y, dy
             with torch.enable_grad():
                 xr = x.detach().requires_grad_(True)
                 vb = self.base_velocity(xr, t, cond)
                 (t3,) = torch.autograd.grad(vb, xr, grad_outputs=g_phi.detach().to(vb.dtype))
-        dg = dc.to(x.dtype) - beta * d_eta_ghat.to(x.dtype)  # DG = d/ds c_phi - beta d/ds (eta ghat)
+        dg = dc.to(x.dtype) - beta * d_eta_ghat.detach()  # DG = d/ds c_phi - beta d/ds (eta ghat)
         l_cons, l_bnd = consistency_residual_exact(dg, t3.to(x.dtype).detach(), c.to(x.dtype), mask)
         return c, l_cons, l_bnd

@@ -8,7 +8,8 @@ M1/M3). Everything else is common:
 - ``detach_uncond`` (M5): the unconditional branch's *parameter* path is detached, its state path kept;
 - ``base_velocity()``: LoRA off (`flowkern.models.lora.lora_disabled`), restored even on error;
 - loading (local directory or hub id, ``subfolder``), bf16 frozen weights with fp32 LoRA, LoRA save/load,
-  gradient checkpointing.
+  gradient checkpointing whose recomputation sees the LoRA on/off state of its forward (a VJP of the base velocity
+  runs its backward after ``base_velocity()`` has exited).
 
 Dtypes: states, embeddings and the returned velocity keep the caller's dtype; inputs are cast to the weights'
 dtype for the call and the output back; timesteps are formed in fp64 from t and passed in fp32.
@@ -17,14 +18,24 @@ dtype for the call and the output back; timesteps are formed in fp64 from t and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from flowkern.models.lora import DEFAULT_TARGETS, add_lora, load_lora, lora_disabled, lora_parameters
+from flowkern.models.lora import (
+    DEFAULT_TARGETS,
+    add_lora,
+    load_lora,
+    lora_disabled,
+    lora_parameters,
+    lora_state,
+    lora_state_as,
+)
 
 __all__ = ["TransformerFlowModel", "check_guidance_scale", "check_last_dim", "check_tensor", "paper_time", "shape_of"]
 
@@ -65,6 +76,35 @@ def paper_time(t: torch.Tensor | float, batch: int, device: torch.device | str |
     if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
         raise ValueError(f"t must be 0-dim or [B] with B={batch}, got shape {tuple(t.shape)}")
     return t.to(torch.float64).reshape(-1).expand(batch)
+
+
+@contextlib.contextmanager
+def _parameters_as(entries: list[tuple[nn.Module, str, torch.Tensor]]) -> Iterator[None]:
+    """Inside, ``module._parameters[name]`` is the given tensor (as ``torch.func.functional_call`` swaps them)."""
+    previous = [(module, name, module._parameters[name]) for module, name, _ in entries]
+    for module, name, tensor in entries:
+        module._parameters[name] = tensor
+    try:
+        yield
+    finally:
+        for module, name, tensor in previous:
+            module._parameters[name] = tensor
+
+
+def _forward_state_contexts(
+    module: nn.Module,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """checkpoint's context_fn: nothing around the forward; around the recomputation the block as its forward saw
+    it: the LoRA on/off flags (``base_velocity()`` has exited by then) and the parameter tensors (``velocity``'s
+    unconditional branch runs through ``functional_call`` with detached parameters, M5)."""
+    params = [(sub, name, p) for sub in module.modules() for name, p in sub._parameters.items() if p is not None]
+    return contextlib.nullcontext(), _recompute_as(lora_state(module), params)
+
+
+@contextlib.contextmanager
+def _recompute_as(lora: list, params: list) -> Iterator[None]:
+    with lora_state_as(lora), _parameters_as(params):
+        yield
 
 
 class TransformerFlowModel(nn.Module):
@@ -158,11 +198,25 @@ class TransformerFlowModel(nn.Module):
         return [p for p in lora_parameters(self.transformer) if p.requires_grad]
 
     def set_gradient_checkpointing(self, enabled: bool, gradient_checkpointing_func: Callable | None = None) -> None:
-        """Switch diffusers' per-block gradient checkpointing (``fn(module, *args)``, active only under grad)."""
+        """Switch diffusers' per-block gradient checkpointing (``fn(module, *args)``, active only under grad).
+
+        The default ``fn`` is `checkpoint_block`: non-reentrant, recomputing each block with the LoRA on/off
+        state and parameters of its forward. A custom ``fn`` must do the same if the model's backward can run
+        outside ``base_velocity()`` (the lean adjoint's VJPs, VGG-Flow's 'exact' T3) or ``velocity`` detaches the
+        unconditional branch's parameters with a state gradient (DRaFT's truncated adjoint)."""
         if enabled:
-            self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func)
+            func = gradient_checkpointing_func or self.checkpoint_block
+            self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=func)
         elif getattr(self.transformer, "gradient_checkpointing", False):
             self.transformer.disable_gradient_checkpointing()
+
+    @staticmethod
+    def checkpoint_block(module: nn.Module, *args) -> Any:
+        """``torch.utils.checkpoint`` (non-reentrant) of one block whose recomputation restores the block's LoRA
+        on/off flags and parameter tensors as they were in the forward (`_forward_state_contexts`)."""
+        return checkpoint(
+            module.__call__, *args, use_reentrant=False, context_fn=functools.partial(_forward_state_contexts, module)
+        )
 
     @contextlib.contextmanager
     def base_velocity(self) -> Iterator[None]:
@@ -246,9 +300,10 @@ class TransformerFlowModel(nn.Module):
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, detach_uncond: bool = False) -> torch.Tensor:
         """The (CFG-combined, M5) velocity in paper time.
 
-        ``detach_uncond`` (M5): d v/d theta = w dv_c/d theta while d v/d x = (1 - w) J_u + w J_c. When nothing
-        upstream carries a gradient, this is the [2B] batch with v_u detached; otherwise v_u is recomputed with
-        the trainable parameters detached (two B-batches).
+        ``detach_uncond`` (M5): d v/d theta = w dv_c/d theta while d v/d x = (1 - w) J_u + w J_c. Without grad
+        this is one [2B] batch. Under grad, two B-batches: when nothing upstream carries a gradient v_u runs under
+        ``no_grad`` (it would be detached anyway: no graph is kept for it); otherwise v_u is recomputed with the
+        trainable parameters detached, keeping its state path.
         """
         self._check(x, cond)
         if not cond.cfg:
@@ -256,9 +311,13 @@ class TransformerFlowModel(nn.Module):
         w = cond.guidance_scale
         upstream = [x, t, *cond.tensors()]
         needs_state_grad = any(isinstance(v, torch.Tensor) and v.requires_grad for v in upstream)
-        if detach_uncond and torch.is_grad_enabled() and needs_state_grad:
-            frozen = {n: p.detach() for n, p in self.transformer.named_parameters() if p.requires_grad}
-            v_u = self._call(x, t, self._branch_inputs(cond, True), frozen)
+        if detach_uncond and torch.is_grad_enabled():
+            if needs_state_grad:
+                frozen = {n: p.detach() for n, p in self.transformer.named_parameters() if p.requires_grad}
+                v_u = self._call(x, t, self._branch_inputs(cond, True), frozen)
+            else:
+                with torch.no_grad():
+                    v_u = self._call(x, t, self._branch_inputs(cond, True))
             v_c = self._call(x, t, self._branch_inputs(cond, False))
         else:
             v_u, v_c = self.velocity_pair(x, t, cond)

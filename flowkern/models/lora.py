@@ -10,13 +10,21 @@ LoraConfig in the safetensors metadata (so a rank != alpha scale survives the ro
 Models without diffusers' `PeftAdapterMixin` (e.g. `DiTTransformer2DModel`, used for SiT) get the adapter
 through peft's `inject_adapter_in_model`; `lora_disabled` switches the LoRA off for either kind. Their file has
 the same layout, written directly (no stock diffusers pipeline loads LoRA for them).
+
+Memory: peft casts a bf16 input to the fp32 LoRA in every layer, and autograd keeps each copy for the backward;
+``to_q``, ``to_k`` and ``to_v`` read the same input, so it is kept three times in fp32. `add_lora` makes the
+layers of one transformer share the cast (`SharedInputCast`): one fp32 copy per input, the same values.
+`lora_state` / `lora_state_as` snapshot and re-apply the on/off flags (gradient checkpointing recomputes a block
+with the flags its forward saw, `flowkern.models._adapter`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -30,6 +38,8 @@ __all__ = [
     "load_lora",
     "lora_disabled",
     "lora_parameters",
+    "lora_state",
+    "lora_state_as",
     "save_lora",
 ]
 
@@ -49,6 +59,26 @@ def _tuner_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def lora_state(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """(layer, disabled) for every peft LoRA layer inside ``module`` (a transformer or one of its blocks)."""
+    return [(layer, layer._disable_adapters) for layer in _tuner_layers(module)]
+
+
+@contextlib.contextmanager
+def lora_state_as(state: list[tuple[nn.Module, bool]]) -> Iterator[None]:
+    """Inside, each layer of a `lora_state` snapshot is on/off as it was then; restored on exit, even on error."""
+    # peft's layer.enable_adapters() also flips requires_grad (not allowed inside torch.func transforms such as the
+    # 'exact' consistency's jvp, M21); the flag it sets is all the forward reads, so set only the flag.
+    previous = [(layer, layer._disable_adapters) for layer, _ in state]
+    for layer, disabled in state:
+        layer._disable_adapters = disabled
+    try:
+        yield
+    finally:
+        for layer, disabled in previous:
+            layer._disable_adapters = disabled
+
+
 @contextlib.contextmanager
 def lora_disabled(transformer: nn.Module) -> Iterator[None]:
     """Inside, every peft LoRA layer of ``transformer`` is off (the frozen base model); on exit each layer's
@@ -56,17 +86,44 @@ def lora_disabled(transformer: nn.Module) -> Iterator[None]:
 
     Per layer, so it also works on models without diffusers' peft mixin.
     """
-    layers = _tuner_layers(transformer)
-    was_disabled = [layer._disable_adapters for layer in layers]
-    # peft's layer.enable_adapters() also flips requires_grad (not allowed inside torch.func transforms such as the
-    # 'exact' consistency's jvp, M21); the flag it sets is all the forward reads, so set only the flag.
-    for layer in layers:
-        layer._disable_adapters = True
-    try:
+    with lora_state_as([(layer, True) for layer in _tuner_layers(transformer)]):
         yield
-    finally:
-        for layer, disabled in zip(layers, was_disabled, strict=True):
-            layer._disable_adapters = disabled
+
+
+class SharedInputCast:
+    """peft's per-layer input cast (``LoraLayer._cast_input_dtype``), shared by the LoRA layers of one transformer:
+    a layer given the very tensor the previous cast read (same object, unchanged, same grad mode) reuses its result.
+
+    The last input and its cast are held by weak reference only: under grad the cast lives as long as autograd
+    keeps it (the sharing then saves one fp32 copy per extra reader); without grad nothing is kept alive.
+    """
+
+    def __init__(self):
+        self._last: tuple | None = None  # (weakref input, weakref cast, version, dtype, grad mode)
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if x is None or not getattr(layer, "cast_input_dtype_enabled", True) or x.dtype == dtype:
+            return x  # as peft
+        try:
+            key = (x._version, dtype, torch.is_grad_enabled())
+        except RuntimeError:  # inference tensors and some functorch wrappers carry no version counter
+            return x.to(dtype=dtype)
+        if self._last is not None:
+            source, cast, *last_key = self._last
+            out = cast()
+            if source() is x and out is not None and tuple(last_key) == key:
+                return out
+        out = x.to(dtype=dtype)
+        self._last = (weakref.ref(x), weakref.ref(out), *key)
+        return out
+
+
+def share_input_cast(transformer: nn.Module) -> None:
+    """Let the LoRA layers of ``transformer`` share one `SharedInputCast` (same values, fewer fp32 copies)."""
+    shared = SharedInputCast()
+    for layer in _tuner_layers(transformer):
+        if hasattr(layer, "_cast_input_dtype"):
+            layer._cast_input_dtype = functools.partial(shared, layer)
 
 
 def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
@@ -123,6 +180,7 @@ def add_lora(
     for p in params:
         p.data = p.data.to(trainable_dtype)
         p.requires_grad_(True)
+    share_input_cast(transformer)
     return params
 
 

@@ -12,16 +12,18 @@ stock pipelines do before ``vae.decode``, then ``image = decode / 2 + 0.5`` ([-1
 
 Gradients reach the latents (no ``no_grad``, no PIL). ``clamp``: 'hard' (``clamp(0, 1)``, the pipelines'
 postprocess; zero gradient on saturated pixels), 'straight_through' (clamped values, identity gradient) or
-'none'. ``gradient_checkpointing`` uses diffusers' decoder checkpointing (active only under grad): the VAE
-decoder backward is usually the largest activation cost at 512-1024 px.
+'none'. ``gradient_checkpointing`` checkpoints each decoder layer (active only under grad): the VAE decoder
+backward is usually the largest activation cost at 512-1024 px.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flowkern.models._adapter import shape_of
 from flowkern.models.flux import pack_latents, unpack_latents
@@ -32,6 +34,16 @@ CLAMP_MODES = ("hard", "straight_through", "none")
 _KINDS = {"AutoencoderKL": "kl", "AutoencoderTiny": "tiny", "AutoencoderKLFlux2": "flux2"}
 
 
+_CHECKPOINTED_LAYERS = ("ResnetBlock2D", "Attention", "Upsample2D", "AutoencoderTinyBlock")
+
+
+def _checkpointed_call(forward, *args, **kwargs):
+    """``forward(*args)`` under non-reentrant checkpointing when grad is on (one decoder layer)."""
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
 class LatentDecoder(nn.Module):
     """latents (an adapter's state) -> images [B, 3, H, W] in [0, 1], differentiable; frozen, eval mode.
 
@@ -39,7 +51,7 @@ class LatentDecoder(nn.Module):
         vae: a diffusers `AutoencoderKL`, `AutoencoderTiny` or `AutoencoderKLFlux2`.
         scaling_factor, shift_factor: override the config's (KL/Tiny only; e.g. a TAESD whose config lacks them).
         clamp: 'hard' | 'straight_through' | 'none' (see the module docstring).
-        gradient_checkpointing: checkpoint the decoder's blocks under grad.
+        gradient_checkpointing: checkpoint each decoder layer under grad (see set_gradient_checkpointing).
     """
 
     def __init__(
@@ -125,13 +137,37 @@ class LatentDecoder(nn.Module):
         )
 
     def set_gradient_checkpointing(self, enabled: bool, gradient_checkpointing_func=None) -> None:
-        """diffusers' decoder checkpointing (``fn(module, *args)`` per block, active only under grad)."""
-        if enabled:
-            self.vae.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func)
-        elif getattr(self.vae, "gradient_checkpointing", False) or any(
+        """Checkpoint the decoder under grad (recomputed in the backward).
+
+        Default: per layer, every resnet, attention and upsampler of the decoder (`_CHECKPOINTED_LAYERS`), so the
+        backward holds the layers' inputs plus one layer's activations. diffusers' own checkpointing is per
+        up-block, and the last up-block alone holds three full-resolution resnets' activations (SD3's VAE at
+        1024 px: about 9 GiB in fp32). With ``gradient_checkpointing_func`` (``fn(module, *args)``): diffusers'
+        per-block checkpointing with that function."""
+        for module in self.vae.decoder.modules():  # the class's forward again (also wrappers of another decoder)
+            wrapper = vars(module).get("forward")
+            if isinstance(wrapper, functools.partial) and wrapper.func is _checkpointed_call:
+                del module.forward
+        if getattr(self.vae, "gradient_checkpointing", False) or any(
             getattr(m, "gradient_checkpointing", False) for m in self.vae.modules()
         ):
             self.vae.disable_gradient_checkpointing()
+        if not enabled:
+            return
+        if gradient_checkpointing_func is not None:
+            self.vae.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func)
+            return
+        for module in self.vae.decoder.modules():
+            if type(module).__name__ in _CHECKPOINTED_LAYERS:
+                module.forward = functools.partial(_checkpointed_call, module.forward)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the decoder is checkpointed (per layer or diffusers' per block)."""
+        return any(
+            getattr(m, "gradient_checkpointing", False) or isinstance(vars(m).get("forward"), functools.partial)
+            for m in self.vae.decoder.modules()
+        )
 
     def train(self, mode: bool = True) -> LatentDecoder:  # frozen: always eval (no batch-norm updates)
         return super().train(False)

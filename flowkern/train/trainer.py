@@ -5,7 +5,7 @@ One update (design.md section 1, "One update"):
     for each of grad_accum_steps micro-batches:
         x0 ~ N(0, I), cond ~ cond_sampler       (drawn for the whole update first, so accumulation over
         batch = method.rollout(x0, ts, cond)     A micro-batches of B sees the same draws as one batch of A*B)
-        r(x_N) -> reward mean/std               (shape-checked; non-finite -> skip)
+        r(x_N) -> reward mean/std               (shape-checked; non-finite -> skip; the rollout's own r(x_N) if any)
         loss, metrics = method.loss(batch)      (non-finite -> skip)
         backward(loss / A)
     grad norm per parameter group (theta, phi) (non-finite -> skip)
@@ -199,8 +199,7 @@ class Trainer:
             batch = self.method.rollout(x0, self.ts, cond, generator=self.process_generator)
             states = batch["states"]
             x_end = states[-1]
-            with torch.no_grad():
-                r = C.evaluate_reward(self.reward, x_end)
+            r = self._terminal_reward(batch)
             metrics = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 0.0}
             if not bool(torch.isfinite(r).all()):
                 return metrics, "non-finite reward"
@@ -215,6 +214,18 @@ class Trainer:
         if self.config.residual_probe:
             metrics["residual_velocity_sq"] = self.residual_velocity_sq(batch)
         return metrics, None
+
+    def _terminal_reward(self, batch: dict) -> torch.Tensor:
+        """r(x_N) [B]: the rollout's own ('terminal_reward', e.g. DAM's, which needs grad r(x_N) anyway) when the
+        method trains on this reward, so x_N is decoded once per update; else evaluated without grad, the method's
+        ``micro_batch`` samples at a time."""
+        r = batch.get("terminal_reward")
+        if r is not None and getattr(self.method, "reward", None) is self.reward:
+            return C.check_reward_output(r.detach(), batch["states"][-1], "terminal_reward")
+        with torch.no_grad():
+            return C.evaluate_reward(
+                self.reward, batch["states"][-1], micro_batch=getattr(self.method, "micro_batch", None)
+            )
 
     @torch.no_grad()
     def residual_velocity_sq(self, batch: dict) -> float:
