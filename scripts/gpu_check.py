@@ -450,7 +450,7 @@ def stage_updates(run: Run, timeout: float, deadline: float) -> dict:
     path = os.path.join(run.out, "updates.json")
     cmd = _py(os.path.join(SCRIPTS, "gpu_check_updates.py"), "--json", path)
     if run.dry_run:
-        cmd += ["--tiny", "--methods", "vggflow"]
+        cmd += ["--tiny", "--methods", "dam"]  # the cheapest on a CPU; the same plumbing as every row
     predictions = os.path.join(PREBUILT, "planner.json")
     if os.path.exists(predictions):
         cmd += ["--predictions", predictions]

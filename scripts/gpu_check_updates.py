@@ -12,7 +12,9 @@ LoRA rank 16, CFG w = 5, N = 20 on the shifted grid, the "redness" reward on the
 with the CLI's defaults, β = 5e4) from the real transformer and VAE configs with random weights (bf16 transformer,
 fp32 VAE and LoRA; no downloads). Each row times its second update (the first warms cuBLAS, autotuning and the
 allocator) and reports ``max_memory_allocated`` during it (the frozen weights included) and the peak above the
-level before it. Each row is written to --json as soon as it is measured.
+level before it. Each row is written to --json as soon as it is measured. benchmarks/real_size.py (the CPU's exact
+per-phase peaks) supplies the real configs; unlike its build_run, which builds a model per row on the CPU, the rows
+here share one backbone built on the device (2B random weights: once, in seconds).
 
 The memory planner (issue 16), once it lands, predicts each row's peak: ``--predict FILE`` (run on a CPU machine
 before the lease, by scripts/gpu_check_prepare.sh) asks ``python -m flowkern plan ... --json`` for every row and
@@ -25,7 +27,6 @@ profiler peaks).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -39,23 +40,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 METHODS = ("vggflow", "dam", "am", "refl", "draft")
-# stabilityai/stable-diffusion-3-medium vae/config.json (AutoencoderKL, 8x downsampling, 16 latent channels)
-SD3_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
-SD3_TEXT_TOKENS = 77 + 256  # CLIP-L/G + T5 tokens, as StableDiffusion3Pipeline.encode_prompt returns them
 
 
 @dataclass(frozen=True)
@@ -104,6 +88,7 @@ class Backbone:
 def build_backbone(model: str, dev: torch.device, lora_rank: int, precision: str) -> Backbone:
     from diffusers import AutoencoderKL
 
+    from benchmarks.real_size import SD3_TEXT_TOKENS, SD3_VAE  # the real configs, one copy
     from flowkern.models.sd3 import SD3FlowModel
     from flowkern.models.vae import LatentDecoder
     from tests.models_tiny import SD3_MEDIUM, SD3_TINY, tiny_sd3_transformer
@@ -126,10 +111,7 @@ def build_backbone(model: str, dev: torch.device, lora_rank: int, precision: str
     decoder = LatentDecoder(vae.to(dev))
     from flowkern.app import build
 
-    memory_defaults = getattr(build, "memory_defaults", None)  # the memory-lean issue's defaults, once merged
-    if memory_defaults is not None:
-        with contextlib.suppress(TypeError):
-            memory_defaults(flow, decoder)
+    build.memory_defaults(flow, decoder)  # what a pipeline trains with: transformer and VAE checkpointing
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return Backbone(flow, decoder, config, factor, tokens, dtype)
 
