@@ -8,7 +8,7 @@ Rows, in the order they run (the most important first, so a run cut short by its
    per-step checkpointing and flowkern recomputation; K = 1 and 20, then 5 if time is left).
 
 The run is assembled the way ``flowkern train`` assembles a pipeline run (flowkern.app.build: the prompt table,
-LoRA rank 16, CFG w = 5, N = 20 on the shifted grid, the "redness" reward on the VAE-decoded image, build_method
+LoRA rank 16, CFG w = 5, N = 20 on the shifted grid, the "redness" reward on the VAE-decoded image, method_for_run
 with the CLI's defaults, β = 5e4) from the real transformer and VAE configs with random weights (bf16 transformer,
 fp32 VAE and LoRA; no downloads). Each row times its second update (the first warms cuBLAS, autotuning and the
 allocator) and reports ``max_memory_allocated`` during it (the frozen weights included) and the peak above the
@@ -135,8 +135,8 @@ def build_trainer(backbone: Backbone, row: Row, dev: torch.device):
         row.num_steps, "shifted", guidance_scale=5.0, to_images=backbone.decoder, device=dev,
         weights_dtype=backbone.dtype,
     )  # fmt: skip
-    reward_fn, _ = build.build_reward(["redness"], setup)
-    method = build.build_method(row.method, setup, reward_fn, build.MethodSettings(), default_beta=5e4, seed=0)
+    reward_fn, _ = build.reward_for_run(["redness"], setup)
+    method = build.method_for_run(row.method, setup, reward_fn, build.MethodSettings(), default_beta=5e4, seed=0)
     config = TrainConfig(batch_size=row.batch, num_updates=2, num_steps=row.num_steps, time_grid="shifted",
                          seed=0, residual_probe=min(8, row.batch))  # fmt: skip
     return Trainer(model, reward_fn, method, config, sample_shape=setup.sample_shape,
