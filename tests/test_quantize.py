@@ -300,3 +300,51 @@ def test_from_pretrained_base_precision(tmp_path):
     assert bf16.base_precision == "bf16"
     with pytest.raises(ValueError, match="base_precision='bf16' loads bf16 weights"):
         Flux2FlowModel.from_pretrained(tmp_path, base_precision="bf16", torch_dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- the CLI: --base-precision
+def _train(capsys, out, *extra):
+    from tests.test_cli import run
+
+    args = ["train", "--model", "tiny", "--reward", "brightness", "--num-steps", "2", "--batch-size", "2",
+            "--lora-rank", "2", "--eval-samples", "2", "--checkpoint-every", "1", "--no-progress",
+            "--out", out]  # fmt: skip
+    rc, stdout, err = run(capsys, *args, *extra)
+    assert rc == 0, err
+    return stdout
+
+
+def test_cli_int8_base_resumes_bit_exactly(tmp_path, capsys):
+    """--base-precision int8 (DAM, K=1) on the built-in tiny model: 2 updates straight equal 1 + resume 1, bitwise."""
+    from safetensors.torch import load_file
+
+    common = ["--base-precision", "int8", "--method", "dam", "--K", "1"]
+    _train(capsys, tmp_path / "straight", *common, "--steps", "2")
+    _train(capsys, tmp_path / "split", *common, "--steps", "1")
+    assert "resumed" in _train(capsys, tmp_path / "split", *common, "--steps", "2", "--resume")
+    a, b = (load_file(tmp_path / d / "lora" / "pytorch_lora_weights.safetensors") for d in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = __import__("json").loads((tmp_path / "straight" / "run_config.json").read_text())
+    assert saved["base_precision"] == "int8"
+
+
+def test_cli_fp8_base_vggflow_exact_consistency(tmp_path, capsys):
+    """VGG-Flow on an fp8 base of an SD3 pipeline directory: bf16 compute picks 'exact' consistency, whose JVP runs
+    through the fp8 linears (and the VAE decode the reward reads)."""
+    import json
+
+    from tests.test_cli import run
+    from tests.test_sd3_adapter import _tiny_pipeline
+
+    _tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    rc, _, err = run(
+        capsys, "train", "--model", tmp_path / "pipe", "--reward", "brightness", "--num-steps", "2", "--no-progress",
+        "--prompt", "a cat", "--method", "vggflow", "--steps", "1", "--batch-size", "2", "--lora-rank", "2",
+        "--eval-samples", "2", "--base-precision", "fp8", "--out", out,
+    )  # fmt: skip
+    assert rc == 0, err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["skipped"] == 0 and torch.isfinite(torch.tensor(log[0]["loss"]))
+    assert json.loads((out / "run_config.json").read_text())["base_precision"] == "fp8"

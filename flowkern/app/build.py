@@ -385,6 +385,7 @@ class _Load:
     guidance_scale: float | None
     num_steps: int | None
     seed: int
+    quantize: str | None = None  # 'int8' / 'fp8': the transformer's base_precision (flowkern.models.quantize)
 
     @property
     def local(self) -> bool:
@@ -404,14 +405,22 @@ def load_model(
     guidance_scale: float | None = None,
     num_steps: int | None = None,
     seed: int = 0,
+    base_precision: str | None = None,
 ) -> RunSetup:
     """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), or the LoRA
     saved in ``lora_path`` (its rank and alpha are read from the file).
 
     ``prompts``: text prompts (SD3, FLUX) or class ids (SiT); ``guidance_scale``: CFG w (1 or None: no CFG);
-    ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler.
+    ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler. ``base_precision`` ('bf16',
+    'int8', 'fp8'; `flowkern.models.quantize`): the transformer's frozen linears stored in bf16 or weight-only
+    int8/fp8 under the fp32 LoRA; it implies ``precision='bf16'`` (the compute dtype).
     """
     kind, location = resolve_model(spec)
+    if base_precision is not None:
+        from flowkern.models.quantize import check_base_precision
+
+        check_base_precision(base_precision)
+        precision = "bf16"  # a bf16-stored or quantized base computes in bf16
     opts = _Load(
         location,
         lora_rank,
@@ -424,6 +433,7 @@ def load_model(
         guidance_scale,
         num_steps,
         seed,
+        None if base_precision == "bf16" else base_precision,
     )
     if kind == "toy":
         return _load_toy(lora_path, opts.device, num_steps, seed)
@@ -522,7 +532,12 @@ def _load_tiny(opts: _Load) -> RunSetup:
     path = Path(opts.location)
     info = _read_json(path / TINY_INFO)
     flow = SD3FlowModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=opts.dtype, local_files_only=True, device=opts.device
+        path,
+        subfolder="transformer",
+        torch_dtype=opts.dtype,
+        local_files_only=True,
+        device=opts.device,
+        base_precision=opts.quantize,
     )
     _attach_lora(flow, opts)
     table = {k: v.to(opts.device) for k, v in load_file(str(path / "prompts.safetensors")).items()}
@@ -588,7 +603,12 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     if opts.local and not (Path(opts.location) / "vae").is_dir():
         raise ValueError(f"{opts.location} has no vae/ (needed to decode samples for the reward)")
     flow = getattr(adapters, flow_name).from_pretrained(
-        opts.location, subfolder="transformer", torch_dtype=opts.dtype, local_files_only=opts.local, device=opts.device
+        opts.location,
+        subfolder="transformer",
+        torch_dtype=opts.dtype,
+        local_files_only=opts.local,
+        device=opts.device,
+        base_precision=opts.quantize,
     )
     _attach_lora(flow, opts)
     w = _cfg(default_w if opts.guidance_scale is None else opts.guidance_scale)
@@ -863,6 +883,11 @@ def build_method(
     beta = settings.beta_value(default_beta)
     micro_batch = settings.micro_batch if settings.micro_batch is not None else default_micro_batch(setup.kind)
     if name == "vggflow":
+        consistency = settings.consistency or ("exact" if setup.weights_dtype != torch.float32 else "fd")
+        if consistency == "exact":  # a quantized base: its linears must have a JVP rule (M21)
+            from flowkern.models.quantize import check_jvp
+
+            check_jvp(setup.model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 11)
             value_net = SmallValueNet(
@@ -880,7 +905,7 @@ def build_method(
             alpha=settings.alpha,
             eta_mode=settings.eta,
             subsample_fraction=settings.subsample,
-            consistency=settings.consistency or ("exact" if setup.weights_dtype != torch.float32 else "fd"),
+            consistency=consistency,
             generator=generator,
             micro_batch=micro_batch,
         )

@@ -209,6 +209,7 @@ class TrainOptions:
     grad_clip: float | None = 1.0
     resolution: int | None = None
     precision: str = "fp32"
+    base_precision: str | None = None
     device: str = "cpu"
     seed: int = 0
     checkpoint_every: int = 50
@@ -256,6 +257,8 @@ class TrainOptions:
                 raise ValueError(f"--{_flag(name)} must be a finite number > 0, got {value!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.base_precision not in (None, "bf16", "int8", "fp8"):
+            raise ValueError(f"--base-precision must be bf16, int8 or fp8, got {self.base_precision!r}")
         if self.resolution is not None:
             _int("resolution", self.resolution, 1)
         if not self.reward:
@@ -494,6 +497,7 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         lora_rank=opts.lora_rank,
         lora_alpha=opts.lora_alpha,
         precision=opts.precision,
+        base_precision=opts.base_precision,
         device=device,
         resolution=opts.resolution,
         prompts=opts.prompt,
