@@ -44,6 +44,8 @@ BASE_PRECISION = dict(  # train and eval: the frozen transformer's storage (flow
     help="frozen transformer linears in bf16 or weight-only int8/fp8 (torchao); computes in bf16 [--precision]",
 )
 
+PROMPT_CACHE_HELP = "cache the prompt embeddings here (safetensors per prompt and text encoder; FLUX.2)"
+
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the descriptions' layout (paragraphs wrapped by :func:`_wrap`) and shows meaningful defaults only."""
@@ -191,6 +193,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", type=_int_min(1), default=S, help="image size in pixels [model's own]")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=S, help="frozen weights' dtype [fp32]")
     g.add_argument("--base-precision", default=S, **BASE_PRECISION)
+    g.add_argument("--prompt-cache", metavar="DIR", default=S, help=PROMPT_CACHE_HELP)
     g.add_argument("--device", default=S, help="cpu or cuda[:N] [cpu]")
     g.add_argument("--lora-rank", type=_int_min(1), default=S, help="LoRA rank [8]")
     g.add_argument("--lora-alpha", type=_positive_float, default=S, help="LoRA alpha [= rank]")
@@ -298,6 +301,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resolution", type=_int_min(1))
     ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ev.add_argument("--base-precision", **BASE_PRECISION)
+    ev.add_argument("--prompt-cache", metavar="DIR", help=PROMPT_CACHE_HELP)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", help="JSON file to write [stdout only]")
 
@@ -424,6 +428,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         lora_path=lora,
         precision=args.precision,
         base_precision=args.base_precision,
+        prompt_cache=args.prompt_cache,
         device=args.device,
         resolution=args.resolution,
         prompts=prompts,

@@ -7,8 +7,9 @@ Models (``load_model(spec)``):
 - a local directory (or a hub id): dispatched on the transformer's class name in ``model_index.json`` /
   ``transformer/config.json`` / ``config.json``: ``SD3Transformer2DModel`` (``flowkern.models.sd3``),
   ``FluxTransformer2DModel`` (FLUX.1, ``flowkern.models.flux``), ``DiTTransformer2DModel`` (SiT,
-  ``flowkern.models.sit``), imported lazily; FLUX.2 is refused (use its adapter from Python). Prompts are encoded
-  once by the pipeline's own text encoders (SiT: class ids); the reward sees the pipeline VAE's decode
+  ``flowkern.models.sit``), ``Flux2Transformer2DModel`` (FLUX.2 dev / Klein, ``flowkern.models.flux2``), imported
+  lazily. Prompts are encoded once by the pipeline's own text encoders (SiT: class ids; FLUX.2:
+  ``flowkern.app.prompts``), which are then freed; the reward sees the pipeline VAE's decode
   (``flowkern.models.vae.LatentDecoder``) in [0, 1].
 - ``"toy"``: the 2-D Gaussian-mixture toy (``flowkern.models.toy``; exact base velocity + residual MLP).
 
@@ -386,6 +387,7 @@ class _Load:
     num_steps: int | None
     seed: int
     quantize: str | None = None  # 'int8' / 'fp8': the transformer's base_precision (flowkern.models.quantize)
+    prompt_cache: str | os.PathLike | None = None  # flowkern.app.prompts.encode_cached
 
     @property
     def local(self) -> bool:
@@ -406,6 +408,7 @@ def load_model(
     num_steps: int | None = None,
     seed: int = 0,
     base_precision: str | None = None,
+    prompt_cache: str | os.PathLike | None = None,
 ) -> RunSetup:
     """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), or the LoRA
     saved in ``lora_path`` (its rank and alpha are read from the file).
@@ -413,7 +416,8 @@ def load_model(
     ``prompts``: text prompts (SD3, FLUX) or class ids (SiT); ``guidance_scale``: CFG w (1 or None: no CFG);
     ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler. ``base_precision`` ('bf16',
     'int8', 'fp8'; `flowkern.models.quantize`): the transformer's frozen linears stored in bf16 or weight-only
-    int8/fp8 under the fp32 LoRA; it implies ``precision='bf16'`` (the compute dtype).
+    int8/fp8 under the fp32 LoRA; it implies ``precision='bf16'`` (the compute dtype). ``prompt_cache``: a
+    directory caching the FLUX.2 prompt embeddings per prompt and encoder (`flowkern.app.prompts.encode_cached`).
     """
     kind, location = resolve_model(spec)
     if base_precision is not None:
@@ -434,6 +438,7 @@ def load_model(
         num_steps,
         seed,
         None if base_precision == "bf16" else base_precision,
+        prompt_cache,
     )
     if kind == "toy":
         return _load_toy(lora_path, opts.device, num_steps, seed)
@@ -441,10 +446,6 @@ def load_model(
         check_model_directory(Path(location), kind)
     if kind == "tiny":
         return _load_tiny(opts)
-    if kind == "flux2":
-        raise ValueError(
-            f"{location} is a FLUX.2 model: the CLI drives SD3, FLUX.1 and SiT; use flowkern.models.flux2 from Python"
-        )
     return _load_pipeline(kind, opts)
 
 
@@ -579,6 +580,7 @@ def pixels_to_images(x: torch.Tensor) -> torch.Tensor:
 ADAPTERS = {  # kind -> (module, FlowModel class, conditioning class, default CFG w)
     "sd3": ("flowkern.models.sd3", "SD3FlowModel", "SD3Conditioning", 5.0),
     "flux": ("flowkern.models.flux", "FluxFlowModel", "FluxConditioning", None),
+    "flux2": ("flowkern.models.flux2", "Flux2FlowModel", "Flux2Conditioning", None),  # Klein base: w from the index
     "sit": ("flowkern.models.sit", "SiTFlowModel", "SiTConditioning", 4.0),
 }
 
@@ -611,6 +613,10 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
         base_precision=opts.quantize,
     )
     _attach_lora(flow, opts)
+    if kind == "flux2" and opts.local:
+        from flowkern.app.prompts import default_guidance_scale
+
+        default_w = default_guidance_scale(opts.location)
     w = _cfg(default_w if opts.guidance_scale is None else opts.guidance_scale)
     rows, shared, constants = _encode_prompts(kind, flow, opts, w)
     model = PromptBankFlow(flow, getattr(adapters, cond_name), rows, shared, constants, prompts=opts.prompts)
@@ -623,6 +629,9 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     patch = int(getattr(config, "patch_size", 1) or 1)
     if kind == "flux":  # state: unpacked latents [B, in_channels / 4, H/f, W/f] (2x2 packing)
         channels, multiple, default = config.in_channels // 4, 2 * factor, 1024
+    elif kind == "flux2":  # state: the patchified latents [B, in_channels, H/2f, W/2f]
+        channels, multiple, default = config.in_channels, 2 * factor, 1024
+        factor *= 2
     else:
         channels, multiple, default = config.in_channels, patch * factor, config.sample_size * factor
     size = _check_resolution(opts.resolution, default, multiple, None)
@@ -654,6 +663,22 @@ def _encode_prompts(kind: str, flow, opts: _Load, w: float | None):
         if bool(((ids < 0) | (ids >= n)).any()):
             raise ValueError(f"SiT class ids must be in [0, {n}), got {ids.tolist()}")
         return {"labels": ids.to(opts.device)}, {}, ({"guidance_scale": w} if w else {})
+    if kind == "flux2":
+        from flowkern.app.prompts import encode_flux2
+
+        rows, shared = encode_flux2(
+            opts.location,
+            opts.prompts,
+            dtype=opts.dtype,
+            device=opts.device,
+            local_files_only=opts.local,
+            negative=bool(w),
+            cache_dir=opts.prompt_cache,
+        )
+        constants = {"guidance_scale": w} if w else {}
+        if flow.transformer.config.guidance_embeds:
+            constants["guidance"] = 4.0  # FLUX.2-dev's embedded guidance (Flux2Pipeline's default guidance_scale)
+        return rows, shared, constants
     import diffusers
 
     pipeline = diffusers.StableDiffusion3Pipeline if kind == "sd3" else diffusers.FluxPipeline

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 __all__ = ["FOR_METHODS", "FOR_MODELS", "check_applicable"]
 
-IMAGE_MODELS = ("tiny", "sd3", "flux", "sit")
+IMAGE_MODELS = ("tiny", "sd3", "flux", "flux2", "sit")
 
 FOR_METHODS = {  # setting -> the methods that read it
     "beta": ("vggflow", "dam", "am"),
@@ -35,7 +35,10 @@ FOR_MODELS = {  # setting -> the model kinds that read it (the toy has no LoRA, 
     "resolution": IMAGE_MODELS,
     "guidance_scale": IMAGE_MODELS,
     "reward_source": IMAGE_MODELS,
-    "prompt": ("sd3", "flux", "sit"),  # the tiny model draws its own four prompts
+    "prompt": ("sd3", "flux", "flux2", "sit"),
+    "prompt_cache": (
+        "flux2",
+    ),  # the text encoders whose embeddings flowkern.app.prompts caches  # the tiny model draws its own four prompts
 }
 
 

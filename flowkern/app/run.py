@@ -47,7 +47,7 @@ RUN_FILES = ("log.jsonl", "run_config.json", "checkpoints", "lora", "eval.json")
 TRAINING_FILES = ("run_config.json", "checkpoints", "lora", "eval.json")  # a training run (the demo refuses it)
 # options that do not change the trajectory of training (free to differ on --resume; steps extends the run)
 BOOKKEEPING = ("out", "resume", "overwrite", "progress", "tensorboard", "eval_samples", "checkpoint_every",
-               "keep_checkpoints", "allow_change", "skip_damaged_checkpoint", "steps")  # fmt: skip
+               "keep_checkpoints", "allow_change", "skip_damaged_checkpoint", "steps", "prompt_cache")  # fmt: skip
 # --allow-change NAME: options a resumed run may change on purpose -> the Trainer.settings keys they move
 CHANGEABLE = {"lr": ("config.lr",), "value_lr": ("config.value_lr",), "grad_clip": ("config.grad_clip",),
               "device": ("device",)}  # fmt: skip
@@ -210,6 +210,7 @@ class TrainOptions:
     resolution: int | None = None
     precision: str = "fp32"
     base_precision: str | None = None
+    prompt_cache: str | None = None
     device: str = "cpu"
     seed: int = 0
     checkpoint_every: int = 50
@@ -498,6 +499,7 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         lora_alpha=opts.lora_alpha,
         precision=opts.precision,
         base_precision=opts.base_precision,
+        prompt_cache=opts.prompt_cache,
         device=device,
         resolution=opts.resolution,
         prompts=opts.prompt,
