@@ -44,7 +44,7 @@ BASE_PRECISION = dict(  # train and eval: the frozen transformer's storage (flow
     help="frozen transformer linears in bf16 or weight-only int8/fp8 (torchao); computes in bf16 [--precision]",
 )
 
-PROMPT_CACHE_HELP = "cache the prompt embeddings here (safetensors per prompt and text encoder; FLUX.2)"
+PROMPT_CACHE_HELP = "cache the prompt embeddings here (a safetensors file per prompt and text encoder)"
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):

@@ -1,5 +1,5 @@
 """FLUX.2 through ``flowkern train`` / ``eval`` (issue 17) on a tiny Flux2KleinPipeline directory built from config:
-its Qwen3 text encoder, the FLUX.2 VAE and conditioning; the on-disk prompt-embedding cache (flowkern.app.prompts)."""
+its Qwen3 text encoder, the FLUX.2 VAE and conditioning, an int8 base and the prompt cache."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from flowkern.app.build import load_model  # noqa: E402
-from flowkern.app.prompts import encode_cached  # noqa: E402
 from tests.models_tiny_backbones import tiny_flux2_klein_pipeline  # noqa: E402
 from tests.test_cli import run  # noqa: E402
 
@@ -67,25 +66,3 @@ def test_train_and_eval_a_klein_directory_with_an_int8_base(klein_dir, tmp_path,
     assert rc == 0, err
     result = json.loads(stdout)
     assert result["prompts"] == PROMPTS and 0 <= result["tuned"]["reward_mean"] <= 1
-
-
-def test_prompt_cache_encodes_each_prompt_once(tmp_path):
-    calls = []
-
-    def encode(batch):
-        calls.append(list(batch))
-        return {"prompt_embeds": torch.stack([torch.full((3, 2), float(len(p))) for p in batch])}
-
-    first = encode_cached(["ab", "c"], encode, tmp_path, "key")
-    again = encode_cached(["c", "xyz", "ab"], encode, tmp_path, "key")
-    assert calls == [["ab", "c"], ["xyz"]]
-    assert torch.equal(again["prompt_embeds"][[2, 0]], first["prompt_embeds"])
-    assert torch.equal(encode_cached(["ab"], encode, None, "key")["prompt_embeds"], first["prompt_embeds"][:1])
-    encode_cached(["ab"], encode, tmp_path, "other")  # another encoder: its own entries
-    assert calls[-1] == ["ab"]
-    file = next((tmp_path / "key").glob("*.safetensors"))
-    from safetensors.torch import save_file
-
-    save_file({"prompt_embeds": torch.zeros(3, 2)}, str(file), metadata={"prompt": "tampered"})
-    with pytest.raises(ValueError, match="holds another prompt"):
-        encode_cached(["ab", "c"], encode, tmp_path, "key")

@@ -8,8 +8,8 @@ Models (``load_model(spec)``):
   ``transformer/config.json`` / ``config.json``: ``SD3Transformer2DModel`` (``flowkern.models.sd3``),
   ``FluxTransformer2DModel`` (FLUX.1, ``flowkern.models.flux``), ``DiTTransformer2DModel`` (SiT,
   ``flowkern.models.sit``), ``Flux2Transformer2DModel`` (FLUX.2 dev / Klein, ``flowkern.models.flux2``), imported
-  lazily. Prompts are encoded once by the pipeline's own text encoders (SiT: class ids; FLUX.2:
-  ``flowkern.app.prompts``), which are then freed; the reward sees the pipeline VAE's decode
+  lazily. Prompts are encoded once by the pipeline's own text encoders (``flowkern.app.prompts``, optionally cached
+  on disk; SiT: class ids), which are then freed; the reward sees the pipeline VAE's decode
   (``flowkern.models.vae.LatentDecoder``) in [0, 1].
 - ``"toy"``: the 2-D Gaussian-mixture toy (``flowkern.models.toy``; exact base velocity + residual MLP).
 
@@ -417,7 +417,7 @@ def load_model(
     ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler. ``base_precision`` ('bf16',
     'int8', 'fp8'; `flowkern.models.quantize`): the transformer's frozen linears stored in bf16 or weight-only
     int8/fp8 under the fp32 LoRA; it implies ``precision='bf16'`` (the compute dtype). ``prompt_cache``: a
-    directory caching the FLUX.2 prompt embeddings per prompt and encoder (`flowkern.app.prompts.encode_cached`).
+    directory caching the prompt embeddings per prompt and text encoder (`flowkern.app.prompts.encode_cached`).
     """
     kind, location = resolve_model(spec)
     if base_precision is not None:
@@ -663,49 +663,23 @@ def _encode_prompts(kind: str, flow, opts: _Load, w: float | None):
         if bool(((ids < 0) | (ids >= n)).any()):
             raise ValueError(f"SiT class ids must be in [0, {n}), got {ids.tolist()}")
         return {"labels": ids.to(opts.device)}, {}, ({"guidance_scale": w} if w else {})
-    if kind == "flux2":
-        from flowkern.app.prompts import encode_flux2
+    from flowkern.app.prompts import encode_prompts
 
-        rows, shared = encode_flux2(
-            opts.location,
-            opts.prompts,
-            dtype=opts.dtype,
-            device=opts.device,
-            local_files_only=opts.local,
-            negative=bool(w),
-            cache_dir=opts.prompt_cache,
-        )
-        constants = {"guidance_scale": w} if w else {}
-        if flow.transformer.config.guidance_embeds:
-            constants["guidance"] = 4.0  # FLUX.2-dev's embedded guidance (Flux2Pipeline's default guidance_scale)
-        return rows, shared, constants
-    import diffusers
-
-    pipeline = diffusers.StableDiffusion3Pipeline if kind == "sd3" else diffusers.FluxPipeline
-    pipe = pipeline.from_pretrained(
-        opts.location, transformer=None, vae=None, torch_dtype=opts.dtype, local_files_only=opts.local
-    ).to(opts.device)
-    n = len(opts.prompts)
-    with torch.no_grad():
-        if kind == "sd3":
-            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-                prompt=opts.prompts,
-                prompt_2=None,
-                prompt_3=None,
-                device=opts.device,
-                do_classifier_free_guidance=True,
-                negative_prompt=[""] * n,
-            )
-        else:
-            embeds, pooled, _ = pipe.encode_prompt(prompt=opts.prompts, prompt_2=None, device=opts.device)
-            neg, neg_pooled, _ = pipe.encode_prompt(prompt=[""], prompt_2=None, device=opts.device)
-    del pipe
-    rows = {"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}
-    shared = {"negative_prompt_embeds": neg[:1].float(), "negative_pooled_prompt_embeds": neg_pooled[:1].float()}
+    rows, shared = encode_prompts(
+        kind,
+        opts.location,
+        opts.prompts,
+        dtype=opts.dtype,
+        device=opts.device,
+        local_files_only=opts.local,
+        negative=bool(w),
+        cache_dir=opts.prompt_cache,
+    )
     constants = {"guidance_scale": w} if w else {}
-    if kind == "flux" and flow.transformer.config.guidance_embeds:
-        constants["guidance"] = 3.5  # FLUX.1-dev's embedded guidance (the pipeline's default guidance_scale)
-    return rows, (shared if w else {}), constants
+    if kind in ("flux", "flux2") and flow.transformer.config.guidance_embeds:
+        # the embedded guidance of FLUX.1-dev / FLUX.2-dev: the pipelines' default guidance_scale
+        constants["guidance"] = 3.5 if kind == "flux" else 4.0
+    return rows, shared, constants
 
 
 # ---------------------------------------------------------------- rewards

@@ -1,10 +1,10 @@
-"""Text prompts -> the embeddings a run conditions on: FLUX.2's text encoder; an on-disk cache for large prompt sets.
+"""Text prompts -> the embeddings a run conditions on (SD3, FLUX.1, FLUX.2); an on-disk cache for large prompt sets.
 
-Prompts are encoded once, before training, by the pipeline's own text encoders, which are then freed
-(`flowkern.app.build._encode_prompts` loads the pipeline without transformer and VAE, encodes every prompt in one
-``no_grad`` call and drops it); the run keeps only the embedding table (`PromptBankFlow`).
+`encode_prompts` encodes every prompt once, before training, with the pipeline's own text encoders (the pipeline
+loaded without transformer and VAE, ``no_grad``), then frees them; the run keeps only the embedding table
+(`PromptBankFlow`). This was already so for SD3 and FLUX.1 (issue 17 asked); the cache is new.
 
-FLUX.2 (`encode_flux2`): ``Flux2KleinPipeline`` (Qwen3, the hidden states of layers 9/18/27 stacked) or
+FLUX.2: ``Flux2KleinPipeline`` (Qwen3, the hidden states of layers 9/18/27 stacked) or
 ``Flux2Pipeline`` (Mistral 3, layers 10/20/30) by the directory's ``model_index.json``; ``encode_prompt`` pads to its
 512 tokens. True CFG's negative prompt is "" as in the stock pipelines. `default_guidance_scale`: the stock default,
 w = 4 for non-distilled Klein (``is_distilled`` false), none otherwise (distilled Klein; FLUX.2-dev embeds guidance).
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["default_guidance_scale", "encode_cached", "encode_flux2", "encoder_key", "flux2_pipeline_class"]
+__all__ = ["default_guidance_scale", "encode_cached", "encode_prompts", "encoder_key", "flux2_pipeline_class"]
 
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # FLUX.2: by model_index.json
 FLUX2_PIPELINES = ("Flux2KleinPipeline", "Flux2Pipeline")
 
 
@@ -107,7 +108,8 @@ def encode_cached(
     return {name: torch.stack([rows[p][name] for p in prompts]) for name in names}
 
 
-def encode_flux2(
+def encode_prompts(
+    kind: str,
     location: str,
     prompts: Sequence[str],
     *,
@@ -117,16 +119,18 @@ def encode_flux2(
     negative: bool,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(rows, shared) of a FLUX.2 prompt table: ``prompt_embeds`` per prompt and, with ``negative`` (true CFG), the
-    ``negative_prompt_embeds`` of "" (one row). fp32; the text encoder is freed on return."""
+    """(rows, shared) of the prompt table of an 'sd3', 'flux' or 'flux2' pipeline: per prompt ``prompt_embeds`` (and
+    ``pooled_prompt_embeds`` for SD3 / FLUX.1) from the stock ``encode_prompt``; with ``negative`` (true CFG, M5) the
+    same of "" as ``negative_*`` (one row). fp32 on ``device``. The pipeline (text encoders only) is loaded only if
+    some prompt is not in the cache, and freed on return."""
     import diffusers
 
-    name = flux2_pipeline_class(location)
+    name = flux2_pipeline_class(location) if kind == "flux2" else PIPELINES[kind]
     pipe = None
 
     def encode(batch: list[str]) -> dict[str, torch.Tensor]:
         nonlocal pipe
-        if pipe is None:  # loaded only when something is not cached
+        if pipe is None:
             pipe = (
                 getattr(diffusers, name)
                 .from_pretrained(
@@ -135,13 +139,23 @@ def encode_flux2(
                 .to(device)
             )
         with torch.no_grad():
-            embeds, _ = pipe.encode_prompt(prompt=batch, device=device)
-        return {"prompt_embeds": embeds.float()}
+            if kind == "sd3":  # "" as a prompt is the stock negative_prompt="" (the same encoders and lengths)
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    prompt=batch, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
+                )
+            elif kind == "flux":
+                embeds, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=device)
+            else:
+                (embeds, _), pooled = pipe.encode_prompt(prompt=batch, device=device), None
+        out = {"prompt_embeds": embeds.float()}
+        if pooled is not None:
+            out["pooled_prompt_embeds"] = pooled.float()
+        return out
 
     key = encoder_key(location, name, dtype)
     rows = encode_cached(list(prompts), encode, cache_dir, key)
     shared = {}
     if negative:
-        shared = {"negative_prompt_embeds": encode_cached([""], encode, cache_dir, key)["prompt_embeds"]}
-    pipe = None  # free the text encoder before training
+        shared = {f"negative_{k}": v for k, v in encode_cached([""], encode, cache_dir, key).items()}
+    pipe = None  # free the text encoders before training
     return {k: v.to(device) for k, v in rows.items()}, {k: v.to(device) for k, v in shared.items()}
