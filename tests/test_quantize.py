@@ -29,6 +29,7 @@ from tests.models_tiny_backbones import (  # noqa: E402
     tiny_flux_transformer,
 )
 from tests.test_adjoint import assert_rel, grads_of, unrolled  # noqa: E402
+from tests.test_flux2_adapter import _one_thread  # noqa: E402, F401  (autouse: one CPU thread per test)
 
 KINDS = ("sd3", "flux", "flux2")
 QUANTIZED = ("int8", "fp8")
@@ -36,14 +37,6 @@ QUANTIZED = ("int8", "fp8")
 # bf16 0.018 / 0.031 / 0.006, int8 0.020 / 0.033 / 0.009, fp8 0.032 / 0.044 / 0.036 for SD3 / FLUX.1 / FLUX.2. Bounds:
 # int8 rounds to 1/127 of each row's absmax, fp8 e4m3 keeps 3 mantissa bits (up to 2^-4 relative); with margin.
 BOUND = {"bf16": 0.05, "int8": 0.05, "fp8": 0.08}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(kind: str, dtype: torch.dtype = torch.bfloat16, precision: str = "bf16"):
