@@ -104,6 +104,7 @@ def test_weight_bytes_prediction_and_lora_on_one_copy(kind):
     for precision in QUANTIZED:
         model, _, _ = build(kind, precision=precision)
         stored = Q.weight_bytes(model.transformer)
+        print(f"{kind}: frozen weight bytes bf16 {Q.weight_bytes(bf16.transformer)}, {precision} {stored}")
         assert Q.quantized_weight_bytes(bf16.transformer, precision) == stored
         assert Q.quantized_weight_bytes(model.transformer, precision) == stored
         assert stored < 0.65 * Q.weight_bytes(bf16.transformer)
