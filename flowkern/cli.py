@@ -39,6 +39,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+BASE_PRECISION = dict(  # train and eval: the frozen transformer's storage (flowkern.models.quantize)
+    choices=("bf16", "int8", "fp8"),
+    help="frozen transformer linears in bf16 or weight-only int8/fp8 (torchao); computes in bf16 [--precision]",
+)
+
+PROMPT_CACHE_HELP = "cache the prompt embeddings here (a safetensors file per prompt and text encoder)"
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the descriptions' layout (paragraphs wrapped by :func:`_wrap`) and shows meaningful defaults only."""
 
@@ -184,6 +192,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", metavar="FILE", default=S, help="a file of prompts, one per line")
     g.add_argument("--resolution", type=_int_min(1), default=S, help="image size in pixels [model's own]")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=S, help="frozen weights' dtype [fp32]")
+    g.add_argument("--base-precision", default=S, **BASE_PRECISION)
+    g.add_argument("--prompt-cache", metavar="DIR", default=S, help=PROMPT_CACHE_HELP)
     g.add_argument("--device", default=S, help="cpu or cuda[:N] [cpu]")
     g.add_argument("--lora-rank", type=_int_min(1), default=S, help="LoRA rank [8]")
     g.add_argument("--lora-alpha", type=_positive_float, default=S, help="LoRA alpha [= rank]")
@@ -290,6 +300,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance-scale", type=_positive_float, help="CFG scale [model's own]")
     ev.add_argument("--resolution", type=_int_min(1))
     ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ev.add_argument("--base-precision", **BASE_PRECISION)
+    ev.add_argument("--prompt-cache", metavar="DIR", help=PROMPT_CACHE_HELP)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", help="JSON file to write [stdout only]")
 
@@ -415,6 +427,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.model,
         lora_path=lora,
         precision=args.precision,
+        base_precision=args.base_precision,
+        prompt_cache=args.prompt_cache,
         device=args.device,
         resolution=args.resolution,
         prompts=prompts,

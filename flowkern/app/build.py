@@ -7,8 +7,9 @@ Models (``load_model(spec)``):
 - a local directory (or a hub id): dispatched on the transformer's class name in ``model_index.json`` /
   ``transformer/config.json`` / ``config.json``: ``SD3Transformer2DModel`` (``flowkern.models.sd3``),
   ``FluxTransformer2DModel`` (FLUX.1, ``flowkern.models.flux``), ``DiTTransformer2DModel`` (SiT,
-  ``flowkern.models.sit``), imported lazily; FLUX.2 is refused (use its adapter from Python). Prompts are encoded
-  once by the pipeline's own text encoders (SiT: class ids); the reward sees the pipeline VAE's decode
+  ``flowkern.models.sit``), ``Flux2Transformer2DModel`` (FLUX.2 dev / Klein, ``flowkern.models.flux2``), imported
+  lazily. Prompts are encoded once by the pipeline's own text encoders (``flowkern.app.prompts``, optionally cached
+  on disk; SiT: class ids), which are then freed; the reward sees the pipeline VAE's decode
   (``flowkern.models.vae.LatentDecoder``) in [0, 1].
 - ``"toy"``: the 2-D Gaussian-mixture toy (``flowkern.models.toy``; exact base velocity + residual MLP).
 
@@ -277,6 +278,8 @@ class _Load:
     guidance_scale: float | None
     num_steps: int | None
     seed: int
+    quantize: str | None = None  # 'int8' / 'fp8': the transformer's base_precision (flowkern.models.quantize)
+    prompt_cache: str | os.PathLike | None = None  # flowkern.app.prompts.encode_cached
 
     @property
     def local(self) -> bool:
@@ -296,14 +299,24 @@ def load_model(
     guidance_scale: float | None = None,
     num_steps: int | None = None,
     seed: int = 0,
+    base_precision: str | None = None,
+    prompt_cache: str | os.PathLike | None = None,
 ) -> RunSetup:
     """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), or the LoRA
     saved in ``lora_path`` (its rank and alpha are read from the file).
 
     ``prompts``: text prompts (SD3, FLUX) or class ids (SiT); ``guidance_scale``: CFG w (1 or None: no CFG);
-    ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler.
+    ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler. ``base_precision`` ('bf16',
+    'int8', 'fp8'; `flowkern.models.quantize`): the transformer's frozen linears stored in bf16 or weight-only
+    int8/fp8 under the fp32 LoRA; it implies ``precision='bf16'`` (the compute dtype). ``prompt_cache``: a
+    directory caching the prompt embeddings per prompt and text encoder (`flowkern.app.prompts.encode_cached`).
     """
     kind, location = resolve_model(spec)
+    if base_precision is not None:
+        from flowkern.models.quantize import check_base_precision
+
+        check_base_precision(base_precision)
+        precision = "bf16"  # a bf16-stored or quantized base computes in bf16
     opts = _Load(
         location,
         lora_rank,
@@ -316,6 +329,8 @@ def load_model(
         guidance_scale,
         num_steps,
         seed,
+        None if base_precision == "bf16" else base_precision,
+        prompt_cache,
     )
     if kind == "toy":
         return _load_toy(lora_path, opts.device, num_steps, seed)
@@ -323,10 +338,6 @@ def load_model(
         check_model_directory(Path(location), kind)
     if kind == "tiny":
         return _load_tiny(opts)
-    if kind == "flux2":
-        raise ValueError(
-            f"{location} is a FLUX.2 model: the CLI drives SD3, FLUX.1 and SiT; use flowkern.models.flux2 from Python"
-        )
     return _load_pipeline(kind, opts)
 
 
@@ -414,7 +425,12 @@ def _load_tiny(opts: _Load) -> RunSetup:
     path = Path(opts.location)
     info = _read_json(path / TINY_INFO)
     flow = SD3FlowModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=opts.dtype, local_files_only=True, device=opts.device
+        path,
+        subfolder="transformer",
+        torch_dtype=opts.dtype,
+        local_files_only=True,
+        device=opts.device,
+        base_precision=opts.quantize,
     )
     _attach_lora(flow, opts)
     table = {k: v.to(opts.device) for k, v in load_file(str(path / "prompts.safetensors")).items()}
@@ -456,6 +472,7 @@ def pixels_to_images(x: torch.Tensor) -> torch.Tensor:
 ADAPTERS = {  # kind -> (module, FlowModel class, conditioning class, default CFG w)
     "sd3": ("flowkern.models.sd3", "SD3FlowModel", "SD3Conditioning", 5.0),
     "flux": ("flowkern.models.flux", "FluxFlowModel", "FluxConditioning", None),
+    "flux2": ("flowkern.models.flux2", "Flux2FlowModel", "Flux2Conditioning", None),  # Klein base: w from the index
     "sit": ("flowkern.models.sit", "SiTFlowModel", "SiTConditioning", 4.0),
 }
 
@@ -480,9 +497,18 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     if opts.local and not (Path(opts.location) / "vae").is_dir():
         raise ValueError(f"{opts.location} has no vae/ (needed to decode samples for the reward)")
     flow = getattr(adapters, flow_name).from_pretrained(
-        opts.location, subfolder="transformer", torch_dtype=opts.dtype, local_files_only=opts.local, device=opts.device
+        opts.location,
+        subfolder="transformer",
+        torch_dtype=opts.dtype,
+        local_files_only=opts.local,
+        device=opts.device,
+        base_precision=opts.quantize,
     )
     _attach_lora(flow, opts)
+    if kind == "flux2" and opts.local:
+        from flowkern.app.prompts import default_guidance_scale
+
+        default_w = default_guidance_scale(opts.location)
     w = _cfg(default_w if opts.guidance_scale is None else opts.guidance_scale)
     rows, shared, constants = _encode_prompts(kind, flow, opts, w)
     model = PromptBankFlow(flow, getattr(adapters, cond_name), rows, shared, constants, prompts=opts.prompts)
@@ -495,6 +521,9 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     patch = int(getattr(config, "patch_size", 1) or 1)
     if kind == "flux":  # state: unpacked latents [B, in_channels / 4, H/f, W/f] (2x2 packing)
         channels, multiple, default = config.in_channels // 4, 2 * factor, 1024
+    elif kind == "flux2":  # state: the patchified latents [B, in_channels, H/2f, W/2f]
+        channels, multiple, default = config.in_channels, 2 * factor, 1024
+        factor *= 2
     else:
         channels, multiple, default = config.in_channels, patch * factor, config.sample_size * factor
     size = _check_resolution(opts.resolution, default, multiple, None)
@@ -526,33 +555,23 @@ def _encode_prompts(kind: str, flow, opts: _Load, w: float | None):
         if bool(((ids < 0) | (ids >= n)).any()):
             raise ValueError(f"SiT class ids must be in [0, {n}), got {ids.tolist()}")
         return {"labels": ids.to(opts.device)}, {}, ({"guidance_scale": w} if w else {})
-    import diffusers
+    from flowkern.app.prompts import encode_prompts
 
-    pipeline = diffusers.StableDiffusion3Pipeline if kind == "sd3" else diffusers.FluxPipeline
-    pipe = pipeline.from_pretrained(
-        opts.location, transformer=None, vae=None, torch_dtype=opts.dtype, local_files_only=opts.local
-    ).to(opts.device)
-    n = len(opts.prompts)
-    with torch.no_grad():
-        if kind == "sd3":
-            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-                prompt=opts.prompts,
-                prompt_2=None,
-                prompt_3=None,
-                device=opts.device,
-                do_classifier_free_guidance=True,
-                negative_prompt=[""] * n,
-            )
-        else:
-            embeds, pooled, _ = pipe.encode_prompt(prompt=opts.prompts, prompt_2=None, device=opts.device)
-            neg, neg_pooled, _ = pipe.encode_prompt(prompt=[""], prompt_2=None, device=opts.device)
-    del pipe
-    rows = {"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}
-    shared = {"negative_prompt_embeds": neg[:1].float(), "negative_pooled_prompt_embeds": neg_pooled[:1].float()}
+    rows, shared = encode_prompts(
+        kind,
+        opts.location,
+        opts.prompts,
+        dtype=opts.dtype,
+        device=opts.device,
+        local_files_only=opts.local,
+        negative=bool(w),
+        cache_dir=opts.prompt_cache,
+    )
     constants = {"guidance_scale": w} if w else {}
-    if kind == "flux" and flow.transformer.config.guidance_embeds:
-        constants["guidance"] = 3.5  # FLUX.1-dev's embedded guidance (the pipeline's default guidance_scale)
-    return rows, (shared if w else {}), constants
+    if kind in ("flux", "flux2") and flow.transformer.config.guidance_embeds:
+        # the embedded guidance of FLUX.1-dev / FLUX.2-dev: the pipelines' default guidance_scale
+        constants["guidance"] = 3.5 if kind == "flux" else 4.0
+    return rows, shared, constants
 
 
 # ---------------------------------------------------------------- rewards
@@ -689,7 +708,7 @@ def method_for_run(
     if settings.micro_batch is None:
         settings = dataclasses.replace(settings, micro_batch=default_micro_batch(setup.kind))
     velocity, base_velocity = flow_callables(setup.model)
-    return build_method(
+    method = build_method(
         name,
         velocity,
         base_velocity,
@@ -703,18 +722,25 @@ def method_for_run(
         device=setup.device,
         seed=seed,
     )
+    if getattr(method, "consistency", None) == "exact":  # a quantized base: its linears need a JVP rule (M21)
+        from flowkern.models.quantize import check_jvp
+
+        check_jvp(setup.model)
+    return method
 
 
 # ---------------------------------------------------------------- which settings act where
-IMAGE_MODELS = ("tiny", "sd3", "flux", "sit")
+IMAGE_MODELS = ("tiny", "sd3", "flux", "flux2", "sit")
 FOR_MODELS = {  # setting -> the model kinds that read it (the toy has no LoRA, no pixels, no prompts)
     "lora_rank": IMAGE_MODELS,
     "lora_alpha": IMAGE_MODELS,
     "precision": IMAGE_MODELS,
+    "base_precision": IMAGE_MODELS,
     "resolution": IMAGE_MODELS,
     "guidance_scale": IMAGE_MODELS,
     "reward_source": IMAGE_MODELS,
-    "prompt": ("sd3", "flux", "sit"),  # the tiny model draws its own four prompts
+    "prompt": ("sd3", "flux", "flux2", "sit"),  # the tiny model draws its own four prompts
+    "prompt_cache": ("sd3", "flux", "flux2"),  # the text encoders whose embeddings flowkern.app.prompts caches
 }
 
 

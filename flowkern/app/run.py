@@ -50,7 +50,7 @@ RUN_FILES = ("log.jsonl", "run_config.json", "checkpoints", "lora", "eval.json")
 TRAINING_FILES = ("run_config.json", "checkpoints", "lora", "eval.json")  # a training run (the demo refuses it)
 # options that do not change the trajectory of training (free to differ on --resume; steps extends the run)
 BOOKKEEPING = ("out", "resume", "overwrite", "progress", "tensorboard", "eval_samples", "checkpoint_every",
-               "keep_checkpoints", "allow_change", "skip_damaged_checkpoint", "steps")  # fmt: skip
+               "keep_checkpoints", "allow_change", "skip_damaged_checkpoint", "steps", "prompt_cache")  # fmt: skip
 # --allow-change NAME: options a resumed run may change on purpose -> the Trainer.settings keys they move
 CHANGEABLE = {"lr": ("config.lr",), "value_lr": ("config.value_lr",), "grad_clip": ("config.grad_clip",),
               "device": ("device",)}  # fmt: skip
@@ -212,6 +212,8 @@ class TrainOptions:
     grad_clip: float | None = TrainConfig.grad_clip
     resolution: int | None = None
     precision: str = "fp32"
+    base_precision: str | None = None
+    prompt_cache: str | None = None
     device: str = "cpu"
     seed: int = 0
     checkpoint_every: int = 50
@@ -257,6 +259,8 @@ class TrainOptions:
                 raise ValueError(f"--{_flag(name)} must be a finite number > 0, got {value!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.base_precision not in (None, "bf16", "int8", "fp8"):
+            raise ValueError(f"--base-precision must be bf16, int8 or fp8, got {self.base_precision!r}")
         if self.resolution is not None:
             _int("resolution", self.resolution, 1)
         if not self.reward:
@@ -492,6 +496,8 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         lora_rank=opts.lora_rank,
         lora_alpha=opts.lora_alpha,
         precision=opts.precision,
+        base_precision=opts.base_precision,
+        prompt_cache=opts.prompt_cache,
         device=device,
         resolution=opts.resolution,
         prompts=opts.prompt,
