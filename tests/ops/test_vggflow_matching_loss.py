@@ -55,6 +55,24 @@ def test_mixed_dtypes(backend):
     torch.testing.assert_close(grad, ref_grad, rtol=8e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_velocity_with_fp64_targets(backend):
+    """An fp32 v_ft next to fp64 targets and a [B] t (issue 20): computed, not an error that blames t."""
+    x = make_inputs((2, 4, 33, 17))
+    for k in ("v_base", "reward_grad", "value_out"):
+        x[k] = x[k].double()
+    x["v_ft"].requires_grad_()
+    with flowkern.use_backend(backend):
+        loss = call(**x)
+        (grad,) = torch.autograd.grad(loss, x["v_ft"])
+    with flowkern.use_backend("torch"):
+        ref = call(**x)
+        (ref_grad,) = torch.autograd.grad(ref, x["v_ft"])
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_literal_equation_m16():
     """L = mean((v_ft - T)^2), T = v_base + beta*eta_t*ghat - c_phi, written from (M16)."""
     x = make_inputs((3, 2, 4, 5))
@@ -88,7 +106,7 @@ def test_opcheck():
         for dtype in (torch.float32, torch.bfloat16):  # bf16 velocity with fp32 targets: fakes match real outputs
             for t, t_value in ((x["t"], 0.0), (None, 0.3)):
                 v_ft = x["v_ft"].to(dtype).requires_grad_(compute_grad)
-                args = (v_ft, x["v_base"], x["reward_grad"], x["value_out"], t, t_value, 1.7, 0, compute_grad)
+                args = (v_ft, x["v_base"], x["reward_grad"], x["value_out"], t, t_value, 1.7, "quad", compute_grad)
                 torch.library.opcheck(torch.ops.flowkern.vggflow_matching_loss.default, args)
 
 

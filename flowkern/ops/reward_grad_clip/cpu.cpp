@@ -98,15 +98,16 @@ void clip_kernel(const T* grad, T* out, acc_t<T>* norms, int64_t batch, int64_t 
 }  // namespace cpu
 
 template <>
-std::tuple<at::Tensor, at::Tensor> run_reward_grad_clip<c10::kCPU>(const at::Tensor& grad, double tau) {
+std::tuple<at::Tensor, at::Tensor> run_reward_grad_clip<c10::kCPU>(const args::RewardGradClip& a) {
   using namespace cpu;
+  const at::Tensor& grad = a.grad;
   const int64_t batch = grad.size(0), d = grad.numel() / batch;
   const auto norm_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(grad.sizes(), grad.options());
   at::Tensor norms = at::empty({batch}, grad.options().dtype(norm_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "reward_grad_clip_cpu", [&] {
     clip_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                          norms.mutable_data_ptr<acc_t<scalar_t>>(), batch, d, tau);
+                          norms.mutable_data_ptr<acc_t<scalar_t>>(), batch, d, a.tau);
   });
   return {out, norms};
 }

@@ -13,7 +13,9 @@ namespace flowkern {
 using namespace cuda;
 
 template <>
-std::tuple<at::Tensor, at::Tensor> run_reward_grad_clip<c10::kCUDA>(const at::Tensor& grad, double tau) {
+std::tuple<at::Tensor, at::Tensor> run_reward_grad_clip<c10::kCUDA>(const args::RewardGradClip& a) {
+  const at::Tensor& grad = a.grad;
+  const double tau = a.tau;
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t batch = grad.size(0), d = grad.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
   const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -62,9 +62,9 @@ def _clip_fused_kernel(grad_ptr, out_ptr, norm_ptr, d, tau, floor, BLOCK: tl.con
     tl.store(norm_ptr + b, norm)
 
 
-def reward_grad_clip(grad, tau):
-    """(ghat, norms): the native op's contract."""
-    grad = grad.contiguous()
+def reward_grad_clip(a):
+    """(ghat, norms) from the schema's arguments `a`: the native op's contract."""
+    grad, tau = a.grad.contiguous(), a.tau
     batch, d = grad.shape[0], grad[0].numel()
     out = torch.empty_like(grad)
     norms = torch.zeros(batch, dtype=V.loss_dtype(grad), device=grad.device)
