@@ -29,8 +29,8 @@ FK_INSTANTIATE_MATCHING_PATHS(__half, float)
 namespace flowkern {
 namespace cuda {
 #define FK_INSTANTIATE_CLIP(T, V)                                                                                    \
-  template __global__ void reward_grad_sumsq_kernel<T, V>(const T*, acc_t<T>*, unsigned*, acc_t<T>*, int64_t, int64_t, \
-                                                          int64_t);                                                     \
+  template __global__ void reward_grad_sumsq_kernel<T, V>(const T*, double*, unsigned*, double*, acc_t<T>*, int64_t,   \
+                                                          int64_t, int64_t);                                            \
   template __global__ void reward_grad_scale_kernel<T, V>(const T*, const acc_t<T>*, T*, int64_t, int64_t, acc_t<T>); \
   template __global__ void reward_grad_clip_fused_kernel<T, V>(const T*, T*, acc_t<T>*, int64_t, acc_t<T>);
 FK_INSTANTIATE_CLIP(float, true)
