@@ -47,11 +47,17 @@ def extension_modules():
         print(f"flowkern: torch not importable ({exc}); building pure Python", file=sys.stderr)
         return [], {}
 
-    # csrc/*.cpp: the library, shared helpers, autograd; flowkern/ops/<op>/{op,cpu}.cpp: each op's schema and CPU kernel
+    # the ops' argument structs, generated from their schemas (flowkern/ops/<op>/__init__.py: SCHEMA)
+    generated = os.path.join(HERE, "build", "generated")
+    sys.path.insert(0, os.path.join(HERE, "csrc"))
+    import gen_op_args
+
+    gen_op_args.generate(generated)
+    # csrc/*.cpp: the library, shared helpers, autograd; flowkern/ops/<op>/{op,cpu}.cpp: each op's registration and CPU
+    # kernel
     sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-    sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     sources += _rel(glob.glob(os.path.join(HERE, "flowkern", "ops", "*", "*.cpp")))
-    include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
+    include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc"), generated]
     cxx_flags = ["-O3", "-std=c++20"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         # ATen's Vectorized<float> is scalar unless a CPU capability is defined. AVX2 covers every

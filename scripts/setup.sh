@@ -12,7 +12,7 @@ fi
 if ! "$PY" -c "import triton" 2>/dev/null; then
   pip_install "triton==3.7.1"  # the version CUDA torch 2.13 pins; on CPU it runs in the interpreter
 fi
-pip_install setuptools wheel ninja "pybind11>=2.12"
+pip_install setuptools wheel ninja
 # --no-build-isolation: compile flowkern._C against the torch installed above (design.md section 4)
 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation -e ".[test,diffusers,quant]"
 "$PY" -c "import flowkern.ops.backend as b; print('flowkern installed; extension:', 'built' if b.HAS_EXT else 'missing (' + str(b.EXT_IMPORT_ERROR) + ')', '| CUDA kernels:', b.HAS_CUDA_EXT)"

@@ -166,11 +166,6 @@ def test_an_update_that_raises_leaves_the_trainer_as_before(name):
     assert_equal_nested(snapshot(trainer)["weights"], snapshot(twin)["weights"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs flowkern/ops reward_grad_clip fix (ops owner): the norm of a finite fp32 gradient with 1e20 "
-    "entries overflows to inf and the op returns zeros instead of the gradient scaled to tau (scaled accumulation)",
-)
 def test_reward_grad_clip_scales_a_finite_gradient_whose_norm_overflows():
     from flowkern.ops import reward_grad_clip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import torch
 
@@ -33,7 +34,7 @@ def check_tensor(name: str, x: object, like: torch.Tensor | None = None, like_na
     return x
 
 
-NATIVE = ("cpp", "cuda")  # backends whose C++ entry checks dtypes, shapes, devices and coefficient values itself
+NATIVE = ("cpp", "cuda")  # backends whose C++ entry (op.cpp) checks every argument itself
 
 
 def device_of(name: str, x: object) -> torch.device:
@@ -43,19 +44,12 @@ def device_of(name: str, x: object) -> torch.device:
     return x.device
 
 
-def check_tensors(primary: torch.Tensor, primary_name: str, backend: str, **others: object) -> None:
+def check_tensors(primary: torch.Tensor, primary_name: str, **others: object) -> None:
     """`primary` a floating [B, ...] tensor, B > 0; each other one (None allowed) floating, of its shape and device.
 
-    Validated once: the native ops check dtypes and shapes in C++ (errors naming the argument), so for them only the
-    Python types and the devices are checked here (the dispatcher would route a call with a meta or CUDA tensor
-    among CPU ones to another kernel before any C++ check); the Python backends get the full check.
+    For the Python backends: the native ops make these checks in C++ (op.cpp, and the device check of their autograd
+    kernel), with the same errors.
     """
-    if backend in NATIVE:
-        device = primary.device
-        for name, x in others.items():
-            if x is not None and (not isinstance(x, torch.Tensor) or x.device != device):
-                check_tensor(name, x, primary, primary_name)  # raises the error naming it
-        return
     check_tensor(primary_name, primary)
     shape, device = primary.shape, primary.device
     for name, x in others.items():
@@ -65,20 +59,40 @@ def check_tensors(primary: torch.Tensor, primary_name: str, backend: str, **othe
             check_tensor(name, x, primary, primary_name)  # raises the error naming it
 
 
-def coefficient(
-    name: str, value: object, primary: torch.Tensor, backend: str, *, positive: bool = False
-) -> tuple[torch.Tensor | None, float]:
-    """A per-sample coefficient as (tensor, 0.0) for a 0-dim or [B] tensor, or (None, value) for a Python number.
+def native_coefficients(*values: object) -> tuple:
+    """Per-sample coefficients for a native op, flattened: (tensor, 0.0) for a tensor, (None, 0.0) for None (unused),
+    (None, value) otherwise. C++ checks them (a value of the wrong Python type fails the binding of `<name>_value`:
+    raise_type_error names it)."""
+    out: tuple = ()
+    for value in values:
+        out += (value, 0.0) if isinstance(value, torch.Tensor) else (None, 0.0 if value is None else value)
+    return out
 
-    A tensor's dtype, device, shape and values are checked in C++ by the native ops, here for the Python backends.
-    """
+
+_BINDING_ERROR = re.compile(r"Expected a value of type '([^']+)' for argument '(\w+)' but instead found type '(\w+)'")
+
+
+def raise_type_error(error: RuntimeError) -> None:
+    """torch's argument binding error of a native op (a Python value of the wrong type) as a TypeError naming the
+    argument (a coefficient's `<name>_value` as <name>); returns for any other error (the caller re-raises it)."""
+    match = _BINDING_ERROR.search(str(error))
+    if match is None:
+        return
+    expected, name, found = match.groups()
+    if name.endswith("_value"):
+        name, expected = name[: -len("_value")], "float, a 0-dim tensor or a [B] tensor"
+    raise TypeError(f"{name} must be a {expected.replace('Tensor?', 'Tensor or None')}, got {found}") from None
+
+
+def coefficient(
+    name: str, value: object, primary: torch.Tensor, *, positive: bool = False
+) -> tuple[torch.Tensor | None, float]:
+    """A per-sample coefficient as (tensor, 0.0) for a 0-dim or [B] tensor, or (None, value) for a Python number,
+    checked (dtype, device, shape, values on CPU) for the Python backends."""
     if type(value) is float and math.isfinite(value) and (value > 0 or not positive):
         return None, value
     if isinstance(value, torch.Tensor):
-        if backend not in NATIVE:
-            _check_coefficient_tensor(name, value, primary, positive)
-        elif value.device != primary.device:  # the dispatcher would route by it before any C++ check
-            raise ValueError(f"{name} is on {value.device} but the inputs are on {primary.device}")
+        _check_coefficient_tensor(name, value, primary, positive)
         return value, 0.0
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, a 0-dim tensor or a [B] tensor, got {type(value).__name__}")
@@ -110,8 +124,10 @@ def coef_dtype(primary: torch.Tensor) -> torch.dtype:
     return torch.float64 if primary.dtype == torch.float64 else torch.float32
 
 
-def check_float(name: str, value: object, *, positive: bool = False, minimum: float | None = None) -> float:
-    """A finite Python float hyperparameter (optionally > 0 or > minimum)."""
+def check_float(
+    name: str, value: object, *, positive: bool = False, minimum: float | None = None, finite: bool = True
+) -> float:
+    """A Python float hyperparameter: finite (or +inf when not `finite`), optionally > 0 or > minimum."""
     if (
         type(value) is float
         and math.isfinite(value)
@@ -124,8 +140,8 @@ def check_float(name: str, value: object, *, positive: bool = False, minimum: fl
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be {'finite' if finite else 'a number'}, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     if minimum is not None and value <= minimum:

@@ -176,20 +176,21 @@ def _coefs(batch, dtype=torch.float32):
 def test_opcheck():
     shape = (2, 3, 4, 5)
     w, h, t, kappa, sigma = _coefs(2)
-    for mode in (0, 1):
+    for mode in ("ode", "memoryless"):
         for with_uncond in (True, False):
             v_u, v_c, x, noise = (torch.randn(shape) for _ in range(4))
             v_u = v_u.requires_grad_() if with_uncond else None
-            extra = (kappa, sigma, noise) if mode == 1 else (None, None, None)
+            extra = (kappa, sigma, noise) if mode == "memoryless" else (None, None, None)
             coefs = (w, 0.0, None, 0.05, t, 0.0, extra[0], 0.0, None, 1.3)  # tensors and Python floats
             v_c = v_c.bfloat16() if with_uncond else v_c  # bf16 velocities next to fp32 states
             v_u = v_u.bfloat16() if v_u is not None else None
-            args = (v_u, v_c.requires_grad_(), x.requires_grad_(), *coefs, extra[2], mode, mode == 0)
+            args = (v_u, v_c.requires_grad_(), x.requires_grad_(), *coefs, extra[2], mode, mode == "ode")
             torch.library.opcheck(torch.ops.flowkern.cfg_euler.default, args)
     g = torch.randn(shape)
-    for mode in (0, 1):
+    for mode in ("ode", "memoryless"):
         for grads in ((g, None, None), (None, g, g.clone()), (g.bfloat16(), g.clone(), g.clone())):
-            args = (*grads, w, 0.0, h, 0.0, None, 0.3, kappa if mode else None, 0.0, mode, False, True, True, True)
+            kappa_ = kappa if mode == "memoryless" else None
+            args = (*grads, w, 0.0, h, 0.0, None, 0.3, kappa_, 0.0, mode, False, True, True, True)
             torch.library.opcheck(
                 torch.ops.flowkern.cfg_euler_backward.default, args, test_utils=("test_schema", "test_faketensor")
             )

@@ -127,7 +127,9 @@ def test_opcheck():
     for requires_grad in (False, True):
         tensors = [x[k].clone().requires_grad_(requires_grad) for k in TENSORS]
         for t, t_value in ((x["t"], 0.0), (None, 0.4)):
-            torch.library.opcheck(torch.ops.flowkern.consistency_probes.default, (*tensors, t, t_value, 1.7, 0, 0.5))
+            torch.library.opcheck(
+                torch.ops.flowkern.consistency_probes.default, (*tensors, t, t_value, 1.7, "quad", 0.5)
+            )
 
 
 def test_compile_fullgraph():

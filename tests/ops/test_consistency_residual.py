@@ -278,7 +278,7 @@ def test_opcheck():
     for compute_grad in (True, False):
         tensors = [x[k].clone().requires_grad_(compute_grad and k in VALUE_OUTPUTS) for k in TENSORS]
         tensors[1] = tensors[1].detach().bfloat16().requires_grad_(compute_grad)  # mixed dtypes
-        args = (*tensors, t, 0.0, 1.7, 0, 1e-3, 1e-3, rho_w, 0.0, rho_g, 0.0, None, 1.0, compute_grad)
+        args = (*tensors, t, 0.0, 1.7, "quad", 1e-3, 1e-3, rho_w, 0.0, rho_g, 0.0, None, 1.0, compute_grad)
         torch.library.opcheck(torch.ops.flowkern.consistency_residual.default, args)
     q = torch.randn(2, 3, 4, 5)
     c = x["c"].bfloat16()

@@ -87,6 +87,20 @@ def test_batch_invariant_and_deterministic(backend, shape):
             assert torch.equal(ghat[b : b + 1], one_ghat) and torch.equal(norms[b : b + 1], one_norm)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 8), (2, 3, 70, 70)])  # one chunk per sample, and several
+def test_finite_gradient_whose_sum_of_squares_overflows(backend, shape):
+    """Entries of 1e20: the fp32 sum of squares (~1e40 D) overflows, the norm 1e20 sqrt(D) does not (M8)."""
+    grad = torch.full(shape, 1e20)
+    grad[1] *= -0.5  # another norm, negative entries
+    grad[1, 0] = 3.0  # an entry far below the others
+    with flowkern.use_backend(backend):
+        ghat, norms = call(grad=grad, tau=1.0)
+    expected = grad.double().flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, expected.float())
+    torch.testing.assert_close(ghat, (grad.double() / expected.view(-1, *[1] * (grad.dim() - 1))).float())
+
+
 def test_not_differentiable():
     """The clipped gradient is a stop-gradient input (M15, M21): outputs never require grad."""
     grad = make_inputs((2, 3, 4, 5))["grad"].requires_grad_()

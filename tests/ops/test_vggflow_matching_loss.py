@@ -39,20 +39,30 @@ def test_noncontiguous_scalar_t_and_eta_modes(backend, eta_mode):
     check_against_reference(call, inputs, backend, torch.float32, grad_names=("v_ft",))
 
 
+# (v_ft dtype, {target: dtype}, grad rtol): a bf16 velocity (the methods' case), and an fp32 velocity with fp64
+# targets and a [B] t (issue 20: it raised an error that blamed t)
+MIXED = [
+    (torch.bfloat16, {"reward_grad": torch.float16}, 8e-3),
+    (torch.float32, {"v_base": torch.float64, "reward_grad": torch.float64, "value_out": torch.float64}, 1e-5),
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_dtypes(backend):
+@pytest.mark.parametrize("v_dtype, targets, rtol", MIXED)
+def test_mixed_dtypes(backend, v_dtype, targets, rtol):
     x = make_inputs((2, 4, 33, 17))
-    x["v_ft"] = x["v_ft"].bfloat16().requires_grad_()
-    x["reward_grad"] = x["reward_grad"].half()
+    x["v_ft"] = x["v_ft"].to(v_dtype).requires_grad_()
+    for k, dtype in targets.items():
+        x[k] = x[k].to(dtype)
     with flowkern.use_backend(backend):
         loss = call(**x)
         (grad,) = torch.autograd.grad(loss, x["v_ft"])
     with flowkern.use_backend("torch"):
         ref = call(**x)
         (ref_grad,) = torch.autograd.grad(ref, x["v_ft"])
-    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, ref_grad, rtol=8e-3, atol=1e-6)
+    assert loss.dtype == torch.float32 and grad.dtype == v_dtype
+    torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=rtol, atol=1e-6)
 
 
 def test_literal_equation_m16():
@@ -88,7 +98,7 @@ def test_opcheck():
         for dtype in (torch.float32, torch.bfloat16):  # bf16 velocity with fp32 targets: fakes match real outputs
             for t, t_value in ((x["t"], 0.0), (None, 0.3)):
                 v_ft = x["v_ft"].to(dtype).requires_grad_(compute_grad)
-                args = (v_ft, x["v_base"], x["reward_grad"], x["value_out"], t, t_value, 1.7, 0, compute_grad)
+                args = (v_ft, x["v_base"], x["reward_grad"], x["value_out"], t, t_value, 1.7, "quad", compute_grad)
                 torch.library.opcheck(torch.ops.flowkern.vggflow_matching_loss.default, args)
 
 

@@ -4,8 +4,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
+#include <string>
 
 #include "flowkern/coef.h"
 
@@ -40,21 +42,39 @@ inline void check_optional_input(const std::optional<at::Tensor>& x, const char*
   if (x.has_value()) check_input(*x, name, ref, ref_name);
 }
 
-// A per-sample coefficient argument: an optional tensor ([B] or 0-dim) or, when absent, a value. `tensor` is the
-// coefficient in the accumulation type, contiguous (a copy only when the caller's was not); finite on CPU.
+// A per-sample coefficient argument (`Tensor? x, float x_value` in a schema): a [B] or 0-dim tensor, or a float
+// (never a filled [B] tensor). check() validates it against the primary input and brings a tensor to the accumulation
+// dtype, contiguous (a copy only when the caller's was not); on CPU it checks the values too (finite, > 0 if asked).
+// get<A>() is the kernels' view; a coefficient an op does not use is left unchecked and never read.
 struct CoefArg {
-  at::Tensor tensor;
+  const char* name = "";
+  at::Tensor tensor;  // undefined: the value is a float
   double value = 0;
+
+  CoefArg() = default;
+  CoefArg(const char* name, std::optional<at::Tensor> given, double value)
+      : name(name), tensor(given ? std::move(*given) : at::Tensor()), value(value) {}
+
+  void check(const at::Tensor& primary, at::ScalarType acc, bool positive = false);
 
   template <typename A>
   Coef<A> get() const {
     if (!tensor.defined()) return Coef<A>{nullptr, 0, static_cast<A>(value)};
-    return Coef<A>{tensor.const_data_ptr<A>(), tensor.dim() == 0 ? 0 : 1, A(0)};
+    return Coef<A>{tensor.const_data_ptr<A>(), tensor.dim() == 0 ? 0 : 1, A(0)};  // const_data_ptr<A> checks the dtype
   }
 };
 
-CoefArg coef_arg(const char* name, const std::optional<at::Tensor>& tensor, double value, const at::Tensor& primary,
-                 at::ScalarType acc, bool positive = false);
+// A finite float hyperparameter, > 0 when `positive`.
+inline void check_float(const char* name, double value, bool positive = false) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && (!positive || value > 0), name, " must be a", positive ? " positive" : "",
+                    " finite float, got ", value);
+}
+
+// A string choice: its position in `choices` (a ValueError naming the argument and the choices otherwise).
+int64_t choice(const char* name, const std::string& value, std::initializer_list<const char*> choices);
+
+// eta_t of (M15) by name: 0 'quad' (t^2), 1 'linear' (t), 2 'constant' (1); the kernels take the code.
+inline int64_t eta_code(const std::string& eta_mode) { return choice("eta_mode", eta_mode, {"quad", "linear", "constant"}); }
 
 }  // namespace flowkern
 

@@ -1,12 +1,16 @@
 // Helpers for the C++ CPU kernels: fixed-size chunks (deterministic, batch-invariant reductions)
 // and chunk-wise conversion of bf16/fp16 to fp32 so the arithmetic runs on at::vec::Vectorized<float>.
 #pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -64,6 +68,35 @@ inline A* scratch(int64_t n) {
   thread_local std::vector<A> buffer;
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
   return buffer.data();
+}
+
+// The per-task partial sums of one call (written by the tasks, then summed in order by the calling thread): a
+// per-thread buffer of at least n elements, reused across calls (not the tasks' `scratch`, which the calling thread
+// also uses while it runs tasks).
+template <typename A>
+inline A* partial_sums(int64_t n) {
+  thread_local std::vector<A> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// at::parallel_for over `tasks` tasks of about `task_elements` elements each, inline on the calling thread when the
+// whole call is small (a thread-pool round trip costs more than a few tens of thousands of elements of work).
+constexpr int64_t kParallelElements = 32768;
+template <typename F>
+inline void parallel_tasks(int64_t tasks, int64_t task_elements, const F& f) {
+  at::parallel_for(0, tasks, std::max<int64_t>(1, kParallelElements / std::max<int64_t>(task_elements, 1)), f);
+}
+
+// A 0-dim tensor holding `value` (a loss), written directly: no dispatcher call to fill it.
+inline at::Tensor scalar_output(double value, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({}, options);
+  if (out.scalar_type() == at::kDouble) {
+    *out.mutable_data_ptr<double>() = value;
+  } else {
+    *out.mutable_data_ptr<float>() = static_cast<float>(value);
+  }
+  return out;
 }
 
 // Elements converted and processed at a time inside a chunk: a few such buffers stay in L1.

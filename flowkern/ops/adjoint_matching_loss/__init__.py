@@ -22,7 +22,6 @@ sample stays on chip). Without the gradient: 3D, 4D, 3D.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -33,6 +32,11 @@ from flowkern.ops.adjoint_matching_loss.reference import adjoint_matching_loss a
 from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
 
 OP = "adjoint_matching_loss"
+# The native op's arguments, written once (C++ reads them from a struct generated from this: docs/ops.md).
+SCHEMA = (
+    "adjoint_matching_loss(Tensor v_ft, Tensor v_base, Tensor adjoint, float lam, float p, str mode, Tensor? sigma, "
+    "float sigma_value, float lct, bool compute_grad=False) -> (Tensor loss, Tensor grad)"
+)
 _TRAFFIC = {ELEMENTWISE: (3, 4), NORM: (4, 5), MEMORYLESS: (3, 7)}  # (without, with) the gradient, in D
 
 
@@ -44,29 +48,31 @@ def bytes_moved(v_ft: torch.Tensor, mode: str = "elementwise", compute_grad: boo
 if HAS_TRITON:
     from flowkern.ops.adjoint_matching_loss.triton import adjoint_matching_loss as _triton_forward
 
-    _triton = saved_gradient_loss(_triton_forward, grad_arg=0)
+    _triton = saved_gradient_loss(_triton_forward, SCHEMA, grad_arg="v_ft")
 else:  # pragma: no cover
     _triton = None
 
 IMPLS = implementations(reference, _triton, native_op(OP))
 
 
-@register_fake(OP)
-def _(v_ft, v_base, adjoint, sigma, sigma_value, lam, p, mode, lct, compute_grad):
-    loss = v_ft.new_empty((), dtype=V.loss_dtype(v_ft))
-    return loss, torch.empty_like(v_ft, memory_format=torch.contiguous_format) if compute_grad else v_ft.new_empty(0)
+@register_fake(SCHEMA)
+def _(a):
+    loss = a.v_ft.new_empty((), dtype=V.loss_dtype(a.v_ft))
+    grad = torch.empty_like(a.v_ft, memory_format=torch.contiguous_format) if a.compute_grad else a.v_ft.new_empty(0)
+    return loss, grad
 
 
-def _check_lct(lct: object) -> float:
-    """LCT of (M32): a float > 0; float('inf') disables the clamp."""
-    if isinstance(lct, torch.Tensor) and lct.numel() == 1:
-        lct = lct.item()
-    if isinstance(lct, bool) or not isinstance(lct, numbers.Real):
-        raise TypeError(f"lct must be a float, got {type(lct).__name__}")
-    lct = float(lct)
-    if math.isnan(lct) or lct <= 0:
-        raise ValueError(f"lct must be > 0 (float('inf') disables the clamp), got {lct}")
-    return lct
+def _check_mode_arguments(mode: object, sigma: object, lct: object) -> None:
+    """sigma and lct are given for mode='memoryless' (M32) and only then."""
+    if mode == "memoryless":
+        if sigma is None:
+            raise ValueError("sigma is required for mode='memoryless' (M32)")
+        if lct is None:
+            raise ValueError("lct is required for mode='memoryless' (M32); float('inf') disables the clamp")
+        return
+    for name, value in (("sigma", sigma), ("lct", lct)):
+        if value is not None:
+            raise ValueError(f"{name} is only used by mode='memoryless', got mode={mode!r}")
 
 
 def adjoint_matching_loss(
@@ -92,26 +98,22 @@ def adjoint_matching_loss(
         lct: memoryless only (required there): the loss clamp LCT > 0; float('inf') disables the clamp.
     """
     backend = select_backend(OP, IMPLS, V.device_of("v_ft", v_ft))
-    V.check_tensors(v_ft, "v_ft", backend, v_base=v_base, adjoint=adjoint)
+    if (sigma is None) != (mode != "memoryless") or (lct is None) != (mode != "memoryless"):
+        _check_mode_arguments(mode, sigma, lct)
+    sigma_pair, lct_value = ((None, 0.0), math.inf) if sigma is None else (V.native_coefficients(sigma), lct)
+    if backend in V.NATIVE:  # every other check in C++ (op.cpp)
+        try:
+            return IMPLS[backend](v_ft, v_base, adjoint, lam, p, mode, *sigma_pair, lct_value)[0]
+        except RuntimeError as error:
+            V.raise_type_error(error)
+            raise
+    V.check_tensors(v_ft, "v_ft", v_base=v_base, adjoint=adjoint)
     lam = V.check_float("lam", lam, positive=True)
     p = V.check_float("p", p, minimum=1.0)
-    code = MODES.get(mode) if isinstance(mode, str) else None
-    if code is None:
-        V.check_choice("mode", mode, tuple(MODES))
-    sigma_tensor, sigma_value = None, 0.0
-    if code == MEMORYLESS:
-        if sigma is None:
-            raise ValueError("sigma is required for mode='memoryless' (M32)")
-        if lct is None:
-            raise ValueError("lct is required for mode='memoryless' (M32); float('inf') disables the clamp")
-        sigma_tensor, sigma_value = V.coefficient("sigma", sigma, v_ft, backend, positive=True)
-        lct = _check_lct(lct)
-    else:
-        for name, value in (("sigma", sigma), ("lct", lct)):
-            if value is not None:
-                raise ValueError(f"{name} is only used by mode='memoryless', got mode={mode!r}")
+    V.check_choice("mode", mode, tuple(MODES))
+    if mode == "memoryless":
+        sigma_pair = V.coefficient("sigma", sigma, v_ft, positive=True)
+        lct_value = V.check_float("lct", lct, minimum=0.0, finite=False)
     if backend == "torch":
         return reference(v_ft, v_base, adjoint, lam, p, mode, sigma, lct)
-    compute_grad = torch.is_grad_enabled() and v_ft.requires_grad
-    args = (v_ft, v_base, adjoint, sigma_tensor, sigma_value, lam, p, code, math.inf if lct is None else lct)
-    return IMPLS[backend](*args, compute_grad)[0]
+    return IMPLS[backend](v_ft, v_base, adjoint, lam, p, mode, *sigma_pair, lct_value)[0]

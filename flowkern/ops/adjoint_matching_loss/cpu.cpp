@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/scalar_tensor.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,8 +21,6 @@
 namespace flowkern {
 namespace cpu {
 namespace {
-
-constexpr int64_t kElementwise = 0, kNorm = 1;
 
 // dst = coef * x (n elements); `tmp` (kChunk) holds the fp32 result before a bf16/fp16 store.
 template <typename T>
@@ -49,7 +46,7 @@ struct Control {
   at::vec::Vectorized<A> operator()(const at::vec::Vectorized<A>& a) const {
     using Vec = at::vec::Vectorized<A>;
     const Vec omega = a / Vec(lam);
-    if (mode == kElementwise) {
+    if (mode == kAmElementwise) {
       if (p2) return omega.neg();
       const Vec mag = omega.abs().pow(Vec(exponent));
       return Vec::blendv(mag.neg(), mag, a < Vec(A(0)));
@@ -58,7 +55,7 @@ struct Control {
   }
   A operator()(A a) const {
     const A omega = a / lam;
-    if (mode == kElementwise) {
+    if (mode == kAmElementwise) {
       if (p2) return -omega;
       const A mag = std::pow(std::abs(omega), exponent);
       return a < A(0) ? mag : -mag;
@@ -92,12 +89,13 @@ double control_loss(const T* v_ft, const T* v_base, const T* adj, T* grad, int64
   using Vec = at::vec::Vectorized<A>;
   const int64_t chunks = num_chunks(d);
   const A lam = A(lam_d);
-  const A exponent = mode == kElementwise ? A(1.0 / (p - 1.0)) : A((2.0 - p) / (p - 1.0));
+  const A exponent = mode == kAmElementwise ? A(1.0 / (p - 1.0)) : A((2.0 - p) / (p - 1.0));
   const A grad_scale = A(2) / A(static_cast<double>(batch) * static_cast<double>(d));
-  std::vector<A> factor(batch, A(1));
-  if (mode == kNorm) {  // per-sample ||omega_b||, omega = a/lam (M26)
-    std::vector<A> partial(batch * chunks);
-    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  A* partial = partial_sums<A>(batch * chunks + batch);  // per task, then the factor per sample
+  A* factor = partial + batch * chunks;
+  std::fill(factor, factor + batch, A(1));
+  if (mode == kAmNorm) {  // per-sample ||omega_b||, omega = a/lam (M26)
+    parallel_tasks(batch * chunks, std::min(d, kChunk), [&](int64_t begin, int64_t end) {
       A* buf = scratch<A>(kChunk);  // per-thread, reused
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
@@ -112,8 +110,7 @@ double control_loss(const T* v_ft, const T* v_base, const T* adj, T* grad, int64
       factor[b] = std::pow(norm, exponent);
     }
   }
-  std::vector<A> partial(batch * chunks);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(batch * chunks, std::min(d, kChunk), [&](int64_t begin, int64_t end) {
     A* buf = scratch<A>(3 * kChunk + kChunk);  // per-thread, reused
     A* diff = buf + 3 * kChunk;
     for (int64_t task = begin; task < end; ++task) {
@@ -141,7 +138,7 @@ double control_loss(const T* v_ft, const T* v_base, const T* adj, T* grad, int64
     }
   });
   double total = 0;  // fixed order
-  for (A s : partial) total += s;
+  for (int64_t task = 0; task < batch * chunks; ++task) total += partial[task];
   return total / (static_cast<double>(batch) * static_cast<double>(d));
 }
 
@@ -174,8 +171,9 @@ double memoryless_loss(const T* v_ft, const T* v_base, const T* adj, Coef<acc_t<
   const A lct = A(lct_d);
   // dL/dv_ft = 1[s_b < lct] (4/sigma_b) d / B (M32), in one pass: the gradient is written with d still in cache as
   // if every sample were active, then the (rare) clamped samples are zeroed once s_b is known.
-  std::vector<A> partial(batch * chunks);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  A* partial = partial_sums<A>(batch * chunks + batch);  // per task, then per sample
+  A* sums = partial + batch * chunks;
+  parallel_tasks(batch * chunks, std::min(d, kChunk), [&](int64_t begin, int64_t end) {
     A* buf = scratch<A>(5 * kChunk);  // per-thread, reused
     A* residual = buf + 4 * kChunk;
     for (int64_t task = begin; task < end; ++task) {
@@ -188,7 +186,6 @@ double memoryless_loss(const T* v_ft, const T* v_base, const T* adj, Coef<acc_t<
       if (grad != nullptr) scale_store<T>(residual, n, A(4) / (sigma[b] * A(batch)), grad + off, buf + 3 * kChunk);
     }
   });
-  std::vector<A> sums(batch);
   for (int64_t b = 0; b < batch; ++b) {  // fixed order
     A s = 0;
     for (int64_t c = 0; c < chunks; ++c) s += partial[b * chunks + c];
@@ -196,7 +193,7 @@ double memoryless_loss(const T* v_ft, const T* v_base, const T* adj, Coef<acc_t<
     if (grad != nullptr && !(s < lct)) std::fill(grad + b * d, grad + (b + 1) * d, T(0));  // clamped: no gradient
   }
   double total = 0;  // (1/B) sum_b min(s_b, lct), fixed order
-  for (A s : sums) total += static_cast<double>(std::min(s, lct));
+  for (int64_t b = 0; b < batch; ++b) total += static_cast<double>(std::min(sums[b], lct));
   return total / static_cast<double>(batch);
 }
 
@@ -205,29 +202,25 @@ double memoryless_loss(const T* v_ft, const T* v_base, const T* adj, Coef<acc_t<
 }  // namespace cpu
 
 template <>
-std::tuple<at::Tensor, at::Tensor> run_adjoint_matching_loss<c10::kCPU>(const at::Tensor& v_ft,
-                                                                           const at::Tensor& v_base,
-                                                                           const at::Tensor& adjoint,
-                                                                           const CoefArg& sigma, double lam, double p,
-                                                                           int64_t mode, double lct,
-                                                                           bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> run_adjoint_matching_loss<c10::kCPU>(const args::AdjointMatchingLoss& a) {
   using namespace cpu;
-  const int64_t batch = v_ft.size(0), d = v_ft.numel() / batch;
-  at::Tensor grad = compute_grad ? at::empty(v_ft.sizes(), v_ft.options()) : at::empty({0}, v_ft.options());
+  const at::Tensor& v_ft = a.v_ft;
+  const int64_t batch = v_ft.size(0), d = v_ft.numel() / batch, mode = adjoint_matching_mode(a);
+  at::Tensor grad = a.compute_grad ? at::empty(v_ft.sizes(), v_ft.options()) : at::empty({0}, v_ft.options());
   const auto loss_type = v_ft.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v_ft.scalar_type(), "adjoint_matching_loss_cpu", [&] {
     const scalar_t* vf = v_ft.const_data_ptr<scalar_t>();
-    const scalar_t* vb = v_base.const_data_ptr<scalar_t>();
-    const scalar_t* a = adjoint.const_data_ptr<scalar_t>();
-    scalar_t* g = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    if (mode == 2) {
-      loss = memoryless_loss<scalar_t>(vf, vb, a, sigma.get<acc_t<scalar_t>>(), g, batch, d, lct);
+    const scalar_t* vb = a.v_base.const_data_ptr<scalar_t>();
+    const scalar_t* adj = a.adjoint.const_data_ptr<scalar_t>();
+    scalar_t* g = a.compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    if (mode == kAmMemoryless) {
+      loss = memoryless_loss<scalar_t>(vf, vb, adj, a.sigma.get<acc_t<scalar_t>>(), g, batch, d, a.lct);
     } else {
-      loss = control_loss<scalar_t>(vf, vb, a, g, batch, d, mode, lam, p);
+      loss = control_loss<scalar_t>(vf, vb, adj, g, batch, d, mode, a.lam, a.p);
     }
   });
-  return {at::scalar_tensor(loss, v_ft.options().dtype(loss_type)), grad};
+  return {scalar_output(loss, v_ft.options().dtype(loss_type)), grad};
 }
 
 }  // namespace flowkern

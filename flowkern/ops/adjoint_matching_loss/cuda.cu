@@ -16,12 +16,11 @@ namespace flowkern {
 using namespace cuda;
 
 template <>
-std::tuple<at::Tensor, at::Tensor> run_adjoint_matching_loss<c10::kCUDA>(const at::Tensor& v_ft,
-                                                                            const at::Tensor& v_base,
-                                                                            const at::Tensor& adjoint,
-                                                                            const CoefArg& sigma, double lam, double p,
-                                                                            int64_t mode, double lct,
-                                                                            bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> run_adjoint_matching_loss<c10::kCUDA>(const args::AdjointMatchingLoss& args) {
+  const at::Tensor &v_ft = args.v_ft, &v_base = args.v_base, &adjoint = args.adjoint;
+  const bool compute_grad = args.compute_grad;
+  const double lam = args.lam, p = args.p, lct = args.lct;
+  const int64_t mode = adjoint_matching_mode(args);
   const c10::cuda::CUDAGuard guard(v_ft.device());
   const int64_t batch = v_ft.size(0), d = v_ft.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
   const auto acc_type = v_ft.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -29,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> run_adjoint_matching_loss<c10::kCUDA>(const a
   at::Tensor grad = compute_grad ? at::empty(v_ft.sizes(), v_ft.options()) : at::empty({0}, v_ft.options());
   at::Tensor loss;
   if (d == 0) {  // [B, 0]: the mean over no elements is NaN; memoryless sums are 0 (no launch)
-    return {at::full({}, mode == kAmMemoryless ? 0.0 : NAN, acc_options), grad};
+    return {at::full({}, mode == cuda::kAmMemoryless ? 0.0 : NAN, acc_options), grad};
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   // workspace: per-tile partials, per-sample sums, then two last-block counters (one memset zeroes both)
@@ -49,16 +48,16 @@ std::tuple<at::Tensor, at::Tensor> run_adjoint_matching_loss<c10::kCUDA>(const a
     unsigned* counters = reinterpret_cast<unsigned*>(sums + batch);
     C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, 2 * sizeof(unsigned), stream));
     A* loss_ptr = loss.mutable_data_ptr<A>();
-    if (mode == kAmMemoryless) {  // (M32): s_b and the loss first, then the gradient
-      const Coef<A> s = sigma.get<A>();
+    if (mode == cuda::kAmMemoryless) {  // (M32): s_b and the loss first, then the gradient
+      const Coef<A> s = args.sigma.get<A>();
       if (chunks == 1) {  // the sample stays on chip: one launch
         auto* kernel = vec ? adjoint_matching_memoryless_fused_kernel<T, true>
                            : adjoint_matching_memoryless_fused_kernel<T, false>;
         kernel<<<batch, kThreads, 0, stream>>>(vf, vb, a, s, sums, counters, loss_ptr, g, d, A(lct), A(batch));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        auto* reduce = vec ? adjoint_matching_reduce_kernel<T, true, kAmMemoryless>
-                           : adjoint_matching_reduce_kernel<T, false, kAmMemoryless>;
+        auto* reduce = vec ? adjoint_matching_reduce_kernel<T, true, cuda::kAmMemoryless>
+                           : adjoint_matching_reduce_kernel<T, false, cuda::kAmMemoryless>;
         reduce<<<batch * chunks, kThreads, 0, stream>>>(vf, vb, a, s, partial, counters, sums, loss_ptr, d, chunks,
                                                         batch, A(lam), A(lct));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -72,18 +71,18 @@ std::tuple<at::Tensor, at::Tensor> run_adjoint_matching_loss<c10::kCUDA>(const a
       return;
     }
     // elementwise / norm (M26, M28)
-    const A exponent = A(mode == kAmElementwise ? 1.0 / (p - 1.0) : (2.0 - p) / (p - 1.0));
-    if (mode == kAmNorm) {  // ||omega_b||^2 per sample, formed by the reduce kernel's last block
+    const A exponent = A(mode == cuda::kAmElementwise ? 1.0 / (p - 1.0) : (2.0 - p) / (p - 1.0));
+    if (mode == cuda::kAmNorm) {  // ||omega_b||^2 per sample, formed by the reduce kernel's last block
       auto* reduce =
-          vec ? adjoint_matching_reduce_kernel<T, true, kAmNorm> : adjoint_matching_reduce_kernel<T, false, kAmNorm>;
+          vec ? adjoint_matching_reduce_kernel<T, true, cuda::kAmNorm> : adjoint_matching_reduce_kernel<T, false, cuda::kAmNorm>;
       reduce<<<batch * chunks, kThreads, 0, stream>>>(vf, vb, a, Coef<A>{}, partial, counters + 1, sums, loss_ptr, d,
                                                       chunks, batch, A(lam), A(lct));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    auto* kernel = mode == kAmNorm ? (vec ? adjoint_matching_control_kernel<T, true, kAmNorm>
-                                          : adjoint_matching_control_kernel<T, false, kAmNorm>)
-                                   : (vec ? adjoint_matching_control_kernel<T, true, kAmElementwise>
-                                          : adjoint_matching_control_kernel<T, false, kAmElementwise>);
+    auto* kernel = mode == cuda::kAmNorm ? (vec ? adjoint_matching_control_kernel<T, true, cuda::kAmNorm>
+                                          : adjoint_matching_control_kernel<T, false, cuda::kAmNorm>)
+                                   : (vec ? adjoint_matching_control_kernel<T, true, cuda::kAmElementwise>
+                                          : adjoint_matching_control_kernel<T, false, cuda::kAmElementwise>);
     const A norm_floor = exponent < A(0) ? A(1e-12) : A(0);  // ||omega||^negative at omega = 0
     const A grad_scale = A(2.0 / static_cast<double>(v_ft.numel()));
     kernel<<<batch * chunks, kThreads, 0, stream>>>(vf, vb, a, sums, g, partial, counters, loss_ptr, d, chunks, A(lam),

@@ -14,6 +14,7 @@
 namespace flowkern {
 namespace cuda {
 
+// the modes of adjoint_matching_mode (kernel.h)
 constexpr int kAmElementwise = 0, kAmNorm = 1, kAmMemoryless = 2;
 
 template <typename A>

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from flowkern.ops import _validate as V
 from flowkern.ops._triton import coef_tensor, launch_device, reduction_layout, tl_acc
-from flowkern.ops.adjoint_matching_loss.reference import ELEMENTWISE, MEMORYLESS, NORM, NORM_FLOOR
+from flowkern.ops.adjoint_matching_loss.reference import ELEMENTWISE, MEMORYLESS, MODES, NORM, NORM_FLOOR
 
 
 @triton.jit
@@ -113,10 +113,10 @@ def _memoryless_grad_kernel(
         tl.store(grad_ptr + ptr, (coef * x).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def adjoint_matching_loss(v_ft, v_base, adjoint, sigma, sigma_value, lam, p, mode, lct, compute_grad):
-    """(loss, dloss/dv_ft or empty): the native op's contract."""
-    with launch_device(v_ft):
-        return _launch(v_ft, v_base, adjoint, coef_tensor(sigma, sigma_value, v_ft), lam, p, mode, lct, compute_grad)
+def adjoint_matching_loss(a):
+    """(loss, dloss/dv_ft or empty) from the schema's arguments `a`: the native op's contract."""
+    with launch_device(a.v_ft):
+        return _launch(a, MODES[a.mode])
 
 
 def _exponent(p: float, mode: int) -> float:
@@ -124,8 +124,10 @@ def _exponent(p: float, mode: int) -> float:
     return 1.0 / (p - 1.0) if mode == ELEMENTWISE else (2.0 - p) / (p - 1.0)
 
 
-def _launch(v_ft, v_base, adjoint, sigma, lam, p, mode, lct, compute_grad):
-    v_ft, v_base, adjoint = (x.contiguous() for x in (v_ft, v_base, adjoint))
+def _launch(a, mode):
+    v_ft, v_base, adjoint = (x.contiguous() for x in (a.v_ft, a.v_base, a.adjoint))
+    sigma = coef_tensor(a.sigma, a.sigma_value, v_ft) if mode == MEMORYLESS else None
+    lam, p, lct, compute_grad = a.lam, a.p, a.lct, a.compute_grad
     batch, d = v_ft.shape[0], v_ft[0].numel()
     if d == 0:  # [B, 0]: the mean over no elements is NaN; memoryless sums are 0 (no launch)
         loss = v_ft.new_full((), 0.0 if mode == MEMORYLESS else math.nan, dtype=V.loss_dtype(v_ft))

@@ -30,6 +30,16 @@ from flowkern.ops.cfg_euler import _velocity_state_types
 
 OP = "adjoint_step"
 MODE_ODE, MODE_MEMORYLESS = MODES["ode"], MODES["memoryless"]
+# The native ops' arguments, written once (C++ reads them from structs generated from these: docs/ops.md).
+SCHEMA = (
+    "adjoint_step(Tensor a, Tensor vjp_u, Tensor? vjp_c, Tensor? h, float h_value, Tensor? w, float w_value, "
+    "Tensor? kappa, float kappa_value, int mode, bool return_cot) -> (Tensor a_new, Tensor cot)"
+)
+BACKWARD_SCHEMA = (
+    "adjoint_step_backward(Tensor? grad_a_new, Tensor? grad_cot, int batch, Tensor? h, float h_value, Tensor? w, "
+    "float w_value, Tensor? kappa, float kappa_value, int mode, bool cfg, bool need_a, bool need_u, bool need_c) "
+    "-> (Tensor d_a, Tensor d_vjp_u, Tensor d_vjp_c)"
+)
 
 
 def bytes_moved(a: torch.Tensor, vjp_u: torch.Tensor, cfg: bool = True, return_cot: bool = False,
@@ -55,26 +65,26 @@ else:  # pragma: no cover
 IMPLS = implementations(reference, _triton, native_op(OP))
 
 
-@register_fake(OP)
-def _(a, vjp_u, vjp_c, *args):
-    return_cot = args[-1]
-    a_new = a.new_empty(a.shape, dtype=V.loss_dtype(a))
-    cot_shape = (((2 if vjp_c is not None else 1) * a.shape[0]), *a.shape[1:]) if return_cot else (0,)
-    return a_new, vjp_u.new_empty(cot_shape)
+@register_fake(SCHEMA)
+def _(a):
+    a_new = a.a.new_empty(a.a.shape, dtype=V.loss_dtype(a.a))
+    cot_shape = (((2 if a.vjp_c is not None else 1) * a.a.shape[0]), *a.a.shape[1:]) if a.return_cot else (0,)
+    return a_new, a.vjp_u.new_empty(cot_shape)
 
 
-@register_fake(OP + "_backward")
-def _(grad_a_new, grad_cot, batch, *args):
-    need_a, need_u, need_c = args[-3:]
-    like = grad_a_new if grad_a_new is not None else grad_cot
-    tv = grad_cot.dtype if grad_cot is not None else None
+@register_fake(BACKWARD_SCHEMA)
+def _(a):
+    like = a.grad_a_new if a.grad_a_new is not None else a.grad_cot
+    tv = a.grad_cot.dtype if a.grad_cot is not None else None
     tx = (
-        grad_a_new.dtype if grad_a_new is not None else (torch.float32 if tv in (torch.bfloat16, torch.float16) else tv)
+        a.grad_a_new.dtype
+        if a.grad_a_new is not None
+        else (torch.float32 if tv in (torch.bfloat16, torch.float16) else tv)
     )
     tv, tx = _velocity_state_types(tv if tv is not None else tx, tx)
-    shape = (batch, *like.shape[1:])
+    shape = (a.batch, *like.shape[1:])
     out = lambda need, dtype: like.new_empty(shape if need else (0,), dtype=dtype)
-    return out(need_a, tx), out(need_u, tv), out(need_c, tv)
+    return out(a.need_a, tx), out(a.need_u, tv), out(a.need_c, tv)
 
 
 def adjoint_step(
@@ -103,13 +113,13 @@ def adjoint_step(
     a_new is fp32 (fp64 for fp64 a). Differentiable (linear) in a, vjp_u, vjp_c, through both outputs.
     """
     backend = select_backend(OP, IMPLS, V.device_of("a", a))
-    V.check_tensors(a, "a", backend, vjp_u=vjp_u, vjp_c=vjp_c)
+    V.check_tensors(a, "a", vjp_u=vjp_u, vjp_c=vjp_c)
     if type(return_cot) is not bool:
         raise TypeError(f"return_cot must be a bool, got {type(return_cot).__name__}")
     code = MODES.get(mode) if isinstance(mode, str) else None
     if code is None:
         V.check_choice("mode", mode, tuple(MODES))
-    h_pair = V.coefficient("h", h, a, backend)
+    h_pair = V.coefficient("h", h, a)
     if vjp_c is None:
         if w is not None:
             raise ValueError("w is only used with vjp_c (CFG); pass vjp_c or drop w")
@@ -117,15 +127,19 @@ def adjoint_step(
     elif w is None:
         raise ValueError("w is required when vjp_c is given (CFG)")
     else:
-        w_pair = V.coefficient("w", w, a, backend)
+        w_pair = V.coefficient("w", w, a)
     if code == MODE_MEMORYLESS:
         if kappa is None:
             raise ValueError("kappa is required with mode='memoryless' (M31)")
-        kappa_pair = V.coefficient("kappa", kappa, a, backend)
+        kappa_pair = V.coefficient("kappa", kappa, a)
     elif kappa is not None:
         raise ValueError("kappa is only used with mode='memoryless', got mode='ode'")
     else:
         kappa_pair = (None, 0.0)
     if backend == "torch":
         return reference(a, vjp_u, h, vjp_c, w, kappa, mode, return_cot)
-    return IMPLS[backend](a, vjp_u, vjp_c, *h_pair, *w_pair, *kappa_pair, code, return_cot)
+    try:
+        return IMPLS[backend](a, vjp_u, vjp_c, *h_pair, *w_pair, *kappa_pair, code, return_cot)
+    except RuntimeError as error:  # a Python value of the wrong type for the native op (vjp_u=None)
+        V.raise_type_error(error)
+        raise

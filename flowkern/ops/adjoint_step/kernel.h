@@ -10,6 +10,7 @@
 
 #include "../cfg_euler/kernel.h"  // velocity_state_types, dispatch_velocity_state
 #include "flowkern/checks.h"
+#include "flowkern/ops/adjoint_step/args.h"  // args::AdjointStep, args::AdjointStepBackward, generated from the schemas
 
 namespace flowkern {
 // Returns (a_new, cot = [a_new; a_new] with vjp_c, a_new without, in TV; or empty unless return_cot).

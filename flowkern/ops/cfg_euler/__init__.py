@@ -23,13 +23,23 @@ from __future__ import annotations
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops._autograd import register_fake
+from flowkern.ops._autograd import register_fake, schema_call
 from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
 from flowkern.ops.cfg_euler.reference import MODES
 from flowkern.ops.cfg_euler.reference import cfg_euler as reference
 
 OP = "cfg_euler"
-MODE_ODE, MODE_MEMORYLESS = MODES["ode"], MODES["memoryless"]
+# The native ops' arguments, written once (C++ reads them from structs generated from these: docs/ops.md).
+SCHEMA = (
+    "cfg_euler(Tensor? v_uncond, Tensor v_cond, Tensor x, Tensor? w, float w_value, Tensor? h, float h_value, "
+    "Tensor? t, float t_value, Tensor? kappa, float kappa_value, Tensor? sigma, float sigma_value, Tensor? noise, "
+    "str mode, bool stopgrad_xhat) -> (Tensor v, Tensor x_next, Tensor x_hat1)"
+)
+BACKWARD_SCHEMA = (
+    "cfg_euler_backward(Tensor? grad_v, Tensor? grad_next, Tensor? grad_hat, Tensor? w, float w_value, Tensor? h, "
+    "float h_value, Tensor? t, float t_value, Tensor? kappa, float kappa_value, str mode, bool stopgrad_xhat, "
+    "bool need_uncond, bool need_cond, bool need_x) -> (Tensor d_uncond, Tensor d_cond, Tensor d_x)"
+)
 
 
 def bytes_moved(
@@ -44,7 +54,9 @@ def bytes_moved(
 
 
 if HAS_TRITON:
-    from flowkern.ops.cfg_euler.triton import cfg_euler as _triton
+    from flowkern.ops.cfg_euler.triton import cfg_euler as _triton_launch
+
+    _triton = schema_call(_triton_launch, SCHEMA)
 else:  # pragma: no cover
     _triton = None
 
@@ -59,17 +71,16 @@ def _velocity_state_types(velocity: torch.dtype, state: torch.dtype) -> tuple[to
     return common, common
 
 
-@register_fake(OP)
-def _(v_uncond, v_cond, x, *args):
+@register_fake(SCHEMA)
+def _(a):
     contiguous = lambda y: torch.empty_like(y, memory_format=torch.contiguous_format)
-    return contiguous(v_cond), contiguous(x), contiguous(x)
+    return contiguous(a.v_cond), contiguous(a.x), contiguous(a.x)
 
 
-@register_fake(OP + "_backward")
-def _(grad_v, grad_next, grad_hat, *args):
-    need_uncond, need_cond, need_x = args[-3:]
-    like = next(g for g in (grad_v, grad_next, grad_hat) if g is not None)
-    state = [g.dtype for g in (grad_next, grad_hat) if g is not None]
+@register_fake(BACKWARD_SCHEMA)
+def _(a):
+    like = next(g for g in (a.grad_v, a.grad_next, a.grad_hat) if g is not None)
+    state = [g.dtype for g in (a.grad_next, a.grad_hat) if g is not None]
     tx = (
         state[0]
         if len(set(state)) == 1
@@ -77,12 +88,22 @@ def _(grad_v, grad_next, grad_hat, *args):
         if state
         else None
     )
-    tv = grad_v.dtype if grad_v is not None else tx
+    tv = a.grad_v.dtype if a.grad_v is not None else tx
     if tx is None:
         tx = torch.float32 if tv in (torch.bfloat16, torch.float16) else tv
     tv, tx = _velocity_state_types(tv, tx)
     out = lambda need, dtype: like.new_empty(like.shape if need else (0,), dtype=dtype)
-    return out(need_uncond, tv), out(need_cond, tv), out(need_x, tx)
+    return out(a.need_uncond, tv), out(a.need_cond, tv), out(a.need_x, tx)
+
+
+def _check_mode_arguments(mode: object, kappa: object, sigma: object, noise: object) -> None:
+    """kappa, sigma and noise are given for mode='memoryless' (M30) and only then."""
+    V.check_choice("mode", mode, tuple(MODES))
+    for name, value in (("kappa", kappa), ("sigma", sigma), ("noise", noise)):
+        if mode == "memoryless" and value is None:
+            raise ValueError(f"{name} is required with mode='memoryless' (M30)")
+        if mode == "ode" and value is not None:
+            raise ValueError(f"{name} is only used with mode='memoryless', got mode='ode'")
 
 
 def cfg_euler(
@@ -113,33 +134,31 @@ def cfg_euler(
         kappa, sigma: per-sample coefficients of the memoryless step (M29); noise: xi ~ N(0, I) like x.
     """
     backend = select_backend(OP, IMPLS, V.device_of("v_cond", v_cond))
-    V.check_tensors(v_cond, "v_cond", backend, x=x, v_uncond=v_uncond)
+    if not (mode == "ode" and kappa is None and sigma is None and noise is None):
+        _check_mode_arguments(mode, kappa, sigma, noise)
     if type(detach_uncond) is not bool or type(stopgrad_xhat) is not bool:
         for name, flag in (("detach_uncond", detach_uncond), ("stopgrad_xhat", stopgrad_xhat)):
             if type(flag) is not bool:
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    code = MODES.get(mode) if isinstance(mode, str) else None
-    if code is None:
-        V.check_choice("mode", mode, tuple(MODES))
-    coefs = [*V.coefficient("h", h, v_cond, backend), *V.coefficient("t", t, v_cond, backend)]
     if v_uncond is None:
-        w_pair = (None, 1.0)  # unused by the forward; makes d v_cond = 1 * gbar in the backward
+        w = 1.0  # unused by the forward; makes d v_cond = 1 * gbar in the backward
     elif w is None:
         raise ValueError("w is required when v_uncond is given")
-    else:
-        w_pair = V.coefficient("w", w, v_cond, backend)
-    memoryless = (None, 0.0, None, 0.0)
-    if code == MODE_MEMORYLESS:
-        for name, value in (("kappa", kappa), ("sigma", sigma), ("noise", noise)):
-            if value is None:
-                raise ValueError(f"{name} is required with mode='memoryless' (M30)")
-        memoryless = (*V.coefficient("kappa", kappa, v_cond, backend), *V.coefficient("sigma", sigma, v_cond, backend))
-        V.check_tensors(x, "x", backend, noise=noise)
-    elif not (kappa is None and sigma is None and noise is None):
-        name = next(n for n, v in (("kappa", kappa), ("sigma", sigma), ("noise", noise)) if v is not None)
-        raise ValueError(f"{name} is only used with mode='memoryless', got mode='ode'")
-    if detach_uncond and v_uncond is not None and v_uncond.requires_grad:
+    elif detach_uncond and v_uncond.requires_grad:
         v_uncond = v_uncond.detach()
+    if backend in V.NATIVE:  # every other check in C++ (op.cpp)
+        try:
+            coefs = V.native_coefficients(w, h, t, kappa, sigma)
+            return IMPLS[backend](v_uncond, v_cond, x, *coefs, noise, mode, stopgrad_xhat)
+        except RuntimeError as error:
+            V.raise_type_error(error)
+            raise
+    V.check_tensors(v_cond, "v_cond", x=x, v_uncond=v_uncond, noise=noise)
+    coefs = [V.coefficient(name, value, v_cond) for name, value in (("w", w), ("h", h), ("t", t))]
+    if mode == "memoryless":
+        coefs += [V.coefficient("kappa", kappa, v_cond), V.coefficient("sigma", sigma, v_cond)]
+    else:
+        coefs += [(None, 0.0), (None, 0.0)]
     if backend == "torch":
         return reference(v_uncond, v_cond, x, w, h, t, stopgrad_xhat, mode, kappa, sigma, noise)
-    return IMPLS[backend](v_uncond, v_cond, x, *w_pair, *coefs, *memoryless, noise, code, stopgrad_xhat)
+    return IMPLS[backend](v_uncond, v_cond, x, *(c for pair in coefs for c in pair), noise, mode, stopgrad_xhat)

@@ -14,10 +14,11 @@ namespace flowkern {
 using namespace cuda;
 
 template <>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler<c10::kCUDA>(
-    const std::optional<at::Tensor>& v_uncond, const at::Tensor& v_cond, const at::Tensor& x, const CoefArg& w,
-    const CoefArg& h, const CoefArg& t, const CoefArg& kappa, const CoefArg& sigma,
-    const std::optional<at::Tensor>& noise, int64_t mode) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler<c10::kCUDA>(const args::CfgEuler& a) {
+  const std::optional<at::Tensor>&v_uncond = a.v_uncond, &noise = a.noise;
+  const at::Tensor &v_cond = a.v_cond, &x = a.x;
+  const CoefArg &w = a.w, &h = a.h, &t = a.t, &kappa = a.kappa, &sigma = a.sigma;
+  const int64_t mode = cfg_euler_mode(a);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = x.size(0), d = x.numel() / batch;
   at::Tensor v = at::empty(v_cond.sizes(), v_cond.options());
@@ -57,10 +58,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler<c10::kCUDA>(
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler_backward<c10::kCUDA>(
-    const std::optional<at::Tensor>& grad_v, const std::optional<at::Tensor>& grad_next,
-    const std::optional<at::Tensor>& grad_hat, const CoefArg& w, const CoefArg& h, const CoefArg& t,
-    const CoefArg& kappa, int64_t mode, bool stopgrad_xhat, bool need_uncond, bool need_cond, bool need_x,
-    at::ScalarType velocity_type, at::ScalarType state_type) {
+    const args::CfgEulerBackward& a) {
+  const std::optional<at::Tensor>&grad_v = a.grad_v, &grad_next = a.grad_next, &grad_hat = a.grad_hat;
+  const CoefArg &w = a.w, &h = a.h, &t = a.t, &kappa = a.kappa;
+  const int64_t mode = cfg_euler_mode(a);
+  const bool stopgrad_xhat = a.stopgrad_xhat, need_uncond = a.need_uncond, need_cond = a.need_cond,
+             need_x = a.need_x;
+  const std::pair<at::ScalarType, at::ScalarType> types = cfg_euler_backward_types(a);
+  const at::ScalarType velocity_type = types.first, state_type = types.second;
   const at::Tensor& like = grad_v ? *grad_v : (grad_next ? *grad_next : *grad_hat);
   const c10::cuda::CUDAGuard guard(like.device());
   const int64_t batch = like.size(0), d = like.numel() / batch;

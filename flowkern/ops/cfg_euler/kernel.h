@@ -1,8 +1,7 @@
 // cfg_euler (M5, M2, M6, M30): the kernels' entry points, defined for CPU in cpu.cpp and for CUDA in cuda.cu and called
-// by op.cpp after the argument checks. mode: 0 'ode' x_next = x + h v (M2); 1 'memoryless'
-// x_next = x + h(2v - kappa x) + sqrt(h) sigma noise (M30). Element types: v_uncond, v_cond have the velocity type TV,
-// x, noise the state type TX (all contiguous), a pair that `velocity_state_types` allows; coefficients in TX's
-// accumulation type (fp32, fp64 for fp64).
+// by op.cpp after the argument checks. Element types: v_uncond, v_cond have the velocity type TV, x, noise the state
+// type TX (all contiguous), a pair that `velocity_state_types` allows; coefficients in TX's accumulation type (fp32,
+// fp64 for fp64).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
@@ -15,24 +14,23 @@
 #include <tuple>
 #include <utility>
 
-#include "flowkern/checks.h"
+#include "flowkern/ops/cfg_euler/args.h"  // args::CfgEuler, args::CfgEulerBackward, generated from the schemas
 
 namespace flowkern {
 // Returns (v in TV, x_next in TX, x_hat1 in TX). v_uncond absent: no CFG. kappa, sigma, noise: memoryless only.
 template <c10::DeviceType kDevice>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler(const std::optional<at::Tensor>& v_uncond,
-                                                             const at::Tensor& v_cond, const at::Tensor& x,
-                                                             const CoefArg& w, const CoefArg& h, const CoefArg& t,
-                                                             const CoefArg& kappa, const CoefArg& sigma,
-                                                             const std::optional<at::Tensor>& noise, int64_t mode);
-// Returns (d v_uncond, d v_cond) in velocity_type and d x in state_type, each [B, ...] when asked for, else
-// empty. grad_v has velocity_type, grad_next and grad_hat state_type; at least one of the three is given.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler(const args::CfgEuler& a);
+// Returns (d v_uncond, d v_cond) in the velocity type and d x in the state type (cfg_euler_backward_types), each
+// [B, ...] when asked for, else empty. grad_v has the velocity type, grad_next and grad_hat the state type; at least
+// one of the three is given.
 template <c10::DeviceType kDevice>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler_backward(
-    const std::optional<at::Tensor>& grad_v, const std::optional<at::Tensor>& grad_next,
-    const std::optional<at::Tensor>& grad_hat, const CoefArg& w, const CoefArg& h, const CoefArg& t,
-    const CoefArg& kappa, int64_t mode, bool stopgrad_xhat, bool need_uncond, bool need_cond, bool need_x,
-    at::ScalarType velocity_type, at::ScalarType state_type);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler_backward(const args::CfgEulerBackward& a);
+
+// 0 'ode' x_next = x + h v (M2); 1 'memoryless' x_next = x + h(2v - kappa x) + sqrt(h) sigma noise (M30).
+template <typename Args>
+inline int64_t cfg_euler_mode(const Args& a) {
+  return choice("mode", a.mode, {"ode", "memoryless"});
+}
 
 // The (velocity, state) element types the kernels take for these input types: equal types, or bf16/fp16
 // velocities with fp32 states (model outputs next to fp32 states: read without a cast copy); any other pair is
@@ -43,6 +41,17 @@ inline std::pair<at::ScalarType, at::ScalarType> velocity_state_types(at::Scalar
   }
   const at::ScalarType common = velocity == at::kDouble || state == at::kDouble ? at::kDouble : at::kFloat;
   return {common, common};
+}
+
+// The kernels' (velocity, state) types for the given cotangents; the engine casts the gradients to the inputs' types.
+inline std::pair<at::ScalarType, at::ScalarType> cfg_euler_backward_types(const args::CfgEulerBackward& a) {
+  const at::Tensor* state = a.grad_next ? &*a.grad_next : (a.grad_hat ? &*a.grad_hat : nullptr);
+  std::optional<at::ScalarType> tv, tx;
+  if (a.grad_v) tv = a.grad_v->scalar_type();
+  if (state) tx = common_type({state, a.grad_hat ? &*a.grad_hat : nullptr});
+  if (!tv) tv = tx;
+  if (!tx) tx = (*tv == at::kBFloat16 || *tv == at::kHalf) ? at::kFloat : *tv;
+  return velocity_state_types(*tv, *tx);
 }
 
 // x as a contiguous tensor of `type`, or nullopt.

@@ -6,8 +6,9 @@ import triton
 import triton.language as tl
 
 from flowkern.ops._triton import coef_tensor, elementwise_configs, flat_grid, launch_device, tl_acc
+from flowkern.ops.cfg_euler.reference import MODES
 
-MODE_ODE, MODE_MEMORYLESS = 0, 1
+MODE_ODE, MODE_MEMORYLESS = MODES["ode"], MODES["memoryless"]
 
 
 @triton.autotune(configs=elementwise_configs(), key=["n", "d"])
@@ -178,13 +179,13 @@ class _CfgEuler(torch.autograd.Function):
         return d_uncond, d_cond, d_x, None, None, None, None, None, None, None, None
 
 
-def cfg_euler(v_uncond, v_cond, x, w, w_value, h, h_value, t, t_value, kappa, kappa_value, sigma, sigma_value, noise,
-              mode, stopgrad_xhat):  # fmt: skip
-    """The native op's contract on the Triton kernels."""
-    coef = lambda c, value: coef_tensor(c, value, x)
+def cfg_euler(a):
+    """The native op's contract (its schema arguments `a`) on the Triton kernels."""
+    coef = lambda c, value: coef_tensor(c, value, a.x)
+    mode = MODES[a.mode]
     memoryless = mode == MODE_MEMORYLESS
     return _CfgEuler.apply(
-        v_uncond, v_cond, x, coef(w, w_value), coef(h, h_value), coef(t, t_value),
-        coef(kappa, kappa_value) if memoryless else None, coef(sigma, sigma_value) if memoryless else None,
-        noise if memoryless else None, mode, stopgrad_xhat,
+        a.v_uncond, a.v_cond, a.x, coef(a.w, a.w_value), coef(a.h, a.h_value), coef(a.t, a.t_value),
+        coef(a.kappa, a.kappa_value) if memoryless else None, coef(a.sigma, a.sigma_value) if memoryless else None,
+        a.noise if memoryless else None, mode, a.stopgrad_xhat,
     )  # fmt: skip

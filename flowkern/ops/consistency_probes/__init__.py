@@ -22,11 +22,16 @@ from __future__ import annotations
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops._autograd import register_fake
+from flowkern.ops._autograd import register_fake, schema_call
 from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
 from flowkern.ops.consistency_probes.reference import consistency_probes as reference
 
 OP = "consistency_probes"
+# The native op's arguments, written once (C++ reads them from a struct generated from this: docs/ops.md).
+SCHEMA = (
+    "consistency_probes(Tensor x, Tensor v_base, Tensor value_out, Tensor reward_grad, Tensor? t, float t_value, "
+    "float beta, str eta_mode, float eps_x) -> (Tensor x_w, Tensor x_G, Tensor rho_w, Tensor rho_G)"
+)
 
 
 def bytes_moved(x: torch.Tensor) -> int:
@@ -36,18 +41,20 @@ def bytes_moved(x: torch.Tensor) -> int:
 
 
 if HAS_TRITON:
-    from flowkern.ops.consistency_probes.triton import consistency_probes as _triton
+    from flowkern.ops.consistency_probes.triton import consistency_probes as _triton_launch
+
+    _triton = schema_call(_triton_launch, SCHEMA)
 else:  # pragma: no cover
     _triton = None
 
 IMPLS = implementations(reference, _triton, native_op(OP))
 
 
-@register_fake(OP)
-def _(x, v_base, value_out, reward_grad, t, t_value, beta, eta_mode, eps_x):
-    out_dtype = V.loss_dtype(x)
-    x_w = x.new_empty(x.shape, dtype=out_dtype)
-    rho = x.new_empty((x.shape[0],), dtype=out_dtype)
+@register_fake(SCHEMA)
+def _(a):
+    out_dtype = V.loss_dtype(a.x)
+    x_w = a.x.new_empty(a.x.shape, dtype=out_dtype)
+    rho = a.x.new_empty((a.x.shape[0],), dtype=out_dtype)
     return x_w, torch.empty_like(x_w), rho, torch.empty_like(rho)
 
 
@@ -74,12 +81,18 @@ def consistency_probes(
     rho = rms over each sample, floored at 1e-12. Pass rho_w, rho_G on to `consistency_residual`.
     """
     backend = select_backend(OP, IMPLS, V.device_of("x", x))
-    V.check_tensors(x, "x", backend, v_base=v_base, value_out=value_out, reward_grad=reward_grad)
+    if backend in V.NATIVE:  # every check in C++ (op.cpp); not differentiable: no autograd history
+        try:
+            return IMPLS[backend](x, v_base, value_out, reward_grad, *V.native_coefficients(t), beta, eta_mode, eps_x)
+        except RuntimeError as error:
+            V.raise_type_error(error)
+            raise
+    V.check_tensors(x, "x", v_base=v_base, value_out=value_out, reward_grad=reward_grad)
     beta = V.check_float("beta", beta, positive=True)
-    mode = V.eta_code(eta_mode)
+    V.eta_code(eta_mode)
     eps_x = V.check_float("eps_x", eps_x, positive=True)
-    t_tensor, t_value = V.coefficient("t", t, x, backend)
+    t_pair = V.coefficient("t", t, x)
     if backend == "torch":
         return reference(x, v_base, value_out, reward_grad, t, beta, eta_mode, eps_x)
-    args = (x.detach(), v_base.detach(), value_out.detach(), reward_grad.detach())
-    return IMPLS[backend](*args, t_tensor, t_value, beta, mode, eps_x)
+    tensors = (x.detach(), v_base.detach(), value_out.detach(), reward_grad.detach())
+    return IMPLS[backend](*tensors, *t_pair, beta, eta_mode, eps_x)

@@ -105,19 +105,20 @@ void probes_kernel(const T* x, const T* v_base, const T* value_out, const T* gha
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_consistency_probes<c10::kCPU>(
-    const at::Tensor& x, const at::Tensor& v_base, const at::Tensor& value_out, const at::Tensor& reward_grad,
-    const CoefArg& t, double beta, int64_t eta_mode, double eps_x) {
+    const args::ConsistencyProbes& a) {
   using namespace cpu;
+  const at::Tensor& x = a.x;
   const int64_t batch = x.size(0), d = x.numel() / batch;
   const auto out_options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor x_w = at::empty(x.sizes(), out_options), x_g = at::empty(x.sizes(), out_options);
   at::Tensor rho_w = at::empty({batch}, out_options), rho_g = at::empty({batch}, out_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "consistency_probes_cpu", [&] {
     using A = acc_t<scalar_t>;
-    probes_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), v_base.const_data_ptr<scalar_t>(),
-                            value_out.const_data_ptr<scalar_t>(), reward_grad.const_data_ptr<scalar_t>(),
-                            t.get<A>(), x_w.mutable_data_ptr<A>(), x_g.mutable_data_ptr<A>(),
-                            rho_w.mutable_data_ptr<A>(), rho_g.mutable_data_ptr<A>(), batch, d, beta, eta_mode, eps_x);
+    probes_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), a.v_base.const_data_ptr<scalar_t>(),
+                            a.value_out.const_data_ptr<scalar_t>(), a.reward_grad.const_data_ptr<scalar_t>(),
+                            a.t.get<A>(), x_w.mutable_data_ptr<A>(), x_g.mutable_data_ptr<A>(),
+                            rho_w.mutable_data_ptr<A>(), rho_g.mutable_data_ptr<A>(), batch, d, a.beta,
+                            eta_code(a.eta_mode), a.eps_x);
   });
   return {x_w, x_g, rho_w, rho_g};
 }

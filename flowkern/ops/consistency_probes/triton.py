@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from flowkern.ops import _validate as V
+from flowkern.ops._reference import ETA_MODES
 from flowkern.ops._triton import coef_tensor, eta, launch_device, reduction_layout, tl_acc
 from flowkern.ops.consistency_probes.reference import RMS_FLOOR
 
@@ -69,16 +70,12 @@ def _probe_write_kernel(
         tl.store(x_g_ptr + ptr, x + step_g * g, mask=mask)
 
 
-def consistency_probes(x, v_base, value_out, reward_grad, t, t_value, beta, eta_mode, eps_x):
-    """(x_w, x_G, rho_w, rho_G): the native op's contract."""
-    with launch_device(x):
-        return _launch(x, v_base, value_out, reward_grad, coef_tensor(t, t_value, x), beta, eta_mode, eps_x)
-
-
-def _launch(x, v_base, value_out, reward_grad, t, beta, eta_mode, eps_x):
-    x, v_base, value_out, reward_grad = (a.contiguous() for a in (x, v_base, value_out, reward_grad))
+def consistency_probes(a):
+    """(x_w, x_G, rho_w, rho_G) from the schema's arguments `a`: the native op's contract."""
+    x, v_base, value_out, reward_grad = (y.contiguous() for y in (a.x, a.v_base, a.value_out, a.reward_grad))
+    t = coef_tensor(a.t, a.t_value, x)
     # the interpreter writes out of bounds silently: check what the kernels index before launching
-    if any(a.shape != x.shape for a in (v_base, value_out, reward_grad)) or t.shape != (x.shape[0],):
+    if any(y.shape != x.shape for y in (v_base, value_out, reward_grad)) or t.shape != (x.shape[0],):
         raise ValueError("consistency_probes: inputs must share x's shape and t must be [B]")
     batch, d = x.shape[0], x.numel() // x.shape[0]
     block, chunk, n_chunks = reduction_layout(d)
@@ -90,14 +87,15 @@ def _launch(x, v_base, value_out, reward_grad, t, beta, eta_mode, eps_x):
     rho_g = torch.empty_like(rho_w)
     if d == 0:  # [B, 0]: rms over no elements is NaN, as in the reference (no launch)
         return x_w, x_g, rho_w.fill_(float("nan")), rho_g.fill_(float("nan"))
-    acc = tl_acc(x)
-    _probe_norms_kernel[(batch, n_chunks)](
-        v_base, value_out, reward_grad, t, partial, d, chunk, n_chunks, beta,
-        ETA_MODE=eta_mode, BLOCK=block, ACC=acc,
-    )  # fmt: skip
-    _probe_write_kernel[(batch, n_chunks)](
-        x, v_base, value_out, reward_grad, t, partial, x_w, x_g, rho_w, rho_g,
-        d, chunk, n_chunks, beta, eps_x, RMS_FLOOR,
-        ETA_MODE=eta_mode, BLOCK=block, CHUNKS_BLOCK=triton.next_power_of_2(max(n_chunks, 2)), ACC=acc,
-    )  # fmt: skip
+    acc, eta_mode = tl_acc(x), ETA_MODES[a.eta_mode]
+    with launch_device(x):
+        _probe_norms_kernel[(batch, n_chunks)](
+            v_base, value_out, reward_grad, t, partial, d, chunk, n_chunks, a.beta,
+            ETA_MODE=eta_mode, BLOCK=block, ACC=acc,
+        )  # fmt: skip
+        _probe_write_kernel[(batch, n_chunks)](
+            x, v_base, value_out, reward_grad, t, partial, x_w, x_g, rho_w, rho_g,
+            d, chunk, n_chunks, a.beta, a.eps_x, RMS_FLOOR,
+            ETA_MODE=eta_mode, BLOCK=block, CHUNKS_BLOCK=triton.next_power_of_2(max(n_chunks, 2)), ACC=acc,
+        )  # fmt: skip
     return x_w, x_g, rho_w, rho_g

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops._autograd import register_fake
+from flowkern.ops._autograd import register_fake, schema_call
 from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
 from flowkern.ops.consistency_residual.reference import consistency_residual as reference
 from flowkern.ops.consistency_residual.reference import consistency_residual_exact as reference_exact
@@ -44,6 +44,22 @@ from flowkern.ops.consistency_residual.reference import signed_time_step
 
 OP = "consistency_residual"
 OP_EXACT = "consistency_residual_exact"
+# The native ops' arguments, written once (C++ reads them from structs generated from these: docs/ops.md).
+SCHEMA = (
+    "consistency_residual(Tensor c, Tensor c_t, Tensor c_x, Tensor ghat, Tensor ghat_t, Tensor ghat_x, Tensor vb, "
+    "Tensor vb_G, Tensor? t, float t_value, float beta, str eta_mode, float eps_t, float eps_x, Tensor? rho_w, "
+    "float rho_w_value, Tensor? rho_G, float rho_G_value, Tensor? mask, float mask_value, bool compute_grad=False) "
+    "-> (Tensor l_cons, Tensor l_bnd, Tensor q)"
+)
+BACKWARD_SCHEMA = (
+    "consistency_residual_backward(Tensor grad_cons, Tensor grad_bnd, Tensor q, Tensor c, Tensor? t, float t_value, "
+    "Tensor? rho_w, float rho_w_value, Tensor? mask, float mask_value, float eps_t, float eps_x, bool need_c, "
+    "bool need_c_t, bool need_c_x, ScalarType out_type) -> (Tensor grad_c, Tensor grad_c_t, Tensor grad_c_x)"
+)
+EXACT_SCHEMA = (
+    "consistency_residual_exact(Tensor dG, Tensor t3, Tensor c, Tensor? mask, float mask_value, "
+    "bool compute_grad=False) -> (Tensor l_cons, Tensor l_bnd, Tensor grad)"
+)
 
 
 def bytes_moved(c: torch.Tensor, mode: str = "fwd", terminal_fraction: float = 1.0, exact: bool = False) -> int:
@@ -77,8 +93,10 @@ def time_probe(t: torch.Tensor | float, eps_t: float = 1e-3) -> torch.Tensor:
 
 
 if HAS_TRITON:
-    from flowkern.ops.consistency_residual.triton import consistency_residual as _triton
-    from flowkern.ops.consistency_residual.triton import consistency_residual_exact as _triton_exact
+    from flowkern.ops.consistency_residual import triton as _triton_module
+
+    _triton = schema_call(_triton_module.consistency_residual, SCHEMA)
+    _triton_exact = schema_call(_triton_module.consistency_residual_exact, EXACT_SCHEMA)
 else:  # pragma: no cover
     _triton = _triton_exact = None
 
@@ -91,30 +109,29 @@ def _losses(primary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, torch.empty_like(loss)
 
 
-@register_fake(OP)
-def _(c, *args):
-    compute_grad = args[-1]
-    acc = V.loss_dtype(c)
-    return *_losses(c), c.new_empty(c.shape, dtype=acc) if compute_grad else c.new_empty(0, dtype=acc)
+@register_fake(SCHEMA)
+def _(a):
+    acc = V.loss_dtype(a.c)
+    return *_losses(a.c), a.c.new_empty(a.c.shape if a.compute_grad else (0,), dtype=acc)
 
 
-@register_fake(OP + "_backward")
-def _(grad_cons, grad_bnd, q, c, *args):
-    *_, need_c, need_c_t, need_c_x, out_type = args
-    return tuple(q.new_empty(q.shape if n else (0,), dtype=out_type) for n in (need_c, need_c_t, need_c_x))
+@register_fake(BACKWARD_SCHEMA)
+def _(a):
+    shape = lambda need: a.q.shape if need else (0,)
+    return tuple(a.q.new_empty(shape(need), dtype=a.out_type) for need in (a.need_c, a.need_c_t, a.need_c_x))
 
 
-@register_fake(OP_EXACT)
-def _(dG, t3, c, mask, mask_value, compute_grad):
-    grad = torch.empty_like(dG, memory_format=torch.contiguous_format) if compute_grad else dG.new_empty(0)
-    return *_losses(dG), grad
+@register_fake(EXACT_SCHEMA)
+def _(a):
+    grad = torch.empty_like(a.dG, memory_format=torch.contiguous_format) if a.compute_grad else a.dG.new_empty(0)
+    return *_losses(a.dG), grad
 
 
-def _coefficients(primary: torch.Tensor, backend: str, **coefs) -> list:
-    """(tensor, value) per coefficient, flattened in the given order."""
+def _coefficients(primary: torch.Tensor, **coefs) -> list:
+    """(tensor, value) per coefficient, flattened in the given order (checked, for the Python backends)."""
     out = []
     for name, value in coefs.items():
-        out += V.coefficient(name, value, primary, backend)
+        out += V.coefficient(name, value, primary)
     return out
 
 
@@ -149,22 +166,32 @@ def consistency_residual(
     The caller forms L_cons + alpha * L_bnd (M19).
     """
     backend = select_backend(OP, IMPLS, V.device_of("c", c))
-    V.check_tensors(c, "c", backend, c_t=c_t, c_x=c_x, ghat=ghat, ghat_t=ghat_t, ghat_x=ghat_x, vb=vb, vb_G=vb_G)
+    if backend in V.NATIVE:  # every check in C++ (op.cpp)
+        t, t_v, rho_w, rho_w_v, rho_G, rho_G_v, mask, mask_v = V.native_coefficients(t, rho_w, rho_G, mask)
+        try:
+            l_cons, l_bnd, _ = IMPLS[backend](
+                c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, t_v, beta, eta_mode, eps_t, eps_x, rho_w, rho_w_v,
+                rho_G, rho_G_v, mask, mask_v,
+            )  # fmt: skip
+        except RuntimeError as error:
+            V.raise_type_error(error)
+            raise
+        return l_cons, l_bnd
+    V.check_tensors(c, "c", c_t=c_t, c_x=c_x, ghat=ghat, ghat_t=ghat_t, ghat_x=ghat_x, vb=vb, vb_G=vb_G)
     beta = V.check_float("beta", beta, positive=True)
-    mode = V.eta_code(eta_mode)
+    V.eta_code(eta_mode)
     eps_t = V.check_float("eps_t", eps_t, positive=True)
     eps_x = V.check_float("eps_x", eps_x, positive=True)
     t_, t_v, rho_w_, rho_w_v, rho_G_, rho_G_v, mask_, mask_v = _coefficients(
-        c, backend, t=t, rho_w=rho_w, rho_G=rho_G, mask=mask
+        c, t=t, rho_w=rho_w, rho_G=rho_G, mask=mask
     )
     if backend == "torch":
         return reference(
             c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x, rho_w, rho_G, mask
         )
-    compute_grad = torch.is_grad_enabled() and (c.requires_grad or c_t.requires_grad or c_x.requires_grad)
     l_cons, l_bnd, _ = IMPLS[backend](
-        c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t_, t_v, beta, mode, eps_t, eps_x, rho_w_, rho_w_v, rho_G_,
-        rho_G_v, mask_, mask_v, compute_grad,
+        c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t_, t_v, beta, eta_mode, eps_t, eps_x, rho_w_, rho_w_v, rho_G_,
+        rho_G_v, mask_, mask_v,
     )  # fmt: skip
     return l_cons, l_bnd
 
@@ -182,10 +209,16 @@ def consistency_residual_exact(
     R = dG + t3, L_cons = mean(R^2), L_bnd = (1/B) sum_b m_b mean_b(c_b^2). The caller forms L_cons + alpha L_bnd.
     """
     backend = select_backend(OP_EXACT, EXACT_IMPLS, V.device_of("dG", dG))
-    V.check_tensors(dG, "dG", backend, t3=t3, c=c)
-    mask_, mask_v = _coefficients(dG, backend, mask=mask)
+    if backend in V.NATIVE:  # every check in C++ (op.cpp)
+        try:
+            l_cons, l_bnd, _ = EXACT_IMPLS[backend](dG, t3, c, *V.native_coefficients(mask))
+        except RuntimeError as error:
+            V.raise_type_error(error)
+            raise
+        return l_cons, l_bnd
+    V.check_tensors(dG, "dG", t3=t3, c=c)
+    mask_pair = V.coefficient("mask", mask, dG)
     if backend == "torch":
         return reference_exact(dG, t3, c, mask)
-    compute_grad = torch.is_grad_enabled() and dG.requires_grad
-    l_cons, l_bnd, _ = EXACT_IMPLS[backend](dG, t3, c, mask_, mask_v, compute_grad)
+    l_cons, l_bnd, _ = EXACT_IMPLS[backend](dG, t3, c, *mask_pair)
     return l_cons, l_bnd

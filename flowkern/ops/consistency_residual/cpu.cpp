@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/scalar_tensor.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -27,7 +26,7 @@ inline A signed_step(A t, A eps_t) {
 
 // (L_cons, L_bnd) from per-task partials (R^2, c^2), summed in a fixed order.
 template <typename A>
-std::pair<double, double> finish(const std::vector<A>& partial, Coef<A> mask, int64_t batch, int64_t chunks,
+std::pair<double, double> finish(const A* partial, Coef<A> mask, int64_t batch, int64_t chunks,
                                  double numel) {
   double cons = 0, bnd = 0;
   for (int64_t b = 0; b < batch; ++b) {
@@ -43,13 +42,13 @@ std::pair<double, double> finish(const std::vector<A>& partial, Coef<A> mask, in
 
 template <typename T>
 void residual_kernel(const T* const* in, Coef<acc_t<T>> t, Coef<acc_t<T>> rho_w, Coef<acc_t<T>> rho_g,
-                     acc_t<T>* q, std::vector<acc_t<T>>& partial, int64_t batch, int64_t d, double beta,
+                     acc_t<T>* q, acc_t<T>* partial, int64_t batch, int64_t d, double beta,
                      int64_t eta_mode, double eps_t, double eps_x) {
   using A = acc_t<T>;
   using Vec = at::vec::Vectorized<A>;
   const int64_t chunks = num_chunks(d);
   const A q_scale = A(2.0 / (static_cast<double>(batch) * static_cast<double>(d)));
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(batch * chunks, std::min(d, kChunk), [&](int64_t begin, int64_t end) {
     A* buf = scratch<A>(8 * kSub);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
@@ -116,7 +115,7 @@ void residual_backward_kernel(acc_t<T> grad_cons, acc_t<T> grad_bnd, const acc_t
   using A = acc_t<T>;
   const int64_t chunks = num_chunks(d);
   const A bnd_scale = A(2.0 / (static_cast<double>(batch) * static_cast<double>(d)));
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(batch * chunks, std::min(d, kChunk), [&](int64_t begin, int64_t end) {
     A* buf = scratch<A>(2 * kSub);  // per-thread, reused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n = std::min(kChunk, d - start);
@@ -138,13 +137,13 @@ void residual_backward_kernel(acc_t<T> grad_cons, acc_t<T> grad_bnd, const acc_t
 }
 
 template <typename T>
-void exact_kernel(const T* dG, const T* t3, const T* c, Coef<acc_t<T>> mask, T* grad, std::vector<acc_t<T>>& partial,
+void exact_kernel(const T* dG, const T* t3, const T* c, Coef<acc_t<T>> mask, T* grad, acc_t<T>* partial,
                   int64_t batch, int64_t d) {
   using A = acc_t<T>;
   using Vec = at::vec::Vectorized<A>;
   const int64_t chunks = num_chunks(d);
   const A grad_scale = A(2.0 / (static_cast<double>(batch) * static_cast<double>(d)));
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(batch * chunks, std::min(d, kChunk), [&](int64_t begin, int64_t end) {
     A* buf = scratch<A>(4 * kSub);  // per-thread, reused
     A* scaled = buf + 3 * kSub;
     for (int64_t task = begin; task < end; ++task) {
@@ -192,68 +191,66 @@ at::ScalarType acc_type_of(const at::Tensor& x) { return x.scalar_type() == at::
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual<c10::kCPU>(
-    const at::Tensor& c, const at::Tensor& c_t, const at::Tensor& c_x, const at::Tensor& ghat, const at::Tensor& ghat_t,
-    const at::Tensor& ghat_x, const at::Tensor& vb, const at::Tensor& vb_G, const CoefArg& t, double beta,
-    int64_t eta_mode, double eps_t, double eps_x, const CoefArg& rho_w, const CoefArg& rho_G, const CoefArg& mask,
-    bool compute_grad) {
+    const args::ConsistencyResidual& a) {
   using namespace cpu;
+  const at::Tensor& c = a.c;
   const int64_t batch = c.size(0), d = c.numel() / batch;
   const auto acc_options = c.options().dtype(acc_type_of(c));
-  at::Tensor q = compute_grad ? at::empty(c.sizes(), acc_options) : at::empty({0}, acc_options);
+  at::Tensor q = a.compute_grad ? at::empty(c.sizes(), acc_options) : at::empty({0}, acc_options);
   std::pair<double, double> losses;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "consistency_residual_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* in[8] = {c.const_data_ptr<scalar_t>(),      c_t.const_data_ptr<scalar_t>(),
-                             c_x.const_data_ptr<scalar_t>(),    ghat.const_data_ptr<scalar_t>(),
-                             ghat_t.const_data_ptr<scalar_t>(), ghat_x.const_data_ptr<scalar_t>(),
-                             vb.const_data_ptr<scalar_t>(),     vb_G.const_data_ptr<scalar_t>()};
-    std::vector<A> partial(2 * batch * num_chunks(d));
-    residual_kernel<scalar_t>(in, t.get<A>(), rho_w.get<A>(), rho_G.get<A>(),
-                              compute_grad ? q.mutable_data_ptr<A>() : nullptr, partial, batch, d, beta, eta_mode,
-                              eps_t, eps_x);
-    losses = finish(partial, mask.get<A>(), batch, num_chunks(d), static_cast<double>(c.numel()));
+    const scalar_t* in[8] = {c.const_data_ptr<scalar_t>(),        a.c_t.const_data_ptr<scalar_t>(),
+                             a.c_x.const_data_ptr<scalar_t>(),    a.ghat.const_data_ptr<scalar_t>(),
+                             a.ghat_t.const_data_ptr<scalar_t>(), a.ghat_x.const_data_ptr<scalar_t>(),
+                             a.vb.const_data_ptr<scalar_t>(),     a.vb_G.const_data_ptr<scalar_t>()};
+    A* partial = partial_sums<A>(2 * batch * num_chunks(d));
+    residual_kernel<scalar_t>(in, a.t.get<A>(), a.rho_w.get<A>(), a.rho_G.get<A>(),
+                              a.compute_grad ? q.mutable_data_ptr<A>() : nullptr, partial, batch, d, a.beta,
+                              eta_code(a.eta_mode), a.eps_t, a.eps_x);
+    losses = finish(partial, a.mask.get<A>(), batch, num_chunks(d), static_cast<double>(c.numel()));
   });
-  return {at::scalar_tensor(losses.first, acc_options), at::scalar_tensor(losses.second, acc_options), q};
+  return {scalar_output(losses.first, acc_options), scalar_output(losses.second, acc_options), q};
 }
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_backward<c10::kCPU>(
-    const at::Tensor& grad_cons, const at::Tensor& grad_bnd, const at::Tensor& q, const at::Tensor& c,
-    const CoefArg& t, const CoefArg& rho_w, const CoefArg& mask, double eps_t, double eps_x, bool need_c,
-    bool need_c_t, bool need_c_x) {
+    const args::ConsistencyResidualBackward& a) {
   using namespace cpu;
+  const at::Tensor& c = a.c;
   const int64_t batch = c.size(0), d = c.numel() / batch;
   auto make = [&](bool need) { return need ? at::empty(c.sizes(), c.options()) : at::empty({0}, c.options()); };
-  at::Tensor grad_c = make(need_c), grad_c_t = make(need_c_t), grad_c_x = make(need_c_x);
+  at::Tensor grad_c = make(a.need_c), grad_c_t = make(a.need_c_t), grad_c_x = make(a.need_c_x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "consistency_residual_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     residual_backward_kernel<scalar_t>(
-        grad_cons.item<A>(), grad_bnd.item<A>(), q.const_data_ptr<A>(), c.const_data_ptr<scalar_t>(),
-        t.get<A>(), rho_w.get<A>(), mask.get<A>(),
-        need_c ? grad_c.mutable_data_ptr<scalar_t>() : nullptr,
-        need_c_t ? grad_c_t.mutable_data_ptr<scalar_t>() : nullptr,
-        need_c_x ? grad_c_x.mutable_data_ptr<scalar_t>() : nullptr, batch, d, eps_t, eps_x);
+        *a.grad_cons.const_data_ptr<A>(), *a.grad_bnd.const_data_ptr<A>(), a.q.const_data_ptr<A>(),
+        c.const_data_ptr<scalar_t>(), a.t.get<A>(), a.rho_w.get<A>(), a.mask.get<A>(),
+        a.need_c ? grad_c.mutable_data_ptr<scalar_t>() : nullptr,
+        a.need_c_t ? grad_c_t.mutable_data_ptr<scalar_t>() : nullptr,
+        a.need_c_x ? grad_c_x.mutable_data_ptr<scalar_t>() : nullptr, batch, d, a.eps_t, a.eps_x);
   });
   return {grad_c, grad_c_t, grad_c_x};
 }
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_exact<c10::kCPU>(
-    const at::Tensor& dG, const at::Tensor& t3, const at::Tensor& c, const CoefArg& mask, bool compute_grad) {
+    const args::ConsistencyResidualExact& a) {
   using namespace cpu;
+  const at::Tensor& dG = a.dG;
   const int64_t batch = dG.size(0), d = dG.numel() / batch;
   const auto acc_options = dG.options().dtype(acc_type_of(dG));
-  at::Tensor grad = compute_grad ? at::empty(dG.sizes(), dG.options()) : at::empty({0}, dG.options());
+  at::Tensor grad = a.compute_grad ? at::empty(dG.sizes(), dG.options()) : at::empty({0}, dG.options());
   std::pair<double, double> losses;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dG.scalar_type(), "consistency_residual_exact_cpu", [&] {
     using A = acc_t<scalar_t>;
-    std::vector<A> partial(2 * batch * num_chunks(d));
-    exact_kernel<scalar_t>(dG.const_data_ptr<scalar_t>(), t3.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
-                           mask.get<A>(), compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-                           partial, batch, d);
-    losses = finish(partial, mask.get<A>(), batch, num_chunks(d), static_cast<double>(dG.numel()));
+    A* partial = partial_sums<A>(2 * batch * num_chunks(d));
+    exact_kernel<scalar_t>(dG.const_data_ptr<scalar_t>(), a.t3.const_data_ptr<scalar_t>(),
+                           a.c.const_data_ptr<scalar_t>(), a.mask.get<A>(),
+                           a.compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, partial, batch, d);
+    losses = finish(partial, a.mask.get<A>(), batch, num_chunks(d), static_cast<double>(dG.numel()));
   });
-  return {at::scalar_tensor(losses.first, acc_options), at::scalar_tensor(losses.second, acc_options), grad};
+  return {scalar_output(losses.first, acc_options), scalar_output(losses.second, acc_options), grad};
 }
 
 }  // namespace flowkern

@@ -34,10 +34,9 @@ LossOutputs<A> loss_outputs(at::Tensor& work, at::Tensor& l_cons, at::Tensor& l_
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual<c10::kCUDA>(
-    const at::Tensor& c, const at::Tensor& c_t, const at::Tensor& c_x, const at::Tensor& ghat, const at::Tensor& ghat_t,
-    const at::Tensor& ghat_x, const at::Tensor& vb, const at::Tensor& vb_G, const CoefArg& t, double beta,
-    int64_t eta_mode, double eps_t, double eps_x, const CoefArg& rho_w, const CoefArg& rho_G, const CoefArg& mask,
-    bool compute_grad) {
+    const args::ConsistencyResidual& a) {
+  const at::Tensor& c = a.c;
+  const bool compute_grad = a.compute_grad;
   const c10::cuda::CUDAGuard guard(c.device());
   const int64_t batch = c.size(0), d = c.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
   const auto acc_options = c.options().dtype(acc_type_of(c));
@@ -50,20 +49,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual<c10::kCU
     using T = cuda_t<scalar_t>;
     using A = acc_t<T>;
     auto ptr = [](const at::Tensor& x) { return reinterpret_cast<const T*>(x.const_data_ptr()); };
-    const ConsistencyInputs<T> in{ptr(c), ptr(c_t), ptr(c_x), ptr(ghat), ptr(ghat_t), ptr(ghat_x), ptr(vb), ptr(vb_G)};
+    const ConsistencyInputs<T> in{ptr(c),      ptr(a.c_t),    ptr(a.c_x), ptr(a.ghat),
+                                  ptr(a.ghat_t), ptr(a.ghat_x), ptr(a.vb),  ptr(a.vb_G)};
     A* qp = compute_grad ? q.mutable_data_ptr<A>() : nullptr;
     const bool vec = d % Pack<T>::N == 0 && aligned16(in.c) && aligned16(in.c_t) && aligned16(in.c_x) &&
                      aligned16(in.ghat) && aligned16(in.ghat_t) && aligned16(in.ghat_x) && aligned16(in.vb) &&
                      aligned16(in.vb_G) && (qp == nullptr || aligned16(qp));
     const A q_scale = A(2.0 / static_cast<double>(c.numel()));
     auto* kernel = vec ? consistency_residual_kernel<T, true> : consistency_residual_kernel<T, false>;
-    kernel<<<batch * chunks, kThreads, 0, stream>>>(in, t.get<A>(), rho_w.get<A>(),
-                                                     rho_G.get<A>(), qp,
-                                                     loss_outputs<A>(work, l_cons, l_bnd, mask, batch, chunks,
-                                                                     static_cast<double>(c.numel()), stream),
-                                                     d,
-                                                     chunks, A(beta), static_cast<int>(eta_mode), A(eps_t), A(eps_x),
-                                                     q_scale);
+    kernel<<<batch * chunks, kThreads, 0, stream>>>(
+        in, a.t.get<A>(), a.rho_w.get<A>(), a.rho_G.get<A>(), qp,
+        loss_outputs<A>(work, l_cons, l_bnd, a.mask, batch, chunks, static_cast<double>(c.numel()), stream), d, chunks,
+        A(a.beta), static_cast<int>(eta_code(a.eta_mode)), A(a.eps_t), A(a.eps_x), q_scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   } else {  // [B, 0]: means over no elements
@@ -75,9 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual<c10::kCU
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_backward<c10::kCUDA>(
-    const at::Tensor& grad_cons, const at::Tensor& grad_bnd, const at::Tensor& q, const at::Tensor& c,
-    const CoefArg& t, const CoefArg& rho_w, const CoefArg& mask, double eps_t, double eps_x, bool need_c,
-    bool need_c_t, bool need_c_x) {
+    const args::ConsistencyResidualBackward& a) {
+  const at::Tensor& c = a.c;
+  const bool need_c = a.need_c, need_c_t = a.need_c_t, need_c_x = a.need_c_x;
   const c10::cuda::CUDAGuard guard(c.device());
   const int64_t batch = c.size(0), d = c.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
   auto make = [&](bool need) { return need ? at::empty(c.sizes(), c.options()) : at::empty({0}, c.options()); };
@@ -92,16 +89,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_backward
     T* gct = out(need_c_t, grad_c_t);
     T* gcx = out(need_c_x, grad_c_x);
     const T* cp = reinterpret_cast<const T*>(c.const_data_ptr());
-    const A* qp = q.const_data_ptr<A>();
+    const A* qp = a.q.const_data_ptr<A>();
     const bool vec = d % Pack<T>::N == 0 && aligned16(qp) && aligned16(cp) && (gc == nullptr || aligned16(gc)) &&
                      (gct == nullptr || aligned16(gct)) && (gcx == nullptr || aligned16(gcx));
     const A bnd_scale = A(2.0 / static_cast<double>(c.numel()));
     auto* kernel =
         vec ? consistency_residual_backward_kernel<T, true> : consistency_residual_backward_kernel<T, false>;
-    kernel<<<batch * chunks, kThreads, 0, stream>>>(qp, cp, t.get<A>(), rho_w.get<A>(),
-                                                     mask.get<A>(), grad_cons.const_data_ptr<A>(),
-                                                     grad_bnd.const_data_ptr<A>(), gc, gct, gcx, d, chunks, A(eps_t),
-                                                     A(eps_x), bnd_scale);
+    kernel<<<batch * chunks, kThreads, 0, stream>>>(qp, cp, a.t.get<A>(), a.rho_w.get<A>(), a.mask.get<A>(),
+                                                     a.grad_cons.const_data_ptr<A>(), a.grad_bnd.const_data_ptr<A>(),
+                                                     gc, gct, gcx, d, chunks, A(a.eps_t), A(a.eps_x), bnd_scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   }
@@ -110,7 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_backward
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_exact<c10::kCUDA>(
-    const at::Tensor& dG, const at::Tensor& t3, const at::Tensor& c, const CoefArg& mask, bool compute_grad) {
+    const args::ConsistencyResidualExact& a) {
+  const at::Tensor &dG = a.dG, &t3 = a.t3, &c = a.c;
+  const bool compute_grad = a.compute_grad;
   const c10::cuda::CUDAGuard guard(dG.device());
   const int64_t batch = dG.size(0), d = dG.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
   at::Tensor grad = compute_grad ? at::empty(dG.sizes(), dG.options()) : at::empty({0}, dG.options());
@@ -131,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual_exact<c1
     const A scale = A(2.0 / static_cast<double>(dG.numel()));
     auto* kernel = vec ? consistency_residual_exact_kernel<T, true> : consistency_residual_exact_kernel<T, false>;
     kernel<<<batch * chunks, kThreads, 0, stream>>>(dgp, t3p, cp, gp,
-                                                     loss_outputs<A>(work, l_cons, l_bnd, mask, batch, chunks,
+                                                     loss_outputs<A>(work, l_cons, l_bnd, a.mask, batch, chunks,
                                                                      static_cast<double>(dG.numel()), stream),
                                                      d, chunks, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

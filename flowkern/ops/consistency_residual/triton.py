@@ -6,6 +6,7 @@ from triton import jit
 
 from flowkern.ops import _validate as V
 from flowkern.ops._autograd import scale_saved
+from flowkern.ops._reference import ETA_MODES
 from flowkern.ops._triton import coef_tensor, launch_device, reduction_layout, tl_acc
 from flowkern.ops._triton import eta as _eta
 from flowkern.ops.consistency_residual.reference import boundary_grad
@@ -138,68 +139,72 @@ def _finish(partial, mask, batch, n_chunks, numel):
     return l_cons, l_bnd
 
 
-def _launch(c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x, rho_w, rho_G, mask,
-            compute_grad):  # fmt: skip
-    tensors = [a.contiguous() for a in (c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G)]
+def _launch(a, t, rho_w, rho_G, mask):
+    """(L_cons, L_bnd, q) of the schema's arguments `a`, with the coefficients as [B] tensors."""
+    tensors = [x.contiguous() for x in (a.c, a.c_t, a.c_x, a.ghat, a.ghat_t, a.ghat_x, a.vb, a.vb_G)]
     c = tensors[0]
     _check_layout(c, tensors, (t, rho_w, rho_G, mask))
     batch, d = c.shape[0], c[0].numel()
     block, chunk, n_chunks = reduction_layout(d)
     acc = V.loss_dtype(c)
-    q = torch.empty(c.shape, dtype=acc, device=c.device) if compute_grad else c.new_empty(0, dtype=acc)
+    q = torch.empty(c.shape, dtype=acc, device=c.device) if a.compute_grad else c.new_empty(0, dtype=acc)
     partial = torch.zeros(batch * max(n_chunks, 1) * 2, dtype=acc, device=c.device)
     if d > 0:
         _residual_kernel[(batch, n_chunks)](
-            *tensors, t, rho_w, rho_G, q if compute_grad else partial, partial,
-            d, chunk, n_chunks, beta, eps_t, eps_x, 2.0 / c.numel(),
-            ETA_MODE=eta_mode, COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=tl_acc(c),
+            *tensors, t, rho_w, rho_G, q if a.compute_grad else partial, partial,
+            d, chunk, n_chunks, a.beta, a.eps_t, a.eps_x, 2.0 / c.numel(),
+            ETA_MODE=ETA_MODES[a.eta_mode], COMPUTE_GRAD=a.compute_grad, BLOCK=block, ACC=tl_acc(c),
         )  # fmt: skip
     return (*_finish(partial, mask, batch, max(n_chunks, 1), c.numel()), q)
 
 
-def _launch_backward(grad_cons, grad_bnd, q, c, t, rho_w, mask, eps_t, eps_x, need_c, need_c_t, need_c_x, out_dtype):
+def _launch_backward(a, saved, grad_cons, grad_bnd, needs, out_dtype):
+    """(d c, d c_t, d c_x), each empty unless in `needs`, from the saved (q, c, t, rho_w, mask)."""
+    q, c, t, rho_w, mask = saved
     c = c.contiguous()
     _check_layout(q, (c,), (t, rho_w, mask))
     batch, d = q.shape[0], q[0].numel()
     block, chunk, n_chunks = reduction_layout(d)
-    needs = (need_c, need_c_t, need_c_x)
     outs = [torch.empty(q.shape if n else (0,), dtype=out_dtype, device=q.device) for n in needs]
     if d > 0:
         _residual_backward_kernel[(batch, n_chunks)](
             q, c, t, rho_w, mask, grad_cons.to(q.dtype), grad_bnd.to(q.dtype),
             *(o if n else q for o, n in zip(outs, needs)),
-            d, chunk, eps_t, eps_x, 2.0 / q.numel(),
-            NEED_C=need_c, NEED_C_T=need_c_t, NEED_C_X=need_c_x, BLOCK=block, ACC=tl_acc(q),
+            d, chunk, a.eps_t, a.eps_x, 2.0 / q.numel(),
+            NEED_C=needs[0], NEED_C_T=needs[1], NEED_C_X=needs[2], BLOCK=block, ACC=tl_acc(q),
         )  # fmt: skip
     return tuple(outs)
 
 
-def _launch_exact(dG, t3, c, mask, compute_grad):
-    dG, t3, c = (a.contiguous() for a in (dG, t3, c))
+def _launch_exact(a, mask):
+    dG, t3, c = (x.contiguous() for x in (a.dG, a.t3, a.c))
     _check_layout(dG, (t3, c), (mask,))
     batch, d = dG.shape[0], dG[0].numel()
     block, chunk, n_chunks = reduction_layout(d)
-    grad = torch.empty_like(dG) if compute_grad else dG.new_empty(0)
+    grad = torch.empty_like(dG) if a.compute_grad else dG.new_empty(0)
     partial = torch.zeros(batch * max(n_chunks, 1) * 2, dtype=V.loss_dtype(dG), device=dG.device)
     if d > 0:
         _exact_kernel[(batch, n_chunks)](
-            dG, t3, c, mask, grad if compute_grad else dG, partial,
+            dG, t3, c, mask, grad if a.compute_grad else dG, partial,
             d, chunk, n_chunks, 2.0 / dG.numel(),
-            COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=tl_acc(dG),
+            COMPUTE_GRAD=a.compute_grad, BLOCK=block, ACC=tl_acc(dG),
         )  # fmt: skip
     return (*_finish(partial, mask, batch, max(n_chunks, 1), dG.numel()), grad)
 
 
 class _Residual(torch.autograd.Function):
+    """Differentiable in c, c_t, c_x (passed next to the schema's arguments `a` so autograd sees them)."""
+
     @staticmethod
-    def forward(ctx, c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x, rho_w, rho_G,
-                mask, compute_grad):  # fmt: skip
+    def forward(ctx, a, c, c_t, c_x):
+        pairs = ((a.t, a.t_value), (a.rho_w, a.rho_w_value), (a.rho_G, a.rho_G_value), (a.mask, a.mask_value))
+        coefs = [coef_tensor(x, value, c) for x, value in pairs]
         with launch_device(c):
-            l_cons, l_bnd, q = _launch(c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x,
-                                       rho_w, rho_G, mask, compute_grad)  # fmt: skip
+            l_cons, l_bnd, q = _launch(a, *coefs)
         ctx.set_materialize_grads(False)
+        t, rho_w, _, mask = coefs
         ctx.save_for_backward(q, c, t, rho_w, mask)
-        ctx.eps = (eps_t, eps_x)
+        ctx.a = a
         # the gradients' dtype: the value outputs' common one (autograd casts each to its input's dtype)
         dtypes = {c.dtype, c_t.dtype, c_x.dtype}
         ctx.out_dtype = (
@@ -210,27 +215,27 @@ class _Residual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_cons, grad_bnd, _unused):
-        q, c, t, rho_w, mask = ctx.saved_tensors
-        grads: list = [None] * 17
-        need = (ctx.needs_input_grad[0], *(n and grad_cons is not None for n in ctx.needs_input_grad[1:3]))
+        saved = ctx.saved_tensors
+        q = saved[0]
+        need = (ctx.needs_input_grad[1], *(n and grad_cons is not None for n in ctx.needs_input_grad[2:4]))
         if q.numel() == 0 or not any(need) or (grad_cons is None and grad_bnd is None):
-            return tuple(grads)
+            return None, None, None, None
         zero = q.new_zeros(())
-        with launch_device(c):
-            g_cons = grad_cons if grad_cons is not None else zero
-            g_bnd = grad_bnd if grad_bnd is not None else zero
-            outs = _launch_backward(g_cons, g_bnd, q, c, t, rho_w, mask, *ctx.eps, *need, ctx.out_dtype)
-        for i in range(3):
-            if need[i]:
-                grads[i] = outs[i]
-        return tuple(grads)
+        g_cons = grad_cons if grad_cons is not None else zero
+        g_bnd = grad_bnd if grad_bnd is not None else zero
+        with launch_device(q):
+            outs = _launch_backward(ctx.a, saved, g_cons, g_bnd, need, ctx.out_dtype)
+        return None, *(out if n else None for out, n in zip(outs, need))
 
 
 class _Exact(torch.autograd.Function):
+    """Differentiable in dG and c (passed next to the schema's arguments `a` so autograd sees them)."""
+
     @staticmethod
-    def forward(ctx, dG, t3, c, mask, compute_grad):
+    def forward(ctx, a, dG, c):
+        mask = coef_tensor(a.mask, a.mask_value, dG)
         with launch_device(dG):
-            l_cons, l_bnd, grad = _launch_exact(dG, t3, c, mask, compute_grad)
+            l_cons, l_bnd, grad = _launch_exact(a, mask)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad, c, mask)
         ctx.mark_non_differentiable(grad)
@@ -240,25 +245,21 @@ class _Exact(torch.autograd.Function):
     def backward(ctx, grad_cons, grad_bnd, _unused):
         grad, c, mask = ctx.saved_tensors
         d_dG = d_c = None
-        if ctx.needs_input_grad[0] and grad_cons is not None and grad.numel() > 0:
+        if ctx.needs_input_grad[1] and grad_cons is not None and grad.numel() > 0:
             d_dG = scale_saved(grad, grad_cons)
         if ctx.needs_input_grad[2] and grad_bnd is not None:
             acc = V.loss_dtype(c)
             d_c = boundary_grad(grad_bnd, c, mask, acc).to(c.dtype)
-        return d_dG, None, d_c, None, None
+        return None, d_dG, d_c
 
 
-def consistency_residual(c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, t_value, beta, eta_mode, eps_t, eps_x,
-                         rho_w, rho_w_value, rho_G, rho_G_value, mask, mask_value, compute_grad):  # fmt: skip
-    """The native op's contract, differentiable in c, c_t, c_x."""
-    coefs = [
-        coef_tensor(*cv, c) for cv in ((t, t_value), (rho_w, rho_w_value), (rho_G, rho_G_value), (mask, mask_value))
-    ]
-    t, rho_w, rho_G, mask = coefs
-    return _Residual.apply(c, c_t, c_x, ghat, ghat_t, ghat_x, vb, vb_G, t, beta, eta_mode, eps_t, eps_x, rho_w, rho_G,
-                           mask, compute_grad)  # fmt: skip
+def consistency_residual(a):
+    """The native op's contract (its schema arguments `a`), differentiable in c, c_t, c_x."""
+    compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (a.c, a.c_t, a.c_x))
+    return _Residual.apply(a._replace(compute_grad=compute_grad), a.c, a.c_t, a.c_x)
 
 
-def consistency_residual_exact(dG, t3, c, mask, mask_value, compute_grad):
-    """The native op's contract, differentiable in dG and c."""
-    return _Exact.apply(dG, t3, c, coef_tensor(mask, mask_value, dG), compute_grad)
+def consistency_residual_exact(a):
+    """The native op's contract (its schema arguments `a`), differentiable in dG and c."""
+    compute_grad = torch.is_grad_enabled() and a.dG.requires_grad
+    return _Exact.apply(a._replace(compute_grad=compute_grad), a.dG, a.c)

@@ -7,7 +7,7 @@
 Shapes: grad [B, ...] (any layout); tau a positive finite float. Returns (ghat like grad, norms fp32 [B];
 fp64 for fp64 input). The norms feed the tau update of (M9).
 Not differentiable: the clipped reward gradient is a stop-gradient input everywhere it is used (M15, M21),
-so the public function detaches `grad` and the outputs never require grad (no autograd is registered).
+so the outputs never require grad (the op's autograd spec has no differentiable argument).
 Two passes: fp32 partial sums of squares per (sample, fixed chunk), summed per sample in a fixed order
 (deterministic, batch-invariant), then the scaling pass. A sample of <= FUSED_MAX_D elements is
 handled by one program that reads it once (it stays on chip).
@@ -20,11 +20,14 @@ from __future__ import annotations
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops._autograd import register_fake
+from flowkern.ops._autograd import register_fake, schema_call
 from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
 from flowkern.ops.reward_grad_clip.reference import reward_grad_clip as reference
 
 OP = "reward_grad_clip"
+SCHEMA = (
+    "reward_grad_clip(Tensor grad, float tau) -> (Tensor ghat, Tensor norms)"  # C++ reads it as args::RewardGradClip
+)
 
 
 def bytes_moved(grad: torch.Tensor) -> int:
@@ -33,17 +36,19 @@ def bytes_moved(grad: torch.Tensor) -> int:
 
 
 if HAS_TRITON:
-    from flowkern.ops.reward_grad_clip.triton import reward_grad_clip as _triton
+    from flowkern.ops.reward_grad_clip.triton import reward_grad_clip as _triton_launch
+
+    _triton = schema_call(_triton_launch, SCHEMA)
 else:  # pragma: no cover
     _triton = None
 
 IMPLS = implementations(reference, _triton, native_op(OP))
 
 
-@register_fake(OP)
-def _(grad, tau):
-    out = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    return out, grad.new_empty((grad.shape[0],), dtype=V.loss_dtype(grad))
+@register_fake(SCHEMA)
+def _(a):
+    out = torch.empty_like(a.grad, memory_format=torch.contiguous_format)
+    return out, a.grad.new_empty((a.grad.shape[0],), dtype=V.loss_dtype(a.grad))
 
 
 def reward_grad_clip(grad: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,11 +62,17 @@ def reward_grad_clip(grad: torch.Tensor, tau: float) -> tuple[torch.Tensor, torc
         (ghat, norms): ghat = min(n_b, tau)/max(n_b, 1e-12) * grad_b in grad's dtype, and the
         unclipped per-sample norms n_b, fp32 [B] (fp64 for fp64 input).
 
-    Not differentiable: `grad` is detached, so the outputs never require grad (backward through
-    them raises PyTorch's "does not require grad" error).
+    Not differentiable: the outputs never require grad (backward through them raises PyTorch's "does not require
+    grad" error).
     """
     backend = select_backend(OP, IMPLS, V.device_of("grad", grad))
-    V.check_tensors(grad, "grad", backend)
+    if backend in V.NATIVE:  # every check in C++ (op.cpp)
+        try:
+            return IMPLS[backend](grad, tau)
+        except RuntimeError as error:
+            V.raise_type_error(error)
+            raise
+    V.check_tensors(grad, "grad")
     tau = V.check_float("tau", tau, positive=True)
     if backend == "torch":
         return reference(grad, tau)

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -31,6 +32,28 @@ A sum_of_squares(const A* x, int64_t n) {
   A tail = 0;
   for (; i < n; ++i) tail += x[i] * x[i];
   return lane_sum(acc) + tail;
+}
+
+// ||x|| of a sample whose plain sum of squares overflows (finite entries, norm up to the type's max): m sqrt(sum
+// (x/m)^2), m = max |x|. Runs only when the plain sum is inf (rare), serially, so it stays deterministic.
+template <typename T>
+acc_t<T> scaled_norm(const T* x, int64_t n) {
+  using A = acc_t<T>;
+  A m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(static_cast<A>(x[i])));
+  if (!std::isfinite(m)) return std::numeric_limits<A>::infinity();  // an inf entry
+  A s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const A y = static_cast<A>(x[i]) / m;
+    s += y * y;
+  }
+  return m * std::sqrt(s);
+}
+
+// n_b from its sum of squares s, rescaled when s overflowed.
+template <typename T>
+acc_t<T> norm_of(acc_t<T> s, const T* x, int64_t n) {
+  return std::isinf(s) ? scaled_norm(x, n) : std::sqrt(s);
 }
 
 // rho of (M8): min(n, tau) / max(n, 1e-12).
@@ -62,7 +85,7 @@ void clip_kernel(const T* grad, T* out, acc_t<T>* norms, int64_t batch, int64_t 
       A* buf = scratch<A>(2 * kChunk);  // per-thread, reused
       for (int64_t b = begin; b < end; ++b) {
         const A* x = as_acc(grad + b * d, d, buf);
-        const A norm = std::sqrt(sum_of_squares(x, d));
+        const A norm = norm_of(sum_of_squares(x, d), grad + b * d, d);
         norms[b] = norm;
         scale_store<T>(x, d, clip_factor(norm, tau), out + b * d, buf + kChunk);
       }
@@ -80,7 +103,7 @@ void clip_kernel(const T* grad, T* out, acc_t<T>* norms, int64_t batch, int64_t 
   for (int64_t b = 0; b < batch; ++b) {  // fixed order
     A s = 0;
     for (int64_t c = 0; c < chunks; ++c) s += partial[b * chunks + c];
-    norms[b] = std::sqrt(s);
+    norms[b] = norm_of(s, grad + b * d, d);
   }
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
     A* buf = scratch<A>(2 * kChunk);  // per-thread, reused
@@ -98,15 +121,16 @@ void clip_kernel(const T* grad, T* out, acc_t<T>* norms, int64_t batch, int64_t 
 }  // namespace cpu
 
 template <>
-std::tuple<at::Tensor, at::Tensor> run_reward_grad_clip<c10::kCPU>(const at::Tensor& grad, double tau) {
+std::tuple<at::Tensor, at::Tensor> run_reward_grad_clip<c10::kCPU>(const args::RewardGradClip& a) {
   using namespace cpu;
+  const at::Tensor& grad = a.grad;
   const int64_t batch = grad.size(0), d = grad.numel() / batch;
   const auto norm_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(grad.sizes(), grad.options());
   at::Tensor norms = at::empty({batch}, grad.options().dtype(norm_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "reward_grad_clip_cpu", [&] {
     clip_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                          norms.mutable_data_ptr<acc_t<scalar_t>>(), batch, d, tau);
+                          norms.mutable_data_ptr<acc_t<scalar_t>>(), batch, d, a.tau);
   });
   return {out, norms};
 }

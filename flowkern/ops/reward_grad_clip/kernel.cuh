@@ -17,24 +17,24 @@ __device__ __forceinline__ A clip_factor(A norm, A tau) {
   return min(norm, tau) / max(norm, A(1e-12));
 }
 
-// Sum of squares of grad[base, base + n) over the block (every thread gets it).
+// Sum of squares of grad[base, base + n) over the block (every thread gets it), in fp64: a finite fp32/bf16/fp16
+// gradient whose fp32 sum of squares would overflow (entries of 1e20) still gets its finite norm.
 template <typename T, bool kVec>
-__device__ __forceinline__ acc_t<T> block_sum_of_squares(const T* __restrict__ grad, int64_t base, int64_t n) {
-  using A = acc_t<T>;
-  A acc = 0;
+__device__ __forceinline__ double block_sum_of_squares(const T* __restrict__ grad, int64_t base, int64_t n) {
+  double acc = 0;
   if constexpr (kVec) {
     constexpr int N = Pack<T>::N;
     for (int64_t i = threadIdx.x * N; i < n; i += kThreads * N) {  // n % N == 0, so no partial packs
       const Pack<T> g = load_pack(grad + base + i);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const A x = to_acc(g.v[k]);
+        const double x = to_acc(g.v[k]);
         acc += x * x;
       }
     }
   } else {
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-      const A x = to_acc(grad[base + i]);
+      const double x = to_acc(grad[base + i]);
       acc += x * x;
     }
   }
@@ -60,15 +60,16 @@ __device__ __forceinline__ void block_scale(const T* __restrict__ grad, T* __res
 }
 
 // (1) one block per (sample, chunk) tile; (2) its last block forms n_b = sqrt(sum of the sample's partials) in
-// chunk order (atomic ticket on `counter`, zeroed by the launcher).
+// chunk order (atomic ticket on `counter`, zeroed by the launcher). partial and sums in fp64.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-    reward_grad_sumsq_kernel(const T* __restrict__ grad, acc_t<T>* __restrict__ partial, unsigned* __restrict__ counter,
-                             acc_t<T>* __restrict__ norms, int64_t d, int64_t chunks, int64_t batch) {
+    reward_grad_sumsq_kernel(const T* __restrict__ grad, double* __restrict__ partial, unsigned* __restrict__ counter,
+                             double* __restrict__ sums, acc_t<T>* __restrict__ norms, int64_t d, int64_t chunks,
+                             int64_t batch) {
   const int64_t tile = blockIdx.x, b = tile / chunks, start = (tile % chunks) * kChunk;
-  const acc_t<T> s = block_sum_of_squares<T, kVec>(grad, b * d + start, min(kChunk, d - start));
-  if (last_block_sample_sums(s, partial, counter, norms, batch, chunks) && threadIdx.x == 0) {
-    for (int64_t k = 0; k < batch; ++k) norms[k] = sqrt(norms[k]);
+  const double s = block_sum_of_squares<T, kVec>(grad, b * d + start, min(kChunk, d - start));
+  if (last_block_sample_sums(s, partial, counter, sums, batch, chunks) && threadIdx.x == 0) {
+    for (int64_t k = 0; k < batch; ++k) norms[k] = static_cast<acc_t<T>>(sqrt(sums[k]));
   }
 }
 
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
     reward_grad_clip_fused_kernel(const T* __restrict__ grad, T* __restrict__ out, acc_t<T>* __restrict__ norms,
                                   int64_t d, acc_t<T> tau) {
   const int64_t b = blockIdx.x;
-  const acc_t<T> norm = sqrt(block_sum_of_squares<T, kVec>(grad, b * d, d));
+  const acc_t<T> norm = static_cast<acc_t<T>>(sqrt(block_sum_of_squares<T, kVec>(grad, b * d, d)));
   if (threadIdx.x == 0) norms[b] = norm;
   block_scale<T, kVec>(grad, out, b * d, d, clip_factor(norm, tau));
 }

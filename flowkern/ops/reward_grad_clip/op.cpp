@@ -1,31 +1,27 @@
-// reward_grad_clip (M8): schema, argument checks, CPU/CUDA registration. Not differentiable (the public function
-// detaches its input): autograd falls through.
-#include <torch/library.h>
-
-#include <cmath>
-
-#include "flowkern/checks.h"
+// reward_grad_clip (M8): argument checks, CPU/CUDA registration. Not differentiable: its autograd kernel only checks
+// devices, and the outputs carry no history.
+#include "flowkern/op.h"
 #include "kernel.h"
 
 namespace flowkern {
 namespace {
+using Args = args::RewardGradClip;
 
 template <c10::DeviceType kDevice>
-std::tuple<at::Tensor, at::Tensor> reward_grad_clip(const at::Tensor& grad, double tau) {
-  check_primary(grad, "grad");
-  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "tau must be a positive finite float, got ", tau);
-  return run_reward_grad_clip<kDevice>(grad.contiguous(), tau);
+std::tuple<at::Tensor, at::Tensor> reward_grad_clip(Args& a) {
+  check_primary(a.grad, "grad");
+  check_float("tau", a.tau, /*positive=*/true);
+  a.grad = a.grad.contiguous();
+  return run_reward_grad_clip<kDevice>(a);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(flowkern, m) {
-  m.def("reward_grad_clip(Tensor grad, float tau) -> (Tensor ghat, Tensor norms)");
-}
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) { m.impl("reward_grad_clip", &reward_grad_clip<c10::kCPU>); }
+TORCH_LIBRARY_FRAGMENT(flowkern, m) { m.def(Args::kSchema); }
+TORCH_LIBRARY_IMPL(flowkern, CPU, m) { impl<Args, &reward_grad_clip<c10::kCPU>>(m); }
 #ifdef FLOWKERN_WITH_CUDA
-TORCH_LIBRARY_IMPL(flowkern, CUDA, m) { m.impl("reward_grad_clip", &reward_grad_clip<c10::kCUDA>); }
+TORCH_LIBRARY_IMPL(flowkern, CUDA, m) { impl<Args, &reward_grad_clip<c10::kCUDA>>(m); }
 #endif
-TORCH_LIBRARY_IMPL(flowkern, Autograd, m) { m.impl("reward_grad_clip", torch::CppFunction::makeFallthrough()); }
+TORCH_LIBRARY_IMPL(flowkern, Autograd, m) { register_autograd(m, Args::kName); }
 
 }  // namespace flowkern

@@ -20,6 +20,11 @@ from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_
 from flowkern.ops.vggflow_matching_loss.reference import vggflow_matching_loss as reference
 
 OP = "vggflow_matching_loss"
+# The native op's arguments, written once (C++ reads them from a struct generated from this: docs/ops.md).
+SCHEMA = (
+    "vggflow_matching_loss(Tensor v_ft, Tensor v_base, Tensor reward_grad, Tensor value_out, Tensor? t, "
+    "float t_value, float beta, str eta_mode, bool compute_grad=False) -> (Tensor loss, Tensor grad)"
+)
 
 
 def bytes_moved(v_ft: torch.Tensor, compute_grad: bool = True) -> int:
@@ -30,17 +35,18 @@ def bytes_moved(v_ft: torch.Tensor, compute_grad: bool = True) -> int:
 if HAS_TRITON:
     from flowkern.ops.vggflow_matching_loss.triton import vggflow_matching_loss as _triton_forward
 
-    _triton = saved_gradient_loss(_triton_forward, grad_arg=0)
+    _triton = saved_gradient_loss(_triton_forward, SCHEMA, grad_arg="v_ft")
 else:  # pragma: no cover
     _triton = None
 
 IMPLS = implementations(reference, _triton, native_op(OP))
 
 
-@register_fake(OP)
-def _(v_ft, v_base, reward_grad, value_out, t, t_value, beta, eta_mode, compute_grad):
-    loss = v_ft.new_empty((), dtype=V.loss_dtype(v_ft))
-    return loss, torch.empty_like(v_ft, memory_format=torch.contiguous_format) if compute_grad else v_ft.new_empty(0)
+@register_fake(SCHEMA)
+def _(a):
+    loss = a.v_ft.new_empty((), dtype=V.loss_dtype(a.v_ft))
+    grad = torch.empty_like(a.v_ft, memory_format=torch.contiguous_format) if a.compute_grad else a.v_ft.new_empty(0)
+    return loss, grad
 
 
 def vggflow_matching_loss(
@@ -62,11 +68,16 @@ def vggflow_matching_loss(
         eta_mode: 'quad' (t^2, default), 'linear' (t) or 'constant' (1).
     """
     backend = select_backend(OP, IMPLS, V.device_of("v_ft", v_ft))
-    V.check_tensors(v_ft, "v_ft", backend, v_base=v_base, reward_grad=reward_grad, value_out=value_out)
+    if backend in V.NATIVE:  # every check in C++ (op.cpp)
+        try:
+            return IMPLS[backend](v_ft, v_base, reward_grad, value_out, *V.native_coefficients(t), beta, eta_mode)[0]
+        except RuntimeError as error:
+            V.raise_type_error(error)
+            raise
+    V.check_tensors(v_ft, "v_ft", v_base=v_base, reward_grad=reward_grad, value_out=value_out)
     beta = V.check_float("beta", beta, positive=True)
-    mode = V.eta_code(eta_mode)
-    t_tensor, t_value = V.coefficient("t", t, v_ft, backend)
+    V.eta_code(eta_mode)
+    t_pair = V.coefficient("t", t, v_ft)
     if backend == "torch":
         return reference(v_ft, v_base, reward_grad, value_out, t, beta, eta_mode)
-    compute_grad = torch.is_grad_enabled() and v_ft.requires_grad
-    return IMPLS[backend](v_ft, v_base, reward_grad, value_out, t_tensor, t_value, beta, mode, compute_grad)[0]
+    return IMPLS[backend](v_ft, v_base, reward_grad, value_out, *t_pair, beta, eta_mode)[0]

@@ -2,12 +2,8 @@
 // beta*eta_t*ghat + c_phi in sub-blocks of kSub elements (converted in L1 where an input is not A), partial sum of
 // diff^2 and the gradient 2*diff/D written in the same pass. Inputs may differ in dtype (no cast copy: a bf16 v_ft
 // next to fp32 targets is read as it is). Partials are summed in a fixed order.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/scalar_tensor.h>
-
-#include <vector>
 
 #include "flowkern/cpu_vec.h"
 #include "kernel.h"
@@ -21,8 +17,8 @@ static double matching_loss_kernel(Input v_ft, Input v_base, Input ghat, Input v
   using Vec = at::vec::Vectorized<A>;
   const int64_t chunks = num_chunks(d);
   const A grad_scale = A(2) / A(static_cast<double>(batch) * static_cast<double>(d));
-  std::vector<A> partial(batch * chunks);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  A* partial = partial_sums<A>(batch * chunks);
+  parallel_tasks(batch * chunks, std::min(d, kChunk), [&](int64_t begin, int64_t end) {
     alignas(64) A buf[5][kSub];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, start = (task % chunks) * kChunk, n_task = std::min(kChunk, d - start);
@@ -53,29 +49,30 @@ static double matching_loss_kernel(Input v_ft, Input v_base, Input ghat, Input v
     }
   });
   double total = 0;  // fixed order
-  for (A p : partial) total += p;
+  for (int64_t task = 0; task < batch * chunks; ++task) total += partial[task];
   return total;
 }
 
 }  // namespace cpu
 
 template <>
-std::tuple<at::Tensor, at::Tensor> run_vggflow_matching_loss<c10::kCPU>(
-    const at::Tensor& v_ft, const at::Tensor& v_base, const at::Tensor& reward_grad, const at::Tensor& value_out,
-    const CoefArg& t, double beta, int64_t eta_mode, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> run_vggflow_matching_loss<c10::kCPU>(const args::VggflowMatchingLoss& a) {
   using cpu::Input;
+  const at::Tensor& v_ft = a.v_ft;
   const int64_t batch = v_ft.size(0), d = v_ft.numel() / batch;
-  at::Tensor grad = compute_grad ? at::empty(v_ft.sizes(), v_ft.options()) : at::empty({0}, v_ft.options());
-  const bool fp64 = common_type({&v_ft, &v_base, &reward_grad, &value_out}) == at::kDouble;
+  at::Tensor grad = a.compute_grad ? at::empty(v_ft.sizes(), v_ft.options()) : at::empty({0}, v_ft.options());
+  const bool fp64 = common_type({&v_ft, &a.v_base, &a.reward_grad, &a.value_out}) == at::kDouble;
   const auto input = [](const at::Tensor& x) { return Input{x.const_data_ptr(), x.scalar_type()}; };
-  const cpu::Output out{compute_grad ? grad.mutable_data_ptr() : nullptr, v_ft.scalar_type()};
+  const cpu::Output out{a.compute_grad ? grad.mutable_data_ptr() : nullptr, v_ft.scalar_type()};
+  const int64_t eta = eta_code(a.eta_mode);
   const double total =
-      fp64 ? cpu::matching_loss_kernel<double>(input(v_ft), input(v_base), input(reward_grad), input(value_out),
-                                               t.get<double>(), out, compute_grad, batch, d, beta, eta_mode)
-           : cpu::matching_loss_kernel<float>(input(v_ft), input(v_base), input(reward_grad), input(value_out),
-                                              t.get<float>(), out, compute_grad, batch, d, beta, eta_mode);
-  const auto loss_type = fp64 ? at::kDouble : at::kFloat;
-  return {at::scalar_tensor(total / static_cast<double>(v_ft.numel()), v_ft.options().dtype(loss_type)), grad};
+      fp64 ? cpu::matching_loss_kernel<double>(input(v_ft), input(a.v_base), input(a.reward_grad),
+                                               input(a.value_out), a.t.get<double>(), out, a.compute_grad, batch, d,
+                                               a.beta, eta)
+           : cpu::matching_loss_kernel<float>(input(v_ft), input(a.v_base), input(a.reward_grad), input(a.value_out),
+                                              a.t.get<float>(), out, a.compute_grad, batch, d, a.beta, eta);
+  return {cpu::scalar_output(total / static_cast<double>(v_ft.numel()), v_ft.options().dtype(fp64 ? at::kDouble : at::kFloat)),
+          grad};
 }
 
 }  // namespace flowkern

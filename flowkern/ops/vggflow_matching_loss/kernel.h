@@ -1,18 +1,14 @@
-// vggflow_matching_loss (M16): the kernels' entry point, defined for CPU in cpu.cpp and for CUDA in cuda.cu and
-// called by op.cpp after the argument checks. [B,...] inputs contiguous and of one dtype; returns (loss [] fp32/fp64,
-// grad wrt v_ft like v_ft or empty).
+// vggflow_matching_loss (M16): the kernels' entry point, defined for CPU in cpu.cpp and for CUDA in cuda.cu and called
+// by op.cpp after the argument checks (inputs contiguous; on CUDA v_ft and the targets in a pair of types that
+// velocity_state_types allows). Returns (loss [] fp32/fp64, grad wrt v_ft like v_ft or empty).
 #pragma once
-#include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 
 #include <tuple>
 
-#include "flowkern/checks.h"
+#include "flowkern/ops/vggflow_matching_loss/args.h"  // args::VggflowMatchingLoss, generated from SCHEMA
 
 namespace flowkern {
 template <c10::DeviceType kDevice>
-std::tuple<at::Tensor, at::Tensor> run_vggflow_matching_loss(const at::Tensor& v_ft, const at::Tensor& v_base,
-                                                                const at::Tensor& reward_grad,
-                                                                const at::Tensor& value_out, const CoefArg& t,
-                                                                double beta, int64_t eta_mode, bool compute_grad);
+std::tuple<at::Tensor, at::Tensor> run_vggflow_matching_loss(const args::VggflowMatchingLoss& a);
 }  // namespace flowkern

@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flowkern.ops._reference import ETA_MODES
 from flowkern.ops._triton import coef_tensor, eta, launch_device, reduction_layout, tl_acc
 
 
@@ -33,20 +34,20 @@ def _matching_loss_kernel(
     tl.store(partial_ptr + b * n_chunks + c, tl.sum(acc, axis=0))
 
 
-def vggflow_matching_loss(v_ft, v_base, reward_grad, value_out, t, t_value, beta, eta_mode, compute_grad):
-    """(loss, dloss/dv_ft or empty): the native op's contract."""
-    v_ft, v_base, reward_grad, value_out = (x.contiguous() for x in (v_ft, v_base, reward_grad, value_out))
+def vggflow_matching_loss(a):
+    """(loss, dloss/dv_ft or empty) from the schema's arguments `a`: the native op's contract."""
+    v_ft, v_base, reward_grad, value_out = (x.contiguous() for x in (a.v_ft, a.v_base, a.reward_grad, a.value_out))
     batch, d = v_ft.shape[0], v_ft[0].numel()
     block, chunk, n_chunks = reduction_layout(d)
-    grad = torch.empty_like(v_ft) if compute_grad else v_ft.new_empty(0)
+    grad = torch.empty_like(v_ft) if a.compute_grad else v_ft.new_empty(0)
     partial = torch.zeros(
         batch * n_chunks, dtype=torch.float64 if v_ft.dtype == torch.float64 else torch.float32, device=v_ft.device
     )
     if d > 0:
         with launch_device(v_ft):
             _matching_loss_kernel[(batch, n_chunks)](
-                v_ft, v_base, reward_grad, value_out, coef_tensor(t, t_value, v_ft), grad if compute_grad else v_ft,
-                partial, d, chunk, n_chunks, beta, 2.0 / v_ft.numel(),
-                ETA_MODE=eta_mode, COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=tl_acc(v_ft),
+                v_ft, v_base, reward_grad, value_out, coef_tensor(a.t, a.t_value, v_ft),
+                grad if a.compute_grad else v_ft, partial, d, chunk, n_chunks, a.beta, 2.0 / v_ft.numel(),
+                ETA_MODE=ETA_MODES[a.eta_mode], COMPUTE_GRAD=a.compute_grad, BLOCK=block, ACC=tl_acc(v_ft),
             )  # fmt: skip
     return partial.sum() / v_ft.numel(), grad
