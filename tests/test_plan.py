@@ -61,7 +61,7 @@ def test_cpu_prediction_within_5_percent_of_the_exact_peak(backbone, method):
     spec, knobs = TINY[backbone], _knobs(method)
     trainer, _ = build_run(spec, Knobs(**knobs))
     measured = peak_memory(trainer.train_step)
-    assert not trainer.skipped
+    assert not trainer.skipped, trainer.skipped
     predicted = planner.plan(spec, device="cpu", **knobs)
     update = predicted["update"]
     assert not update["skipped"]

@@ -222,8 +222,10 @@ class StorageTracker(PlausibleScalars):
         if func is torch.ops.aten._local_scalar_dense.default:
             return self.scalar(args[0])
         before = self.running
-        out = func(*args, **kwargs)
-        self.note(func, args, kwargs, out)
+        out = self.data_dependent(func, args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
+            self.note(func, args, kwargs, out)
         inputs = {
             id(a.untyped_storage())
             for a in tree_flatten((args, kwargs))[0]

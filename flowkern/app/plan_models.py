@@ -257,10 +257,11 @@ class PlausibleScalars(TorchDispatchMode):
     def note(self, func, args, kwargs, out) -> None:
         """Give ``func``'s small outputs their real values (or booleans a plausible truth)."""
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if outs and all(t.numel() <= SHADOW_NUMEL for t in outs):
+        forward_ad = torch.autograd.forward_ad._current_level >= 0  # dual tensors: values not followed
+        if outs and not forward_ad and all(t.numel() <= SHADOW_NUMEL for t in outs):
             try:
                 real_args, real_kwargs = tree_map(self._value_of, (args, kwargs))
-                with _disable_current_modes():
+                with _disable_current_modes(), torch.no_grad():
                     real_out = func(*real_args, **real_kwargs)
                 reals = [t for t in tree_flatten(real_out)[0] if isinstance(t, torch.Tensor)]
                 if len(reals) == len(outs):
@@ -274,10 +275,39 @@ class PlausibleScalars(TorchDispatchMode):
             if t.dtype == torch.bool:
                 self.truth[t] = self._truth_of(func, args)
 
+    def data_dependent(self, func, args, kwargs) -> Any:
+        """``nonzero`` (boolean indexing): a fake result of the shape its input's value, or its plausible truth,
+        gives; None for every other op."""
+        if func is torch.ops.aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        ):  # x[mask]: the mask's nonzero columns as long indices
+            indices = []
+            for i in args[1]:
+                if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+                    nz = self.data_dependent(torch.ops.aten.nonzero.default, (i,), {})
+                    indices += [nz.select(1, j) for j in range(i.dim())]
+                else:
+                    indices.append(i)
+            return func(args[0], indices)
+        if func is not torch.ops.aten.nonzero.default:
+            return None
+        mask = args[0]
+        value = self.values.get(mask)
+        with _disable_current_modes():
+            if value is None:  # a plausible mask: all True (e.g. ``norms[isfinite(norms)]``) or all False
+                value = torch.full(mask.shape, self.truth.get(mask, True), dtype=torch.bool)
+            real = func(value)
+        out = torch.empty(real.shape, dtype=real.dtype, device=mask.device)
+        self.values[out] = real
+        return out
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
             return self.scalar(args[0])
+        out = self.data_dependent(func, args, kwargs)
+        if out is not None:
+            return out
         out = func(*args, **kwargs)
         self.note(func, args, kwargs, out)
         return out
