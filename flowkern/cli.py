@@ -232,6 +232,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="samples per forward/backward, VJP and reward gradient inside the loss (bounds peak memory) "
         "[1 for SD3/FLUX/SiT pipelines, all for tiny/toy]",
     )
+    g.add_argument(
+        "--memory-budget",
+        default=S,
+        help="GPU memory to fit, e.g. 24GB: `flowkern plan` picks batch x accumulation and K that fit (real configs)",
+    )
     g.add_argument("--lr", type=_positive_float, default=S, help="learning rate of the LoRA [5e-4]")
     g.add_argument("--value-lr", type=_positive_float, default=S, help="learning rate of the value net [= lr]")
     g.add_argument("--seed", type=seed, default=S, help="[0]")

@@ -504,13 +504,15 @@ def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def choose(model: Any, budget: Any, device: str = "cuda", **knobs: Any) -> dict:
+def choose(
+    model: Any, budget: Any, device: str = "cuda", candidates: list[tuple[str, dict]] | None = None, **knobs: Any
+) -> dict:
     """The first setting of :func:`candidate_knobs` whose prediction fits ``budget`` (bytes or a size string):
     ``{'choice': what changed, 'prediction': plan(...), 'tried': [(what, bytes needed)]}``. Nothing fits:
     ValueError with one line naming the smallest budget that would."""
     need = parse_budget(budget) if not isinstance(budget, int) else budget
     tried = []
-    for what, setting in candidate_knobs(knobs):
+    for what, setting in candidates if candidates is not None else candidate_knobs(knobs):
         prediction = plan(model, device=device, **setting)
         tried.append((what, fits(prediction)))
         if fits(prediction) <= need:
