@@ -1,7 +1,11 @@
 """Summarise a pytest-benchmark JSON: a markdown table of median times per provider, the speed-up of
-the fastest flowkern backend over eager PyTorch and torch.compile, GB/s and peak extra memory.
+the fastest flowkern backend over eager PyTorch and torch.compile, GB/s and peak extra memory; charts.
 
-    python benchmarks/plot.py RESULT.json [--png OUT.png] [--strip]
+    python benchmarks/plot.py RESULT.json [--png OUT.png] [--charts DIR] [--strip]
+
+--png: one bar chart of the speed-ups over eager. --charts: one chart per op (DIR/<op>.png), provider x case
+(shape, mode, dtype): the median time on top and the fraction of the copy bandwidth below (GB/s on a CPU run,
+which measures no copy bandwidth), as kernel libraries present theirs.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("json")
     parser.add_argument("--png", help="also write a bar chart of the speed-ups")
+    parser.add_argument("--charts", metavar="DIR", help="also write one chart per op: time and fraction of bandwidth")
     parser.add_argument("--strip", action="store_true", help="drop per-round raw timings from the JSON, in place")
     args = parser.parse_args(argv)
     if args.strip:  # pytest-benchmark keeps every round: MBs per run; the statistics are what gets committed
@@ -86,6 +91,9 @@ def main(argv=None) -> None:
     print(table(rows))
     if args.png:
         write_speedup_chart(rows, args.png)
+    if args.charts:
+        for path in write_op_charts(rows, args.charts):
+            print(path)
 
 
 def write_speedup_chart(rows: list[dict], path: str) -> str:
@@ -112,6 +120,47 @@ def write_speedup_chart(rows: list[dict], path: str) -> str:
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def write_op_charts(rows: list[dict], out_dir: str) -> list[str]:
+    """One PNG per op (and adjoint-matching mode): grouped bars, provider x case, of the median time (top) and of
+    the fraction of the copy bandwidth (bottom; GB/s where no copy bandwidth was measured)."""
+    import os
+
+    from flowkern.app.report import figure
+
+    ops: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        op = r["op"] + (f"-{r['am_mode']}" if r.get("am_mode") else "")
+        ops[op][f"{r.get('shape_name', r.get('shape'))}\n{r['mode']} {r['dtype']}"][r["provider"]] = r
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for op, cases in sorted(ops.items()):
+        providers = sorted({p for by in cases.values() for p in by})
+        labels = sorted(cases)
+        fraction = any(by[p].get("fraction_of_copy_bandwidth") is not None for by in cases.values() for p in by)
+        fig = figure(max(600, 120 * len(labels) + 200), 700)
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        width = 0.8 / len(providers)
+        for i, provider in enumerate(providers):
+            xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(labels))]
+            times = [cases[c][provider]["seconds"] * 1e3 if provider in cases[c] else 0.0 for c in labels]
+            key = "fraction_of_copy_bandwidth" if fraction else "gb_per_s"
+            other = [(cases[c].get(provider, {}).get(key) or 0.0) * (100 if fraction else 1) for c in labels]
+            top.bar(xs, times, width, label=provider)
+            bottom.bar(xs, other, width, label=provider)
+        top.set_ylabel("median ms")
+        top.set_title(op)
+        top.legend(fontsize="small")
+        bottom.set_ylabel("% of copy bandwidth" if fraction else "GB/s")
+        if fraction:
+            bottom.axhline(90, color="k", lw=0.5, ls="--")  # issue 19's target for the loss ops
+        bottom.set_xticks(range(len(labels)), labels, fontsize="small")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}.png")
+        fig.savefig(path)
+        paths.append(path)
+    return paths
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Builds SiT-XL/2 (diffusers ``DiTTransformer2DModel``) and the SD3-medium transformer from their configs with random
 weights (no downloads), assembles the run the way ``flowkern train`` does (``flowkern.app.build``: prompt table,
-LoRA rank 16, CFG, the reward on the decoded image, ``build_method`` with the CLI's defaults) and times one
+LoRA rank 16, CFG, the reward on the decoded image, ``method_for_run`` with the CLI's defaults) and times one
 ``Trainer.train_step`` under the torch profiler. Peaks are exact: the running sum of the CPU allocator's events
 (``flowkern.profiling``), above the level at the start of the update (the frozen weights, the LoRA and the prompt
 table are allocated before). Each event is attributed to the innermost phase running when it happened:
@@ -222,11 +222,11 @@ def build_run(spec: Spec, seed: int = 0):
         model, spec.model, f"random {spec.model} config", (channels, side, side), prompts, spec.num_steps, grid,
         guidance_scale=w, to_images=decoder, weights_dtype=dtype,
     )  # fmt: skip
-    reward_fn, _ = build.build_reward(["redness"], setup)
+    reward_fn, _ = build.reward_for_run(["redness"], setup)
     known = {f.name for f in dataclasses.fields(build.MethodSettings)}
     wanted = {"K": spec.K, "consistency": "fd" if spec.method == "vggflow" else None, **spec.settings}
     settings = build.MethodSettings(**{k: v for k, v in wanted.items() if k in known and v is not None})
-    method = build.build_method(spec.method, setup, reward_fn, settings, default_beta=5e4, seed=seed)
+    method = build.method_for_run(spec.method, setup, reward_fn, settings, default_beta=5e4, seed=seed)
     config = TrainConfig(
         batch_size=spec.batch, num_updates=1, num_steps=spec.num_steps, time_grid=grid, seed=seed,
         residual_probe=min(8, spec.batch),

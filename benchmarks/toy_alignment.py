@@ -50,7 +50,8 @@ from typing import Any
 import torch
 
 from benchmarks import toy
-from flowkern.methods import AdjointMatching, DRaFT, ReFL, SmallValueNet, VGGFlow, flow_callables
+from flowkern.methods import SmallValueNet, flow_callables, registry
+from flowkern.methods.registry import MethodSettings
 from flowkern.metrics.diversity import FlattenFeatures, diversity
 from flowkern.models.toy import make_toy_model
 from flowkern.sampling import sample_euler
@@ -181,36 +182,30 @@ def settings_for(name: str, cfg: RunConfig) -> RunConfig:
     return RunConfig(**fields, overrides=overrides)
 
 
-def build_method(name: str, model, P: dict[str, Any], cfg: RunConfig, generator: torch.Generator):
-    """The method under test with the toy's beta = 1/lam; name in METHODS (+ 'dam_k3', 'vggflow_central')."""
+def method_under_test(name: str, model, P: dict[str, Any], cfg: RunConfig, generator: torch.Generator):
+    """The method under test, from the method registry, with the toy's beta = 1/lam; name in METHODS (+ 'dam_k3',
+    'vggflow_central'): a registry name, or one with its variant after '_'."""
     v, vb = flow_callables(model)
-    beta = 1.0 / P["lam"]
-    reward = P["reward"]
-    kw = dict(cfg.overrides)
-    if name.startswith("vggflow"):
-        shape = (P["dim"],)
-        value_net = SmallValueNet(shape, hidden=cfg.value_hidden or cfg.hidden, depth=cfg.value_depth or cfg.depth)
-        variant = name.split("_")[1]
-        consistency = "exact" if variant == "exact" else "fd"
-        args = dict(value_net=value_net, beta=beta, consistency=consistency, generator=generator,
-                    clip=False, subsample_fraction=0.25)  # fmt: skip
+    kw: dict[str, Any] = dict(generator=generator, **cfg.overrides)
+    base, _, variant = name.partition("_")
+    settings = MethodSettings(beta=1.0 / P["lam"])
+    if base == "vggflow":
+        hidden, depth = cfg.value_hidden or cfg.hidden, cfg.value_depth or cfg.depth
+        kw = dict(value_net=SmallValueNet((P["dim"],), hidden=hidden, depth=depth), clip=False, **kw)
+        settings.consistency = "exact" if variant == "exact" else "fd"
         if variant == "central":
-            args["fd_scheme"] = "central"
-        args.update(kw)
-        return VGGFlow(v, vb, reward, **args)
-    if name in ("dam", "dam_k3"):
-        args = dict(K=P["N"] if name == "dam" else 3, p=2.0)
-        args.update(kw)
-        return AdjointMatching(v, vb, reward, beta=beta, **args)
-    if name == "am_memoryless":
-        args = dict(kind="memoryless", lct=math.inf, n_last=cfg.am_steps // 4, n_random=cfg.am_steps // 4)
-        args.update(kw)
-        return AdjointMatching(v, vb, reward, beta=beta, generator=generator, **args)
-    if name == "refl":
-        return ReFL(v, reward, generator=generator, **kw)
-    if name == "draft":
-        return DRaFT(v, reward, K=kw.pop("K", 3), generator=generator, **kw)
-    raise ValueError(f"unknown method {name!r}")
+            kw["fd_scheme"] = "central"
+    elif name in ("dam", "dam_k3"):
+        kw.pop("generator")
+        settings.K = P["N"] if name == "dam" else 3
+    elif name == "am_memoryless":
+        base = "am"
+        kw = dict(lct=math.inf, n_last=cfg.am_steps // 4, n_random=cfg.am_steps // 4, **kw)
+    elif name == "draft":
+        settings.K = kw.pop("K", 3)
+    elif name != "refl":
+        raise ValueError(f"unknown method {name!r}")
+    return registry.build_method(base, v, vb, P["reward"], settings, num_steps=P["N"], sample_shape=(P["dim"],), **kw)
 
 
 def own_reference(name: str, refs: dict[str, Any]) -> str | None:
@@ -268,7 +263,7 @@ def run_method(name: str, refs: dict[str, Any], cfg: RunConfig) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     model = make_toy_model(P["mixture"], hidden=cfg.hidden, depth=cfg.depth)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    method = build_method(name, model, P, cfg, generator)
+    method = method_under_test(name, model, P, cfg, generator)
     n_steps = cfg.am_steps if name == "am_memoryless" else P["N"]
     config = TrainConfig(batch_size=cfg.batch_size, num_steps=n_steps, lr=cfg.lr, num_updates=cfg.updates,
                          value_lr=cfg.value_lr, lr_schedule=cfg.lr_schedule, seed=cfg.seed,

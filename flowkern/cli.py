@@ -39,6 +39,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+BASE_PRECISION = dict(  # train and eval: the frozen transformer's storage (flowkern.models.quantize)
+    choices=("bf16", "int8", "fp8"),
+    help="frozen transformer linears in bf16 or weight-only int8/fp8 (torchao); computes in bf16 [--precision]",
+)
+
+PROMPT_CACHE_HELP = "cache the prompt embeddings here (a safetensors file per prompt and text encoder)"
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the descriptions' layout (paragraphs wrapped by :func:`_wrap`) and shows meaningful defaults only."""
 
@@ -119,7 +127,7 @@ def _reward_source(text: str) -> tuple[str, list[str]]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from flowkern.app.build import IMAGE_REWARDS, METHOD_HELP, METHODS, TOY_REWARDS
+    from flowkern.app.build import IMAGE_REWARDS, METHODS, TOY_REWARDS
     from flowkern.app.run import CHANGEABLE
     from flowkern.train.config import MAX_SEED
 
@@ -132,7 +140,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    methods = "\n".join(f"  {name:8s} {METHOD_HELP[name]}" for name in METHODS)
+    methods = "\n".join(f"  {name:8s} {entry.summary}" for name, entry in METHODS.items())
 
     # ------------------------------------------------------------ demo
     demo = sub.add_parser(
@@ -184,6 +192,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", metavar="FILE", default=S, help="a file of prompts, one per line")
     g.add_argument("--resolution", type=_int_min(1), default=S, help="image size in pixels [model's own]")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=S, help="frozen weights' dtype [fp32]")
+    g.add_argument("--base-precision", default=S, **BASE_PRECISION)
+    g.add_argument("--prompt-cache", metavar="DIR", default=S, help=PROMPT_CACHE_HELP)
     g.add_argument("--device", default=S, help="cpu or cuda[:N] [cpu]")
     g.add_argument("--lora-rank", type=_int_min(1), default=S, help="LoRA rank [8]")
     g.add_argument("--lora-alpha", type=_positive_float, default=S, help="LoRA alpha [= rank]")
@@ -295,6 +305,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance-scale", type=_positive_float, help="CFG scale [model's own]")
     ev.add_argument("--resolution", type=_int_min(1))
     ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ev.add_argument("--base-precision", **BASE_PRECISION)
+    ev.add_argument("--prompt-cache", metavar="DIR", help=PROMPT_CACHE_HELP)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", help="JSON file to write [stdout only]")
 
@@ -428,7 +440,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from flowkern.app.build import build_reward, load_model
+    from flowkern.app.build import load_model, reward_for_run
     from flowkern.app.evaluate import evaluate_samples, generate
     from flowkern.app.run import ensure_output_dir
 
@@ -447,6 +459,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.model,
         lora_path=lora,
         precision=args.precision,
+        base_precision=args.base_precision,
+        prompt_cache=args.prompt_cache,
         device=args.device,
         resolution=args.resolution,
         prompts=prompts,
@@ -454,7 +468,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         num_steps=args.num_steps,
     )
     rewards = args.reward or (["bump"] if setup.kind == "toy" else ["redness"])
-    reward_fn, reward_module = build_reward(rewards, setup, {n: p for n, p in args.reward_source})
+    reward_fn, reward_module = reward_for_run(rewards, setup, {n: p for n, p in args.reward_source})
     tuned = generate(setup, args.samples, seed=args.seed)
     base = generate(setup, args.samples, seed=args.seed, base=True)
     result = {

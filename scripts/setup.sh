@@ -14,5 +14,5 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
 fi
 pip_install setuptools wheel ninja "pybind11>=2.12"
 # --no-build-isolation: compile flowkern._C against the torch installed above (design.md section 4)
-MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation -e ".[test,diffusers]"
+MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation -e ".[test,diffusers,quant]"
 "$PY" -c "import flowkern.ops.backend as b; print('flowkern installed; extension:', 'built' if b.HAS_EXT else 'missing (' + str(b.EXT_IMPORT_ERROR) + ')', '| CUDA kernels:', b.HAS_CUDA_EXT)"

@@ -306,3 +306,40 @@ def check_gradient_checkpointing(model, x: torch.Tensor, cond) -> None:
     assert calls and not model.transformer.gradient_checkpointing
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def qwen_tokenizer(model_max_length: int = 512):
+    """A letter-level Qwen2Tokenizer built in memory with a minimal chat template (Flux2KleinPipeline applies one)."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for c in LETTERS + " ":
+        vocab[c] = len(vocab)
+    end = "<|endoftext|>"
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=end, pad_token=end, eos_token="<|im_end|>", model_max_length=model_max_length
+    )
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    return tokenizer
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
+    """A stock `Flux2KleinPipeline` from tiny components: a 27-layer Qwen3 with hidden size 16 (Klein stacks the hidden
+    states of layers 9, 18, 27: joint_attention_dim 48), the FLUX2_TINY transformer without embedded guidance, and
+    the tiny AutoencoderKLFlux2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+    )  # fmt: skip
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=tiny_vae("flux2", seed),
+        text_encoder=_build(Qwen3ForCausalLM, {"config": config}, seed),
+        tokenizer=tokenizer,
+        transformer=tiny_flux2_transformer(seed, joint_attention_dim=48, guidance_embeds=False),
+        is_distilled=is_distilled,
+    )

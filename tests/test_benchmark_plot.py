@@ -30,3 +30,17 @@ def test_table_and_speedup_chart(tmp_path, capsys):
     path.write_text(json.dumps({"benchmarks": [_bench("flowkern_cpp", 0.5)]}))
     with pytest.raises(SystemExit, match="nothing to chart"):
         plot.main([str(path), "--png", str(png)])
+
+
+def test_per_op_charts(tmp_path):
+    from PIL import Image
+
+    rows = [_bench("torch", 2.0), _bench("flowkern_cpp", 0.5), _bench("flowkern_cuda", 0.25)]
+    rows[2]["extra_info"].update(fraction_of_copy_bandwidth=0.9)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": rows}))
+    plot.main([str(path), "--charts", str(tmp_path / "charts")])
+    with Image.open(tmp_path / "charts" / "cfg_euler.png") as image:
+        assert image.size == (600, 700)
+        colours = {c for _, c in image.convert("RGB").getcolors(600 * 700)}
+    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= colours  # a bar per provider

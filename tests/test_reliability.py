@@ -284,13 +284,13 @@ def test_python_api_resume_compares_method_kind_and_settings(tmp_path):
 
 def test_sd3_settings_record_lora_alpha_precision_and_resolution():
     """What the toy cannot show: LoRA rank/alpha, frozen weights' dtype (precision) and sample shape (resolution)."""
-    from flowkern.app.build import MethodSettings, build_method, build_reward, load_model
+    from flowkern.app.build import MethodSettings, load_model, method_for_run, reward_for_run
     from flowkern.train import TrainConfig, Trainer
 
     def settings(**kw):
         setup = load_model("tiny", num_steps=2, **{"lora_rank": 2, **kw})
-        reward_fn, _ = build_reward(["redness"], setup)
-        method = build_method("draft", setup, reward_fn, MethodSettings(K=1))
+        reward_fn, _ = reward_for_run(["redness"], setup)
+        method = method_for_run("draft", setup, reward_fn, MethodSettings(K=1))
         config = TrainConfig(batch_size=1, num_steps=2)
         return Trainer(setup.model, reward_fn, method, config, sample_shape=setup.sample_shape).settings()
 
@@ -465,14 +465,14 @@ def test_out_of_range_seed_flag_is_one_line(command, tmp_path, capsys):
 
 
 def test_reward_weights_from_a_config_object_are_kept(tmp_path, capsys):
-    from flowkern.app.build import build_reward, load_model
+    from flowkern.app.build import load_model, reward_for_run
     from flowkern.app.run import TrainOptions
 
     assert TrainOptions(reward={"bump": -1, "linear": 0.5}).reward == ["bump:-1", "linear:0.5"]
     setup = load_model("toy", num_steps=2)
     x = torch.tensor([[4.0, 0.0], [1.0, 1.0]])
-    plus, _ = build_reward(["bump"], setup)
-    minus, _ = build_reward(TrainOptions(reward={"bump": -1}).reward, setup)
+    plus, _ = reward_for_run(["bump"], setup)
+    minus, _ = reward_for_run(TrainOptions(reward={"bump": -1}).reward, setup)
     assert torch.equal(minus(x), -plus(x)) and plus(x).abs().sum() > 0
 
 

@@ -23,12 +23,6 @@ METHODS = ("vggflow", "dam", "am", "refl", "draft")
 VALUE_POISONS = {"reward_nan": math.nan, "reward_+inf": math.inf, "reward_-inf": -math.inf}
 GRADIENT_POISONS = {"grad_nan": math.nan, "grad_x1e10": 1e10, "grad_x1e38": 1e38}
 LR = 1e-2
-NEEDS_VGGFLOW_FIX = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="needs methods/vggflow.py fix: VGG-Flow raises 'rho_w must be finite' on a non-finite reward gradient "
-    "(and on a x1e38 one, whose norm overflows in reward_grad_clip) instead of returning a non-finite loss to skip",
-)
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -104,8 +98,7 @@ def snapshot(trainer: Trainer) -> dict:
 def _cases():
     for name in METHODS:
         for poison in (*VALUE_POISONS, *GRADIENT_POISONS):
-            marks = [NEEDS_VGGFLOW_FIX] if name == "vggflow" and poison in ("grad_nan", "grad_x1e38") else []
-            yield pytest.param(name, poison, marks=marks, id=f"{name}-{poison}")
+            yield pytest.param(name, poison, id=f"{name}-{poison}")
 
 
 @pytest.mark.parametrize("name,poison", list(_cases()))
@@ -186,3 +179,24 @@ def test_reward_grad_clip_scales_a_finite_gradient_whose_norm_overflows():
     assert torch.isfinite(norms).all()
     torch.testing.assert_close(norms, torch.full((2,), 1e20 * math.sqrt(8)))
     torch.testing.assert_close(clipped, torch.full((2, 8), 1 / math.sqrt(8)))
+
+
+def test_vggflow_tau_after_a_huge_finite_gradient_is_that_update_quantile_for_one_update():
+    """(M9) tau is the 0.8-quantile of the norms of the last update only: a finite x1e10 reward gradient is applied
+    clipped to the old tau, and the next tau is that update's quantile (its norms are observations like any
+    other, and a threshold below all of them would clip every sample). The next ordinary update's norms set tau
+    back to their own scale, so the jump lasts one update; a non-finite norm never enters the queue (skipped)."""
+    trainer, reward = build("vggflow")
+    trainer.train_step()
+    normal_tau = trainer.method.tau
+    reward.poison = "grad_x1e10"
+    metrics = trainer.train_step()
+    reward.poison = None
+    assert metrics["skipped"] == 0.0 and metrics["tau"] == normal_tau  # clipped to the tau before it
+    assert 1e9 * normal_tau < trainer.method.tau < 1e11 * normal_tau  # that update's quantile (M9)
+    metrics = trainer.train_step()
+    assert metrics["skipped"] == 0.0 and metrics["clip_fraction"] == 0.0  # one update with clipping off
+    assert trainer.method.tau < 100 * normal_tau  # back to the scale of ordinary norms
+    reward.poison = "grad_nan"
+    tau = trainer.method.tau
+    assert trainer.train_step()["skipped"] == 1.0 and trainer.method.tau == tau and trainer.method._pending_norms == []

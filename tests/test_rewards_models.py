@@ -605,8 +605,9 @@ def test_frozen_eval_and_bad_inputs(oc_state, ir_state, clip_tok, bert_tok, tmp_
             reward(good, PROMPTS + ["x"])
         with pytest.raises(ValueError, match="needs one prompt"):
             reward(good)
-    with pytest.raises(ValueError, match=r"unknown reward 'hpsv3'; known: \['aesthetic', 'clipscore', 'hpsv2', "
-                                         r"'hpsv2.1', 'imagereward', 'pickscore'\]"):  # fmt: skip
+    known = r"\['aesthetic', 'brightness', 'bump', 'clipscore', 'hpsv2', 'hpsv2.1', 'imagereward', 'linear', "
+    known += r"'pickscore', 'redness'\]"  # one registry: model, pixel and toy rewards
+    with pytest.raises(ValueError, match=r"unknown reward 'hpsv3'; known: " + known):
         build_reward("hpsv3", tmp_path)
     with pytest.raises(ValueError, match="unknown reward 'nope'"):  # checked before anything loads
         build_weighted_reward({"a": {"name": "pickscore", "args": [tmp_path / "missing"]}, "nope": {}})

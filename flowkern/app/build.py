@@ -7,8 +7,9 @@ Models (``load_model(spec)``):
 - a local directory (or a hub id): dispatched on the transformer's class name in ``model_index.json`` /
   ``transformer/config.json`` / ``config.json``: ``SD3Transformer2DModel`` (``flowkern.models.sd3``),
   ``FluxTransformer2DModel`` (FLUX.1, ``flowkern.models.flux``), ``DiTTransformer2DModel`` (SiT,
-  ``flowkern.models.sit``), imported lazily; FLUX.2 is refused (use its adapter from Python). Prompts are encoded
-  once by the pipeline's own text encoders (SiT: class ids); the reward sees the pipeline VAE's decode
+  ``flowkern.models.sit``), ``Flux2Transformer2DModel`` (FLUX.2 dev / Klein, ``flowkern.models.flux2``), imported
+  lazily. Prompts are encoded once by the pipeline's own text encoders (``flowkern.app.prompts``, optionally cached
+  on disk; SiT: class ids), which are then freed; the reward sees the pipeline VAE's decode
   (``flowkern.models.vae.LatentDecoder``) in [0, 1].
 - ``"toy"``: the 2-D Gaussian-mixture toy (``flowkern.models.toy``; exact base velocity + residual MLP).
 
@@ -19,16 +20,22 @@ methods gather conditioning by indexing rows, and the VGG-Flow value net embeds 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from flowkern.methods.registry import METHODS, MethodSettings
+from flowkern.models.prompt_bank import PromptBankFlow
+from flowkern.models.toy import ToyFlow
+from flowkern.rewards.registry import reward_names
 
 __all__ = [
     "ASSET_DIR",
@@ -37,8 +44,9 @@ __all__ = [
     "MethodSettings",
     "PromptBankFlow",
     "RunSetup",
-    "build_method",
-    "build_reward",
+    "method_for_run",
+    "reward_for_run",
+    "check_applicable",
     "default_micro_batch",
     "load_model",
     "memory_defaults",
@@ -49,16 +57,8 @@ __all__ = [
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_flow"
 TINY_INFO = "flowkern_tiny.json"
 MODEL_KINDS = ("tiny", "sd3", "flux", "flux2", "sit", "toy")
-METHODS = ("vggflow", "dam", "am", "refl", "draft")
-METHOD_HELP = {
-    "vggflow": "VGG-Flow: value-gradient matching with a learned value net (M6-M22)",
-    "dam": "deterministic adjoint matching, truncated to the last K steps (M24-M28)",
-    "am": "memoryless adjoint matching, the stochastic baseline (M29-M33)",
-    "refl": "ReFL: reward of the one-step prediction from a late step, no regulariser (M34)",
-    "draft": "DRaFT-K: backprop through the last K sampling steps, no regulariser (M35)",
-}
-IMAGE_REWARDS = ("redness", "brightness")
-TOY_REWARDS = ("linear", "bump")
+IMAGE_REWARDS = tuple(reward_names("image", weights=False))  # the pixel rewards (no weights): redness, brightness
+TOY_REWARDS = tuple(reward_names("toy"))  # linear, bump
 CLASS_NAMES = {  # transformer class -> model kind
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
@@ -66,107 +66,6 @@ CLASS_NAMES = {  # transformer class -> model kind
     "DiTTransformer2DModel": "sit",
     "SiTTransformer2DModel": "sit",
 }
-
-
-# ---------------------------------------------------------------- conditioning by prompt index
-class PromptBankFlow(nn.Module):
-    """A FlowModel over an adapter (SD3, FLUX, SiT) whose ``cond`` is a LongTensor [B] of indices into a fixed
-    table of encoded prompts (or class ids).
-
-    ``velocity(x, t, labels)`` builds the adapter's conditioning from rows ``labels`` of the table (``rows``: one
-    row per prompt; ``shared``: one row for every sample, e.g. the negative prompt; ``constants``: e.g.
-    ``guidance_scale`` for CFG, M5) and calls the adapter, so rollouts, losses and adjoints go through it exactly
-    as without the wrapper. Indexing makes the conditioning gatherable by the methods and the value net.
-    """
-
-    def __init__(
-        self,
-        flow: nn.Module,
-        cond_class: type,
-        rows: dict[str, torch.Tensor],
-        shared: dict[str, torch.Tensor] | None = None,
-        constants: dict[str, Any] | None = None,
-        prompts: Sequence[str] = (),
-    ):
-        super().__init__()
-        self.flow = flow
-        self.cond_class = cond_class
-        if not rows:
-            raise ValueError("PromptBankFlow needs at least one per-prompt tensor")
-        sizes = {v.shape[0] for v in rows.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"every per-prompt tensor needs the same number of rows, got {sorted(sizes)}")
-        self._rows, self._shared = list(rows), list(shared or {})
-        for name, value in {**rows, **{k: v[:1] for k, v in (shared or {}).items()}}.items():
-            self.register_buffer(name, value, persistent=False)
-        self.constants = dict(constants or {})
-        self.num_prompts = sizes.pop()
-        self.prompts = list(prompts) or [f"prompt {i}" for i in range(self.num_prompts)]
-
-    @property
-    def guidance_scale(self) -> float | None:
-        return self.constants.get("guidance_scale")
-
-    def conditioning(self, labels: torch.Tensor):
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) or labels.dim() != 1:
-            raise TypeError(f"cond must be an integer tensor [B] of prompt indices, got {_describe(labels)}")
-        first = getattr(self, self._rows[0])
-        labels = labels.to(first.device)
-        fields = {name: getattr(self, name)[labels] for name in self._rows}
-        b = labels.shape[0]
-        fields.update({name: getattr(self, name).expand(b, *getattr(self, name).shape[1:]) for name in self._shared})
-        return self.cond_class(**fields, **self.constants)
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, detach_uncond: bool = False):
-        return self.flow.velocity(x, t, self.conditioning(cond), detach_uncond=detach_uncond)
-
-    def forward(self, x, t, cond=None):
-        return self.velocity(x, t, cond)
-
-    def base_velocity(self) -> contextlib.AbstractContextManager[None]:
-        return self.flow.base_velocity()
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.flow.trainable_parameters()
-
-    def save_lora(self, path: str | os.PathLike) -> str:
-        return self.flow.save_lora(path)
-
-
-class ToyFlow(nn.Module):
-    """The 2-D toy (``flowkern.models.toy``) with the same interface: ``cond`` is ignored (no prompts)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def velocity(self, x, t, cond=None, *, detach_uncond=False):
-        return self.model.velocity(x, t)
-
-    def base_velocity(self):
-        return self.model.base_velocity()
-
-    def trainable_parameters(self):
-        return self.model.trainable_parameters()
-
-    def save_lora(self, path: str | os.PathLike) -> str:
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        file = os.path.join(path, "toy_residual.safetensors")
-        save_file({k: v.detach().contiguous() for k, v in self.model.residual.state_dict().items()}, file)
-        return file
-
-    def load_lora(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
-
-        file = os.path.join(path, "toy_residual.safetensors") if os.path.isdir(path) else os.fspath(path)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no toy residual weights at {file}")
-        try:
-            self.model.residual.load_state_dict(load_file(file))
-        except RuntimeError as err:
-            raise ValueError(f"{file} does not match the toy model: {str(err).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------- a loaded model and what goes with it
@@ -207,12 +106,6 @@ class RunSetup:
         if not self.prompts:
             return None
         return (torch.arange(n) % len(self.prompts)).to(self.device)
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor {tuple(x.shape)} {x.dtype}"
-    return type(x).__name__
 
 
 def resolve_model(spec: str) -> tuple[str, str]:
@@ -385,6 +278,8 @@ class _Load:
     guidance_scale: float | None
     num_steps: int | None
     seed: int
+    quantize: str | None = None  # 'int8' / 'fp8': the transformer's base_precision (flowkern.models.quantize)
+    prompt_cache: str | os.PathLike | None = None  # flowkern.app.prompts.encode_cached
 
     @property
     def local(self) -> bool:
@@ -404,14 +299,24 @@ def load_model(
     guidance_scale: float | None = None,
     num_steps: int | None = None,
     seed: int = 0,
+    base_precision: str | None = None,
+    prompt_cache: str | os.PathLike | None = None,
 ) -> RunSetup:
     """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), or the LoRA
     saved in ``lora_path`` (its rank and alpha are read from the file).
 
     ``prompts``: text prompts (SD3, FLUX) or class ids (SiT); ``guidance_scale``: CFG w (1 or None: no CFG);
-    ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler.
+    ``resolution``: image side in pixels; ``num_steps``: Euler steps of the sampler. ``base_precision`` ('bf16',
+    'int8', 'fp8'; `flowkern.models.quantize`): the transformer's frozen linears stored in bf16 or weight-only
+    int8/fp8 under the fp32 LoRA; it implies ``precision='bf16'`` (the compute dtype). ``prompt_cache``: a
+    directory caching the prompt embeddings per prompt and text encoder (`flowkern.app.prompts.encode_cached`).
     """
     kind, location = resolve_model(spec)
+    if base_precision is not None:
+        from flowkern.models.quantize import check_base_precision
+
+        check_base_precision(base_precision)
+        precision = "bf16"  # a bf16-stored or quantized base computes in bf16
     opts = _Load(
         location,
         lora_rank,
@@ -424,6 +329,8 @@ def load_model(
         guidance_scale,
         num_steps,
         seed,
+        None if base_precision == "bf16" else base_precision,
+        prompt_cache,
     )
     if kind == "toy":
         return _load_toy(lora_path, opts.device, num_steps, seed)
@@ -431,10 +338,6 @@ def load_model(
         check_model_directory(Path(location), kind)
     if kind == "tiny":
         return _load_tiny(opts)
-    if kind == "flux2":
-        raise ValueError(
-            f"{location} is a FLUX.2 model: the CLI drives SD3, FLUX.1 and SiT; use flowkern.models.flux2 from Python"
-        )
     return _load_pipeline(kind, opts)
 
 
@@ -522,7 +425,12 @@ def _load_tiny(opts: _Load) -> RunSetup:
     path = Path(opts.location)
     info = _read_json(path / TINY_INFO)
     flow = SD3FlowModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=opts.dtype, local_files_only=True, device=opts.device
+        path,
+        subfolder="transformer",
+        torch_dtype=opts.dtype,
+        local_files_only=True,
+        device=opts.device,
+        base_precision=opts.quantize,
     )
     _attach_lora(flow, opts)
     table = {k: v.to(opts.device) for k, v in load_file(str(path / "prompts.safetensors")).items()}
@@ -564,6 +472,7 @@ def pixels_to_images(x: torch.Tensor) -> torch.Tensor:
 ADAPTERS = {  # kind -> (module, FlowModel class, conditioning class, default CFG w)
     "sd3": ("flowkern.models.sd3", "SD3FlowModel", "SD3Conditioning", 5.0),
     "flux": ("flowkern.models.flux", "FluxFlowModel", "FluxConditioning", None),
+    "flux2": ("flowkern.models.flux2", "Flux2FlowModel", "Flux2Conditioning", None),  # Klein base: w from the index
     "sit": ("flowkern.models.sit", "SiTFlowModel", "SiTConditioning", 4.0),
 }
 
@@ -588,9 +497,18 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     if opts.local and not (Path(opts.location) / "vae").is_dir():
         raise ValueError(f"{opts.location} has no vae/ (needed to decode samples for the reward)")
     flow = getattr(adapters, flow_name).from_pretrained(
-        opts.location, subfolder="transformer", torch_dtype=opts.dtype, local_files_only=opts.local, device=opts.device
+        opts.location,
+        subfolder="transformer",
+        torch_dtype=opts.dtype,
+        local_files_only=opts.local,
+        device=opts.device,
+        base_precision=opts.quantize,
     )
     _attach_lora(flow, opts)
+    if kind == "flux2" and opts.local:
+        from flowkern.app.prompts import default_guidance_scale
+
+        default_w = default_guidance_scale(opts.location)
     w = _cfg(default_w if opts.guidance_scale is None else opts.guidance_scale)
     rows, shared, constants = _encode_prompts(kind, flow, opts, w)
     model = PromptBankFlow(flow, getattr(adapters, cond_name), rows, shared, constants, prompts=opts.prompts)
@@ -603,6 +521,9 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     patch = int(getattr(config, "patch_size", 1) or 1)
     if kind == "flux":  # state: unpacked latents [B, in_channels / 4, H/f, W/f] (2x2 packing)
         channels, multiple, default = config.in_channels // 4, 2 * factor, 1024
+    elif kind == "flux2":  # state: the patchified latents [B, in_channels, H/2f, W/2f]
+        channels, multiple, default = config.in_channels, 2 * factor, 1024
+        factor *= 2
     else:
         channels, multiple, default = config.in_channels, patch * factor, config.sample_size * factor
     size = _check_resolution(opts.resolution, default, multiple, None)
@@ -634,33 +555,23 @@ def _encode_prompts(kind: str, flow, opts: _Load, w: float | None):
         if bool(((ids < 0) | (ids >= n)).any()):
             raise ValueError(f"SiT class ids must be in [0, {n}), got {ids.tolist()}")
         return {"labels": ids.to(opts.device)}, {}, ({"guidance_scale": w} if w else {})
-    import diffusers
+    from flowkern.app.prompts import encode_prompts
 
-    pipeline = diffusers.StableDiffusion3Pipeline if kind == "sd3" else diffusers.FluxPipeline
-    pipe = pipeline.from_pretrained(
-        opts.location, transformer=None, vae=None, torch_dtype=opts.dtype, local_files_only=opts.local
-    ).to(opts.device)
-    n = len(opts.prompts)
-    with torch.no_grad():
-        if kind == "sd3":
-            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-                prompt=opts.prompts,
-                prompt_2=None,
-                prompt_3=None,
-                device=opts.device,
-                do_classifier_free_guidance=True,
-                negative_prompt=[""] * n,
-            )
-        else:
-            embeds, pooled, _ = pipe.encode_prompt(prompt=opts.prompts, prompt_2=None, device=opts.device)
-            neg, neg_pooled, _ = pipe.encode_prompt(prompt=[""], prompt_2=None, device=opts.device)
-    del pipe
-    rows = {"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}
-    shared = {"negative_prompt_embeds": neg[:1].float(), "negative_pooled_prompt_embeds": neg_pooled[:1].float()}
+    rows, shared = encode_prompts(
+        kind,
+        opts.location,
+        opts.prompts,
+        dtype=opts.dtype,
+        device=opts.device,
+        local_files_only=opts.local,
+        negative=bool(w),
+        cache_dir=opts.prompt_cache,
+    )
     constants = {"guidance_scale": w} if w else {}
-    if kind == "flux" and flow.transformer.config.guidance_embeds:
-        constants["guidance"] = 3.5  # FLUX.1-dev's embedded guidance (the pipeline's default guidance_scale)
-    return rows, (shared if w else {}), constants
+    if kind in ("flux", "flux2") and flow.transformer.config.guidance_embeds:
+        # the embedded guidance of FLUX.1-dev / FLUX.2-dev: the pipelines' default guidance_scale
+        constants["guidance"] = 3.5 if kind == "flux" else 4.0
+    return rows, shared, constants
 
 
 # ---------------------------------------------------------------- rewards
@@ -694,13 +605,10 @@ def parse_reward_spec(spec: str) -> tuple[str, float]:
 
 
 def known_rewards(kind: str | None = None) -> list[str]:
-    """Reward names usable with a model kind (all names when ``kind`` is None)."""
-    from flowkern.rewards import REWARDS
-
-    if kind == "toy":
-        return sorted(TOY_REWARDS)
-    names = set(IMAGE_REWARDS) | set(REWARDS)
-    return sorted(names | (set(TOY_REWARDS) if kind is None else set()))
+    """Reward names usable with a model kind (all names when ``kind`` is None): the registry's 'toy' rewards for
+    the toy, its 'image' rewards for the others."""
+    domain = None if kind is None else "toy" if kind == "toy" else "image"
+    return sorted(reward_names(domain))
 
 
 def check_reward_names(specs: Sequence[str], kind: str) -> list[tuple[str, float]]:
@@ -716,7 +624,7 @@ def check_reward_names(specs: Sequence[str], kind: str) -> list[tuple[str, float
     return parsed
 
 
-def build_reward(
+def reward_for_run(
     specs: Sequence[str], setup: RunSetup, sources: dict[str, Sequence[str]] | None = None
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module | None]:
     """(r(x) -> [B] on the model's samples x, the reward module or None for the toy).
@@ -727,11 +635,10 @@ def build_reward(
     """
     parsed = check_reward_names(specs, setup.kind)
     sources = sources or {}
-    if setup.kind == "toy":
-        from flowkern.models.toy import BumpReward, LinearReward
+    from flowkern.rewards import make_reward
 
-        makers = {"linear": lambda: LinearReward((1.0, 0.0)), "bump": lambda: BumpReward((4.0, 0.0), 1.5, 2.0)}
-        parts = [(makers[name](), w) for name, w in parsed]
+    if setup.kind == "toy":
+        parts = [(make_reward(name), w) for name, w in parsed]
         return (lambda x: sum(w * r(x) for r, w in parts)), None
 
     from flowkern.rewards import WeightedReward
@@ -757,15 +664,10 @@ def build_reward(
 
 
 def _reward_module(name: str, args: Sequence[str]) -> nn.Module:
-    from flowkern.rewards import build_reward as registry_build
-    from flowkern.rewards.toy_image import BrightnessReward, RednessReward
+    from flowkern.rewards import make_reward
 
-    if name == "redness":
-        return RednessReward()
-    if name == "brightness":
-        return BrightnessReward()
     try:
-        return registry_build(name, *args)
+        return make_reward(name, *args)
     except TypeError as err:
         raise ValueError(
             f"reward {name!r} needs its weights: pass --reward-source {name}=PATH[,PATH] ({err})"
@@ -773,61 +675,6 @@ def _reward_module(name: str, args: Sequence[str]) -> nn.Module:
 
 
 # ---------------------------------------------------------------- methods
-@dataclass
-class MethodSettings:
-    """Hyperparameters of the methods (math.md; each method reads the ones it has).
-
-    beta = 1/lam (VGG-Flow M10, DAM/AM M26/M32); K: DAM's trained steps / DRaFT's backprop steps / ReFL's last
-    steps (1 <= K <= num_steps); p: DAM's cost power (> 1); eta: VGG-Flow's eta_t ('quad' | 'linear' |
-    'constant', M15); alpha: VGG-Flow's boundary weight (M17); subsample: VGG-Flow's transition fraction f (M22);
-    consistency: VGG-Flow's 'fd' (M20) or 'exact' (M21); None picks 'exact' for bf16 weights (a bf16 network
-    rounds away the finite-difference step, M20) and 'fd' otherwise. micro_batch: samples per network call with
-    grad, per VJP and per reward gradient in VGG-Flow, DAM and AM (peak memory: one micro-batch's graph); None
-    picks :func:`default_micro_batch`.
-    """
-
-    beta: float | None = None
-    lam: float | None = None
-    K: int | None = None
-    p: float = 2.0
-    eta: str = "quad"
-    alpha: float = 1e4
-    subsample: float | None = 0.25
-    consistency: str | None = None
-    value_hidden: int = 64
-    value_depth: int = 3
-    micro_batch: int | None = None
-
-    def check(self, num_steps: int) -> None:
-        if self.beta is not None and self.lam is not None:
-            raise ValueError("pass one of --beta and --lam (beta = 1/lam), not both")
-        for name in ("beta", "lam", "alpha"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"--{name} must be a finite number > 0, got {value!r}")
-        if self.K is not None and not (isinstance(self.K, int) and 1 <= self.K <= num_steps):
-            raise ValueError(f"--K must be an int in [1, {num_steps}] (the number of sampling steps), got {self.K!r}")
-        if not (isinstance(self.p, int | float) and math.isfinite(self.p) and self.p > 1):
-            raise ValueError(f"--p must be a finite number > 1 (a strictly convex cost, M26), got {self.p!r}")
-        if self.eta not in ("quad", "linear", "constant"):
-            raise ValueError(f"--eta must be 'quad', 'linear' or 'constant', got {self.eta!r}")
-        if self.consistency not in (None, "fd", "exact"):
-            raise ValueError(f"--consistency must be 'fd' or 'exact', got {self.consistency!r}")
-        if self.subsample is not None and not (0 < self.subsample <= 1):
-            raise ValueError(f"--subsample must be in (0, 1], got {self.subsample!r}")
-        if self.micro_batch is not None and not (
-            isinstance(self.micro_batch, int) and not isinstance(self.micro_batch, bool) and self.micro_batch >= 1
-        ):
-            raise ValueError(f"--micro-batch must be an int >= 1, got {self.micro_batch!r}")
-
-    def beta_value(self, default: float) -> float:
-        if self.beta is not None:
-            return float(self.beta)
-        if self.lam is not None:
-            return 1.0 / float(self.lam)
-        return default
-
-
 def default_micro_batch(kind: str) -> int | None:
     """Samples per micro-batch when --micro-batch is not given: 1 for real pipelines (SD3, FLUX.1, SiT: one
     sample's graph at a time, so batch size, K and the number of transitions no longer scale the peak), None (all
@@ -843,7 +690,7 @@ def memory_defaults(flow: nn.Module, decoder: nn.Module | None = None) -> None:
         decoder.set_gradient_checkpointing(True)
 
 
-def build_method(
+def method_for_run(
     name: str,
     setup: RunSetup,
     reward_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -852,65 +699,67 @@ def build_method(
     default_beta: float = 1.0,
     seed: int = 0,
 ) -> Any:
-    """A method of :data:`METHODS` on ``setup.model`` (velocity callables from ``flow_callables``)."""
-    from flowkern.methods import AdjointMatching, DRaFT, ReFL, SmallValueNet, VGGFlow, flow_callables
+    """The method ``name`` of the registry (:mod:`flowkern.methods.registry`) on ``setup.model``: its grid, sample
+    shape, prompts, device and weights' dtype, and the model kind's micro-batch default (:func:`default_micro_batch`)
+    when ``settings.micro_batch`` is None."""
+    from flowkern.methods import flow_callables
+    from flowkern.methods.registry import build_method
 
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    settings.check(setup.num_steps)
+    if settings.micro_batch is None:
+        settings = dataclasses.replace(settings, micro_batch=default_micro_batch(setup.kind))
     velocity, base_velocity = flow_callables(setup.model)
-    generator = torch.Generator().manual_seed(seed + 17)
-    beta = settings.beta_value(default_beta)
-    micro_batch = settings.micro_batch if settings.micro_batch is not None else default_micro_batch(setup.kind)
-    if name == "vggflow":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 11)
-            value_net = SmallValueNet(
-                setup.sample_shape,
-                hidden=settings.value_hidden,
-                depth=settings.value_depth,
-                num_classes=setup.num_prompts or None,
-            ).to(setup.device)
-        return VGGFlow(
-            velocity,
-            base_velocity,
-            reward_fn,
-            value_net=value_net,
-            beta=beta,
-            alpha=settings.alpha,
-            eta_mode=settings.eta,
-            subsample_fraction=settings.subsample,
-            consistency=settings.consistency or ("exact" if setup.weights_dtype != torch.float32 else "fd"),
-            generator=generator,
-            micro_batch=micro_batch,
-        )
-    if name == "dam":
-        return AdjointMatching(
-            velocity, base_velocity, reward_fn, beta=beta, K=settings.K, p=settings.p, micro_batch=micro_batch
-        )
-    if name == "am":
-        n_last = max(1, setup.num_steps // 4)
-        return AdjointMatching(
-            velocity,
-            base_velocity,
-            reward_fn,
-            beta=beta,
-            kind="memoryless",
-            n_last=n_last,
-            n_random=n_last,
-            generator=generator,
-            micro_batch=micro_batch,
-        )
-    if name == "refl":
-        return ReFL(velocity, reward_fn, last_steps=settings.K or max(1, setup.num_steps // 4), generator=generator)
-    return DRaFT(velocity, reward_fn, K=settings.K or 1, generator=generator)
+    method = build_method(
+        name,
+        velocity,
+        base_velocity,
+        reward_fn,
+        settings,
+        num_steps=setup.num_steps,
+        sample_shape=setup.sample_shape,
+        num_classes=setup.num_prompts or None,
+        default_beta=default_beta,
+        weights_dtype=setup.weights_dtype,
+        device=setup.device,
+        seed=seed,
+    )
+    if getattr(method, "consistency", None) == "exact":  # a quantized base: its linears need a JVP rule (M21)
+        from flowkern.models.quantize import check_jvp
+
+        check_jvp(setup.model)
+    return method
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
+# ---------------------------------------------------------------- which settings act where
+IMAGE_MODELS = ("tiny", "sd3", "flux", "flux2", "sit")
+FOR_MODELS = {  # setting -> the model kinds that read it (the toy has no LoRA, no pixels, no prompts)
+    "lora_rank": IMAGE_MODELS,
+    "lora_alpha": IMAGE_MODELS,
+    "precision": IMAGE_MODELS,
+    "base_precision": IMAGE_MODELS,
+    "resolution": IMAGE_MODELS,
+    "guidance_scale": IMAGE_MODELS,
+    "reward_source": IMAGE_MODELS,
+    "prompt": ("sd3", "flux", "flux2", "sit"),  # the tiny model draws its own four prompts
+    "prompt_cache": ("sd3", "flux", "flux2"),  # the text encoders whose embeddings flowkern.app.prompts caches
+}
+
+
+def check_applicable(settings: Mapping, defaults: Mapping, method: str, kind: str) -> None:
+    """ValueError (one line) listing every setting that differs from its default and does nothing for ``method``
+    (:attr:`flowkern.methods.registry.MethodEntry.reads`) on a ``kind`` model (:data:`FOR_MODELS`). Settings no
+    method reads, and settings no table lists, act for every method and model."""
+    from flowkern.methods.registry import METHODS as REGISTRY
+
+    read_by = {}
+    for entry in REGISTRY.values():
+        for setting in entry.reads:
+            read_by.setdefault(setting, []).append(entry.name)
+    problems = []
+    for table, chosen, what in ((read_by, method, "method"), (FOR_MODELS, kind, "model")):
+        for name, users in table.items():
+            if chosen not in users and settings.get(name) != defaults.get(name):
+                problems.append(
+                    f"--{name.replace('_', '-')} has no effect with {what} {chosen} (it applies to {', '.join(users)})"
+                )
+    if problems:
+        raise ValueError("; ".join(problems) + ": leave it out")

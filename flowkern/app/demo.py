@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from flowkern.app import report
-from flowkern.app.build import ASSET_DIR, METHODS, MethodSettings, build_method, build_reward, load_model
+from flowkern.app.build import ASSET_DIR, METHODS, MethodSettings, load_model, method_for_run, reward_for_run
 from flowkern.app.evaluate import evaluate_samples, generate
 from flowkern.app.run import TRAINING_FILES, JsonlLog, progress_bar, run_directory
 from flowkern.train import TrainConfig, Trainer
@@ -103,7 +103,7 @@ def _run_demo(opts: DemoOptions, echo) -> dict:
 def _demo(opts: DemoOptions, echo) -> dict:
     start = time.perf_counter()
     setup = _setup(opts)
-    reward_fn, reward_module = build_reward([opts.reward], setup)
+    reward_fn, reward_module = reward_for_run([opts.reward], setup)
     base = generate(setup, opts.eval_samples, seed=opts.seed + 1000, base=True)
     before = evaluate_samples(setup, reward_fn, base, base, reward_module)
     echo(
@@ -117,9 +117,9 @@ def _demo(opts: DemoOptions, echo) -> dict:
         t0 = time.perf_counter()
         if name != opts.methods[0]:
             setup = _setup(opts)  # a fresh LoRA per method
-            reward_fn, reward_module = build_reward([opts.reward], setup)
+            reward_fn, reward_module = reward_for_run([opts.reward], setup)
         conf = {**DEMO_SETTINGS[name], **opts.overrides.get(name, {})}
-        method = build_method(name, setup, reward_fn, conf["settings"], seed=opts.seed)
+        method = method_for_run(name, setup, reward_fn, conf["settings"], seed=opts.seed)
         config = TrainConfig(
             batch_size=opts.batch_size,
             num_updates=opts.steps,

@@ -40,6 +40,9 @@ from typing import Any
 
 import torch
 
+from flowkern.methods.registry import MethodSettings
+from flowkern.train.config import TrainConfig
+
 __all__ = ["JsonlLog", "TrainOptions", "ensure_output_dir", "progress_bar", "run_directory", "saved_options",
            "train_run"]  # fmt: skip
 
@@ -47,7 +50,7 @@ RUN_FILES = ("log.jsonl", "run_config.json", "checkpoints", "lora", "eval.json")
 TRAINING_FILES = ("run_config.json", "checkpoints", "lora", "eval.json")  # a training run (the demo refuses it)
 # options that do not change the trajectory of training (free to differ on --resume; steps extends the run)
 BOOKKEEPING = ("out", "resume", "overwrite", "progress", "tensorboard", "eval_samples", "checkpoint_every",
-               "keep_checkpoints", "allow_change", "skip_damaged_checkpoint", "steps")  # fmt: skip
+               "keep_checkpoints", "allow_change", "skip_damaged_checkpoint", "steps", "prompt_cache")  # fmt: skip
 # --allow-change NAME: options a resumed run may change on purpose -> the Trainer.settings keys they move
 CHANGEABLE = {"lr": ("config.lr",), "value_lr": ("config.value_lr",), "grad_clip": ("config.grad_clip",),
               "device": ("device",)}  # fmt: skip
@@ -191,25 +194,27 @@ class TrainOptions:
     beta: float | None = None
     lam: float | None = None
     K: int | None = None
-    p: float = 2.0
-    eta: str = "quad"
-    alpha: float = 1e4
-    subsample: float | None = 0.25
+    p: float = MethodSettings.p  # the method settings' defaults are the constructors' (methods/registry.py)
+    eta: str = MethodSettings.eta
+    alpha: float = MethodSettings.alpha
+    subsample: float | None = MethodSettings.subsample
     consistency: str | None = None
     lora_rank: int = 8
     lora_alpha: float | None = None
-    steps: int = 400
+    steps: int = TrainConfig.num_updates  # the Trainer's defaults where the CLI has no reason to differ
     batch_size: int = 8
     grad_accum: int = 1
     micro_batch: int | None = None
     memory_budget: str | None = None  # e.g. "24GB": flowkern plan picks batch/accumulation/K that fit (issue 16)
     num_steps: int | None = None
     guidance_scale: float | None = None
-    lr: float = 5e-4
+    lr: float = TrainConfig.lr
     value_lr: float | None = None
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = TrainConfig.grad_clip
     resolution: int | None = None
     precision: str = "fp32"
+    base_precision: str | None = None
+    prompt_cache: str | None = None
     device: str = "cpu"
     seed: int = 0
     checkpoint_every: int = 50
@@ -244,8 +249,6 @@ class TrainOptions:
         for name in ("checkpoint_every", "keep_checkpoints"):
             _int(name, getattr(self, name), 0)
         _int("seed", self.seed, 0, MAX_SEED)
-        if self.micro_batch is not None:
-            _int("micro_batch", self.micro_batch, 1)
         if self.num_steps is not None:
             _int("num_steps", self.num_steps, 1, 10_000)
         unknown = [name for name in self.allow_change if name not in CHANGEABLE]
@@ -257,6 +260,8 @@ class TrainOptions:
                 raise ValueError(f"--{_flag(name)} must be a finite number > 0, got {value!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.base_precision not in (None, "bf16", "int8", "fp8"):
+            raise ValueError(f"--base-precision must be bf16, int8 or fp8, got {self.base_precision!r}")
         if self.resolution is not None:
             _int("resolution", self.resolution, 1)
         if not self.reward:
@@ -272,11 +277,9 @@ class TrainOptions:
 
             if importlib.util.find_spec("tensorboard") is None:
                 raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
-        self.method_settings().check(self.num_steps or 10**9)
+        self.method_settings().check(self.num_steps or 10**9)  # before any model is loaded
 
-    def method_settings(self):
-        from flowkern.app.build import MethodSettings
-
+    def method_settings(self) -> MethodSettings:
         return MethodSettings(
             beta=self.beta,
             lam=self.lam,
@@ -370,8 +373,7 @@ def make_accelerator(device: str):
 # ---------------------------------------------------------------- the run
 def train_run(opts: TrainOptions, echo=print) -> dict:
     """Train as ``opts`` says; returns the final evaluation (also written to eval.json)."""
-    from flowkern.app.build import check_reward_names, resolve_model
-    from flowkern.app.flags import check_applicable
+    from flowkern.app.build import check_applicable, check_reward_names, resolve_model
 
     opts.check()
     kind, _ = resolve_model(opts.model)
@@ -485,7 +487,7 @@ def _damaged(err) -> ValueError:
 
 def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
     """Model, reward, method and Trainer (restored from the last checkpoint with --resume)."""
-    from flowkern.app.build import build_method, build_reward, load_model
+    from flowkern.app.build import load_model, method_for_run, reward_for_run
     from flowkern.train import TrainConfig, Trainer, load_checkpoint
     from flowkern.train.checkpoint import DamagedCheckpoint
 
@@ -497,6 +499,8 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         lora_rank=opts.lora_rank,
         lora_alpha=opts.lora_alpha,
         precision=opts.precision,
+        base_precision=opts.base_precision,
+        prompt_cache=opts.prompt_cache,
         device=device,
         resolution=opts.resolution,
         prompts=opts.prompt,
@@ -504,9 +508,9 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         num_steps=opts.num_steps,
         seed=opts.seed,
     )
-    opts.method_settings().check(setup.num_steps)
-    reward_fn, reward_module = build_reward(opts.reward, setup, opts.reward_source)
-    method = build_method(
+    opts.method_settings().check(setup.num_steps)  # K against the model's N, before a reward model is loaded
+    reward_fn, reward_module = reward_for_run(opts.reward, setup, opts.reward_source)
+    method = method_for_run(
         opts.method, setup, reward_fn, opts.method_settings(), default_beta=_default_beta(setup), seed=opts.seed
     )
     config = TrainConfig(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import logging
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,8 +28,11 @@ from typing import Any
 import torch
 
 from flowkern.adjoint import graph_leaves, terminal_reward_grad
+from flowkern.methods.base import MethodBase
 from flowkern.ops import _validate as V
 from flowkern.sampling import sample_euler, validate_grid
+
+log = logging.getLogger("flowkern.methods")
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -194,18 +197,10 @@ def stack_states(states: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(states))
 
 
-def per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B] coefficient broadcastable against [B, ...]."""
+def batch_column(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [B] coefficient viewed as [B, 1, ...] against the [B, ...] tensor ``like`` (gradients flow through it,
+    unlike the ops references' detached ``per_sample``)."""
     return coef.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-def eta(t: torch.Tensor, eta_mode: str) -> torch.Tensor:
-    """eta_t of (M15): 'quad' t^2 | 'linear' t | 'constant' 1 (differentiable in t, for the JVP of M21)."""
-    if eta_mode == "quad":
-        return t * t
-    if eta_mode == "linear":
-        return t
-    return torch.ones_like(t)
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -288,24 +283,35 @@ class MicroBatchGradients:
             leaf.grad = g if leaf.grad is None else leaf.grad + g
 
 
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
-
-
-class RewardFeedbackMethod:
+class RewardFeedbackMethod(MethodBase):
     """Shared by the unregularised baselines ReFL (M34) and DRaFT (M35): a velocity and a reward, an
-    on-policy Euler rollout (M2) without grad, no value network."""
+    on-policy Euler rollout (M2) without grad, no value network.
 
-    has_value_net = False
+    ``relu=True`` (default, M34/M35 as published) maximises mean ReLU(r): samples with r <= 0 give no gradient, so a
+    batch whose rewards are all <= 0 (e.g. ImageReward or redness on a bad start) learns nothing. That is logged (a
+    warning the first time, ``relu_active`` = the fraction of samples with r > 0 in every update's metrics); pass
+    ``relu=False`` for rewards that are often negative.
+    """
 
     def __init__(self, velocity: Velocity, reward: Reward, *, relu: bool = True, generator=None):
         self.velocity = check_callable("velocity", velocity)
         self.reward = check_callable("reward", reward)
         self.relu = bool(relu)
         self.generator = generator
+        self._warned_inactive = False
 
-    def value_parameters(self) -> list:
-        return []
+    def objective(self, r: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(ReLU(r) or r per sample, metrics with ``relu_active``), warning when no sample has r > 0."""
+        if not self.relu:
+            return r, {}
+        active = float((r.detach() > 0).float().mean())
+        if active == 0.0 and bool(torch.isfinite(r).all()):
+            level = logging.DEBUG if self._warned_inactive else logging.WARNING
+            log.log(level, "%s: every reward of the batch is <= 0, so -ReLU(r) has zero gradient and this update "
+                    "learns nothing (relu=True, M34/M35); use relu=False for rewards that are often negative",
+                    type(self).__name__)  # fmt: skip
+            self._warned_inactive = True
+        return torch.relu(r), {"relu_active": active}
 
     def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
         """Euler rollout (M2) without grad: {'states', 'ts', 'cond'}."""

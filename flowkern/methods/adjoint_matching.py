@@ -30,6 +30,7 @@ import torch
 
 from flowkern.adjoint import lean_adjoint
 from flowkern.methods import _common as C
+from flowkern.methods.base import MethodBase
 from flowkern.ops import _validate as V
 from flowkern.ops import adjoint_matching_loss
 from flowkern.sampling import memoryless_coefficients, sample_euler, sample_memoryless
@@ -38,7 +39,7 @@ KINDS = ("ode", "memoryless")
 COSTS = ("elementwise", "norm")
 
 
-class AdjointMatching:
+class AdjointMatching(MethodBase):
     """Deterministic lean-adjoint matching truncated to the last K steps, or memoryless AM.
 
     Args:
@@ -49,12 +50,11 @@ class AdjointMatching:
         p: control-cost power (> 1), cost: 'elementwise' | 'norm' (M26); p = 2 is quadratic.
         lct: memoryless only, per-sample loss clip LCT (M32); None = 1.6 beta^2 (M33); math.inf = no clamp.
         n_last, n_random: memoryless only, transitions T = the last n_last steps plus n_random drawn without
-            replacement from the others, per trajectory (M33: 10 + 10 of N = 40).
+            replacement from the others, per trajectory. None (default) = max(1, N // 4) each: M33's 10 + 10 of
+            N = 40 at any N (fixed 10 + 10 trained every transition of a 20-step grid, twice the reference's share).
         generator: torch.Generator for the memoryless noise and transition draws.
         micro_batch: samples per network call with grad, per VJP batch and per reward gradient (None: all at once).
     """
-
-    has_value_net = False
 
     def __init__(
         self,
@@ -69,8 +69,8 @@ class AdjointMatching:
         p: float = 2.0,
         cost: str = "elementwise",
         lct: float | None = None,
-        n_last: int = 10,
-        n_random: int = 10,
+        n_last: int | None = None,
+        n_random: int | None = None,
         generator: torch.Generator | None = None,
         micro_batch: int | None = None,
     ):
@@ -97,13 +97,10 @@ class AdjointMatching:
             self.lct = math.inf  # no clamp
         else:
             self.lct = C.check_positive("lct", lct)
-        self.n_last = C.check_int("n_last", n_last)
-        self.n_random = C.check_int("n_random", n_random, minimum=0)
+        self.n_last = None if n_last is None else C.check_int("n_last", n_last)
+        self.n_random = None if n_random is None else C.check_int("n_random", n_random, minimum=0)
         self.generator = generator
         self.micro_batch = C.check_micro_batch(micro_batch)
-
-    def value_parameters(self) -> list:
-        return []
 
     # ------------------------------------------------------------ rollout
     def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
@@ -201,10 +198,11 @@ class AdjointMatching:
 
     def _transitions(self, n_steps: int, n_traj: int, device) -> torch.Tensor:
         """[B, n] memoryless transitions T: the last n_last plus n_random others per trajectory (M33)."""
-        n_last = min(self.n_last, n_steps)
+        quarter = max(1, n_steps // 4)  # (M33) 10 + 10 of 40
+        n_last = min(quarter if self.n_last is None else self.n_last, n_steps)
         last = torch.arange(n_steps - n_last, n_steps)
         n_early = n_steps - n_last
-        n_rand = min(self.n_random, n_early)
+        n_rand = min(quarter if self.n_random is None else self.n_random, n_early)
         if n_rand == 0:
             return last.expand(n_traj, n_last).to(device)
         keys = torch.rand((n_traj, n_early), generator=self.generator)
@@ -244,7 +242,7 @@ class AdjointMatching:
                 v_b = self.base_velocity(x, t, c_y).to(acc)
             sig = sigma.to(device=x.device, dtype=acc)[step]
             term = adjoint_matching_loss(v_ft, v_b, a, self.lam, mode="memoryless", sigma=sig, lct=self.lct)
-            s = ((2 / C.per_sample(sig, x)) * (v_ft.detach().to(acc) - v_b) + C.per_sample(sig, x) * a).flatten(1)
+            s = ((2 / C.batch_column(sig, x)) * (v_ft.detach().to(acc) - v_b) + C.batch_column(sig, x) * a).flatten(1)
             clipped += float((s.square().sum(1) >= self.lct).float().sum())
             adj_norm += float(a.flatten(1).norm(dim=1).sum())
             del v_ft, v_b, s

@@ -21,7 +21,8 @@ class DRaFT(C.RewardFeedbackMethod):
     Args:
         velocity: v_theta(x, t, cond). reward: r(x) -> [B].
         K: number of differentiated final steps (1 <= K <= N). random_K: draw K ~ U{1..K} per loss call.
-        relu: use -ReLU(r) (M35); False uses -r.
+        relu: use -ReLU(r) (M35); False uses -r. With relu, a batch whose rewards are all <= 0 learns nothing:
+            logged (see :class:`flowkern.methods._common.RewardFeedbackMethod`).
         generator: torch.Generator for the K draws.
     """
 
@@ -47,11 +48,10 @@ class DRaFT(C.RewardFeedbackMethod):
         K = int(torch.randint(1, self.K + 1, (), generator=self.generator)) if self.random_K else self.K
         x_end = states[-1].detach()
         r, g = C.reward_and_grad(self.reward, x_end)
+        objective, extra = self.objective(r)
         if self.relu:  # d/dx of -mean ReLU(r): -1[r > 0] grad r / B
-            g = g * C.per_sample((r > 0).float(), g)
-            value = -torch.relu(r).mean()
-        else:
-            value = -r.mean()
+            g = g * C.batch_column((r > 0).float(), g)
+        value = -objective.mean()
         terminal = (-g / x_end.shape[0]).to(x_end.dtype)
 
         def backward(scale: torch.Tensor) -> None:
@@ -59,4 +59,4 @@ class DRaFT(C.RewardFeedbackMethod):
             velocity = lambda x, t: self.velocity(x, t, cond)
             truncated_backprop(velocity, states, ts, terminal * scale.to(terminal.dtype), K)
 
-        return C.deferred_loss(value, backward), {"loss": float(value), "K": float(K)}
+        return C.deferred_loss(value, backward), {"loss": float(value), "K": float(K), **extra}

@@ -22,7 +22,8 @@ class ReFL(C.RewardFeedbackMethod):
     Args:
         velocity: v_theta(x, t, cond) (see :mod:`flowkern.methods._common`). reward: r(x) -> [B].
         last_steps: i is drawn from the last ``last_steps`` steps (default 5: steps 15..19 of 20).
-        relu: use -ReLU(r) (M34); False uses -r.
+        relu: use -ReLU(r) (M34); False uses -r. With relu, a batch whose rewards are all <= 0 learns nothing:
+            logged (see :class:`flowkern.methods._common.RewardFeedbackMethod`).
         generator: torch.Generator for the step draws.
     """
 
@@ -51,8 +52,8 @@ class ReFL(C.RewardFeedbackMethod):
         acc = C.acc_dtype(x)
         t = ts.to(device=x.device, dtype=acc)[step]
         v = self.velocity(x, t, C.gather_cond(cond, traj))
-        x_hat1 = x + C.per_sample(1 - t, x).to(x.dtype) * v  # (M34): no sg, the gradient reaches theta
+        x_hat1 = x + C.batch_column(1 - t, x).to(x.dtype) * v  # (M34): no sg, the gradient reaches theta
         r = C.check_reward_output(self.reward(x_hat1), x_hat1).to(acc)
-        objective = torch.relu(r) if self.relu else r
+        objective, extra = self.objective(r)
         loss = -objective.mean()
-        return loss, {"loss": float(loss.detach()), "reward_x_hat1": float(r.detach().mean())}
+        return loss, {"loss": float(loss.detach()), "reward_x_hat1": float(r.detach().mean()), **extra}

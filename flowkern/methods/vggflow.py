@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flowkern.methods import _common as C
+from flowkern.methods.base import MethodBase
 from flowkern.ops import _validate as V
 from flowkern.ops import (
     consistency_probes,
@@ -39,7 +40,8 @@ from flowkern.ops import (
     time_probe,
     vggflow_matching_loss,
 )
-from flowkern.ops.reference.consistency_residual import boundary_loss
+from flowkern.ops._reference import eta
+from flowkern.ops.consistency_residual.reference import boundary_loss
 from flowkern.sampling import sample_euler, subsample_transitions
 
 CONSISTENCY_MODES = ("fd", "exact")
@@ -53,13 +55,17 @@ class SmallValueNet(nn.Module):
     cond). Image-like samples [B, C, H, W]: a small conv net, time/cond features added per channel (FiLM
     shift). ``cond``: None, a floating tensor [B, ..., cond_dim] (mean-pooled over the middle dims; the prompt
     embedding, never the negative prompt, M15) or an integer label tensor [B] (``num_classes``).
+
+    Defaults: hidden 64, depth 3, the net the CLI and demo runs were tuned and measured with (docs/results.md). The
+    paper's 'small' net is a reduced U-Net, so there is no reference width to follow; the CLI once had 64 while this
+    class said 128 (one default now).
     """
 
     def __init__(
         self,
         sample_shape: Sequence[int],
         *,
-        hidden: int = 128,
+        hidden: int = 64,
         depth: int = 3,
         n_freq: int = 4,
         cond_dim: int | None = None,
@@ -132,7 +138,7 @@ class SmallValueNet(nn.Module):
         return self.out(h).reshape(x.shape)
 
 
-class VGGFlow:
+class VGGFlow(MethodBase):
     """VGG-Flow (M6-M22). One entry point: ``loss(batch) -> (loss, metrics)``; then the caller's backward and
     optimizer step on ``flow parameters`` (theta) and :meth:`value_parameters` (phi), then
     :meth:`after_optimizer_step` (tau update, M9).
@@ -152,12 +158,11 @@ class VGGFlow:
             and one more v_base call per transition; computed in PyTorch, no fused op).
         subsample_fraction: f of (M22); None uses every transition.
         clip_quantile, tau0: running-quantile clipping (M9); clip=False disables clipping (rho = 1).
-        tau_gather: optional callable gathering the update's norms over ranks before the quantile (M9).
+        tau_gather: optional callable gathering the update's norms over ranks before the quantile (M9); the
+            Trainer sets it through :meth:`share_across_processes` under data parallel.
         generator: torch.Generator for the subsampling draws.
         micro_batch: transitions per micro-batch (None: all at once); see the module docstring.
     """
-
-    has_value_net = True
 
     def __init__(
         self,
@@ -228,6 +233,14 @@ class VGGFlow:
         params = getattr(self.value_net, "trainable_parameters", None)
         return list(params()) if callable(params) else []
 
+    def value_module(self) -> nn.Module | None:
+        return self.value_net if isinstance(self.value_net, nn.Module) else None
+
+    def share_across_processes(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """tau from the norms of every process (M9), unless a ``tau_gather`` was given."""
+        if self.tau_gather is None:
+            self.tau_gather = gather
+
     def after_optimizer_step(self) -> None:
         """tau <- linear Quantile_q of the n_b of all unperturbed evaluations of this update (M9)."""
         if not self._pending_norms:
@@ -270,12 +283,12 @@ class VGGFlow:
         """x_hat1 = x + (1-t) sg(v_theta(x, t)) (M6), re-evaluated at each point."""
         with torch.no_grad():
             v = self.velocity(x, t, cond)
-        return x + C.per_sample(1 - t, x) * v.detach().to(x.dtype)
+        return x + C.batch_column(1 - t, x) * v.detach().to(x.dtype)
 
     def _ghat_at(self, x: torch.Tensor, t: torch.Tensor, cond: Any, rho: torch.Tensor) -> torch.Tensor:
         """rho_b grad r(x_hat1(x, t)) at a perturbed point, rho_b from the unperturbed (x, t) (M9)."""
         _, g = C.reward_and_grad(self.reward, self._x_hat1(x, t, cond))
-        return g * C.per_sample(rho, g)
+        return g * C.batch_column(rho, g)
 
     def _value(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         c = self.value_net(x, t, cond)
@@ -306,12 +319,17 @@ class VGGFlow:
         for lo, hi in C.micro_batches(n, self.micro_batch):
             # each micro-batch's mean weighted by its share: the sum is the mean over all transitions (M19)
             rows = slice(lo, hi)
-            value, parts, norm = self._micro_batch(states, ts, cond, step[rows], traj[rows], tau, (hi - lo) / n, grads)
+            out = self._micro_batch(states, ts, cond, step[rows], traj[rows], tau, (hi - lo) / n, grads)
+            if out is None:  # a non-finite reward gradient: a non-finite loss, which the caller skips
+                nan = float("nan")
+                return torch.tensor(nan), {"loss": nan, "reward_grad_norm": nan, "tau": tau}
+            value, parts, norm = out
             total = value if total is None else total + value
             for key, v in parts.items():
                 sums[key] += v
             norms.append(norm)
         norms = torch.cat(norms)
+        self._pending_norms.append(norms.double().cpu())  # queued for tau only once the whole loss is finite (M9)
         metrics = {
             "loss": float(total),
             "loss_match": sums["loss_match"],
@@ -327,7 +345,8 @@ class VGGFlow:
 
     def _micro_batch(self, states, ts, cond, step, traj, tau, weight, grads):
         """One micro-batch of transitions: (weighted loss value, weighted parts, norms n_b); its gradients go to
-        ``grads`` (phi's backward before v_theta's graph is built)."""
+        ``grads`` (phi's backward before v_theta's graph is built). None when a reward gradient or its norm is
+        non-finite (NaN/inf, or a finite gradient whose norm overflows): nothing of this update may be applied."""
         device = states.device
         n_steps = ts.numel() - 1
         acc = C.acc_dtype(states)  # fp32 (fp64 for fp64 states): losses and differences in fp32 at least (M20)
@@ -343,9 +362,10 @@ class VGGFlow:
             ghat, norms = reward_grad_clip(g_raw, tau)
         else:
             ghat, norms = g_raw, g_raw.flatten(1).norm(dim=1)
+        if not (bool(torch.isfinite(norms).all()) and bool(torch.isfinite(ghat).all())):
+            return None
         ghat = ghat.to(acc)
         rho = norms.clamp(max=tau) / norms.clamp(min=1e-12) if self.clip else torch.ones_like(norms)
-        self._pending_norms.append(norms.detach().double().cpu())
         del g_raw
 
         if self.consistency == "fd":
@@ -412,15 +432,15 @@ class VGGFlow:
         def g_phi(xx, tt):  # G_phi (M15) at a perturbed point: c_phi with grad, ghat detached
             with torch.no_grad():
                 g = self._ghat_at(xx, tt, cond, rho)
-            return self._value(xx, tt, cond).to(x.dtype) - C.per_sample(beta * C.eta(tt, mode), g) * g
+            return self._value(xx, tt, cond).to(x.dtype) - C.batch_column(beta * eta(tt, mode), g) * g
 
         with C.no_autocast(device):
-            t1 = (g_phi(x, t_plus) - g_phi(x, t_minus)) / C.per_sample(t_plus - t_minus, x)
-            t2 = C.per_sample(rho_w.to(x.dtype) / (2 * self.eps_x), x) * (g_phi(x_w, t) - g_phi(x_w_minus, t))
+            t1 = (g_phi(x, t_plus) - g_phi(x, t_minus)) / C.batch_column(t_plus - t_minus, x)
+            t2 = C.batch_column(rho_w.to(x.dtype) / (2 * self.eps_x), x) * (g_phi(x_w, t) - g_phi(x_w_minus, t))
             with torch.no_grad():
                 vb_plus = self.base_velocity(x_g, t, cond).to(x.dtype)
                 vb_minus = self.base_velocity(x_g_minus, t, cond).to(x.dtype)
-                t3 = C.per_sample(rho_g.to(x.dtype) / (2 * self.eps_x), x) * (vb_plus - vb_minus)
+                t3 = C.batch_column(rho_g.to(x.dtype) / (2 * self.eps_x), x) * (vb_plus - vb_minus)
         l_cons = (t1 + t2 + t3).square().mean()  # (M18)
         return l_cons, boundary_loss(c, mask, x.dtype)  # (M17), the op reference's definition
 
@@ -431,7 +451,7 @@ class VGGFlow:
         beta, mode = self.beta, self.eta_mode
         with torch.no_grad(), C.no_autocast(device):
             c0 = self._value(x, t, cond).to(x.dtype)
-        eta_t = C.per_sample(C.eta(t, mode), x)
+        eta_t = C.batch_column(eta(t, mode), x)
         g_phi = c0 - beta * eta_t * ghat  # G_phi (M15)
         w = (v_b - g_phi).detach()  # w = sg(v_base - G_phi) (shared by M20/M21)
         ones = torch.ones_like(t)
@@ -441,14 +461,14 @@ class VGGFlow:
             c, dc = torch.func.jvp(lambda xx, tt: self._value(xx, tt, cond), (x, t), (w, ones))
 
             def x_hat1(xx, tt):  # (M6), differentiated along (w, 1) through v_theta
-                return xx + C.per_sample(1 - tt, xx) * self.velocity(xx, tt, cond).to(xx.dtype)
+                return xx + C.batch_column(1 - tt, xx) * self.velocity(xx, tt, cond).to(xx.dtype)
 
             with torch.no_grad():
                 y, dy = torch.func.jvp(x_hat1, (x, t), (w, ones))
-                eta_y, d_eta = torch.func.jvp(lambda tt: C.eta(tt, mode), (t,), (ones,))
+                eta_y, d_eta = torch.func.jvp(lambda tt: eta(tt, mode), (t,), (ones,))
             # d/ds [eta rho grad r(y)] = eta' rho grad r(y) + eta rho H(y) dy (M7; rho fixed, M9)
             g_y, h_dy = C.reward_grad_and_hvp(self.reward, y, dy)
-            d_eta_ghat = C.per_sample(d_eta * rho, x) * g_y.to(x.dtype) + C.per_sample(eta_y * rho, x) * h_dy.to(
+            d_eta_ghat = C.batch_column(d_eta * rho, x) * g_y.to(x.dtype) + C.batch_column(eta_y * rho, x) * h_dy.to(
                 x.dtype
             )
             del g_y, h_dy, y, dy

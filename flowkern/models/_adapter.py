@@ -7,7 +7,8 @@ M1/M3). Everything else is common:
 - CFG (M5) as one [2B] batch, uncond first, combined v = v_u + w (v_c - v_u) like `flowkern.ops.cfg_euler`;
 - ``detach_uncond`` (M5): the unconditional branch's *parameter* path is detached, its state path kept;
 - ``base_velocity()``: LoRA off (`flowkern.models.lora.lora_disabled`), restored even on error;
-- loading (local directory or hub id, ``subfolder``), bf16 frozen weights with fp32 LoRA, LoRA save/load,
+- loading (local directory or hub id, ``subfolder``), bf16 (or int8/fp8 weight-only, `flowkern.models.quantize`)
+  frozen weights with fp32 LoRA, LoRA save/load,
   gradient checkpointing whose recomputation sees the LoRA on/off state of its forward (a VJP of the base velocity
   runs its backward after ``base_velocity()`` has exited).
 
@@ -155,6 +156,7 @@ class TransformerFlowModel(nn.Module):
         lora_path: str | os.PathLike | None = None,
         gradient_checkpointing: bool = False,
         adapter_kwargs: Mapping[str, Any] | None = None,
+        base_precision: str | None = None,
         **kwargs,
     ) -> TransformerFlowModel:
         """Load the transformer from a local pipeline/transformer directory or a hub id (``subfolder=None`` for a
@@ -162,16 +164,29 @@ class TransformerFlowModel(nn.Module):
         ``lora_rank`` a LoRA with fp32 parameters is attached (targets default to ``default_lora_targets``) and
         ``lora_path`` (a `save_lora` directory/file) loads its weights. ``adapter_kwargs`` go to the adapter's
         constructor, other ``kwargs`` to diffusers' ``from_pretrained`` (``revision``, ``cache_dir``, ...).
+
+        ``base_precision`` ('bf16', 'int8', 'fp8'; `flowkern.models.quantize`): the frozen linears stored weight-only
+        in int8/fp8 (quantized on the CPU before the move to ``device``), computing in ``torch_dtype`` (default bf16);
+        'bf16' is ``torch_dtype=torch.bfloat16`` unquantized. The LoRA is attached afterwards, on top, in fp32.
         """
         import diffusers
 
+        from flowkern.models.quantize import check_base_precision, quantize_base
+
         if lora_path is not None and lora_rank is None:
             raise ValueError("lora_path needs lora_rank (and lora_alpha if it differs from the rank)")
+        if base_precision is not None:
+            check_base_precision(base_precision)
+            if base_precision == "bf16" and torch_dtype not in (None, torch.bfloat16):
+                raise ValueError(f"base_precision='bf16' loads bf16 weights, but torch_dtype={torch_dtype}")
+            torch_dtype = torch_dtype or torch.bfloat16
         if subfolder is not None:
             kwargs["subfolder"] = subfolder
         transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
             pretrained_model_name_or_path, torch_dtype=torch_dtype, local_files_only=local_files_only, **kwargs
         )
+        if base_precision is not None:
+            quantize_base(transformer.requires_grad_(False), base_precision)  # frozen, as the constructor leaves it
         if device is not None:
             transformer = transformer.to(device)
         model = cls(transformer, gradient_checkpointing=gradient_checkpointing, **dict(adapter_kwargs or {}))
@@ -225,8 +240,15 @@ class TransformerFlowModel(nn.Module):
             yield
 
     @property
+    def base_precision(self) -> str:
+        """How the frozen weights are stored: 'int8' / 'fp8' (quantized linears) or their dtype ('bf16', 'fp32')."""
+        from flowkern.models.quantize import base_precision_of
+
+        return base_precision_of(self.transformer)
+
+    @property
     def dtype(self) -> torch.dtype:
-        """The frozen weights' dtype (the LoRA is fp32)."""
+        """The frozen weights' (compute) dtype, also of a quantized base (the LoRA is fp32)."""
         return next(p.dtype for n, p in self.transformer.named_parameters() if "lora_" not in n)
 
     # ------------------------------------------------------------------ per-backbone hooks

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import os
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -164,16 +165,18 @@ def add_lora(
         init_lora_weights=init_lora_weights,
         target_modules=list(target_modules),
     )
-    if hasattr(transformer, "add_adapter"):
-        transformer.add_adapter(config)
-    else:  # no diffusers peft mixin (DiT): peft directly; keep the config where get/set_peft_model_state_dict look
-        from peft import inject_adapter_in_model
+    with warnings.catch_warnings():  # a quantized base (flowkern.models.quantize): peft warns that merge() is
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")  # unavailable; never used
+        if hasattr(transformer, "add_adapter"):
+            transformer.add_adapter(config)
+        else:  # no diffusers peft mixin (DiT): peft directly; keep the config where get/set_peft_model_state_dict look
+            from peft import inject_adapter_in_model
 
-        try:
-            inject_adapter_in_model(config, transformer, adapter_name="default")
-        except ValueError as err:  # peft: "Target modules ... not found in the base model"
-            raise ValueError(f"no module of the transformer matches target_modules={list(target_modules)}") from err
-        transformer.peft_config = {"default": config}
+            try:
+                inject_adapter_in_model(config, transformer, adapter_name="default")
+            except ValueError as err:  # peft: "Target modules ... not found in the base model"
+                raise ValueError(f"no module of the transformer matches target_modules={list(target_modules)}") from err
+            transformer.peft_config = {"default": config}
     params = lora_parameters(transformer)
     if not params:
         raise ValueError(f"no module of the transformer matches target_modules={list(target_modules)}")

@@ -15,12 +15,13 @@ and S_k share eigenvectors, so S_k^{-1}, log det S_k and the solve are elementwi
 is a softmax of log-weights (log-sum-exp). Everything is batched over x [B, d], t is 0-dim or [B], the
 mixture buffers are cast to x's dtype (fp32 or fp64) and the field is differentiable w.r.t. x.
 
-Layering (design.md section 1, L5): imports only torch and flowkern.models.base.
+Layering (design.md section 1, L5): imports only torch, safetensors (ToyFlow.save_lora) and flowkern.models.base.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "GaussianMixtureVelocity",
     "ResidualMLP",
     "make_toy_model",
+    "ToyFlow",
     "LinearReward",
     "BumpReward",
     "QuadraticReward",
@@ -362,3 +364,39 @@ class QuadraticReward(_Reward):
         except RuntimeError:
             return []
         return [self._p(xs, x_end).expand_as(x_end)]
+
+
+class ToyFlow(nn.Module):
+    """The 2-D toy (``flowkern.models.toy``) with the same interface: ``cond`` is ignored (no prompts)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def velocity(self, x, t, cond=None, *, detach_uncond=False):
+        return self.model.velocity(x, t)
+
+    def base_velocity(self):
+        return self.model.base_velocity()
+
+    def trainable_parameters(self):
+        return self.model.trainable_parameters()
+
+    def save_lora(self, path: str | os.PathLike) -> str:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        file = os.path.join(path, "toy_residual.safetensors")
+        save_file({k: v.detach().contiguous() for k, v in self.model.residual.state_dict().items()}, file)
+        return file
+
+    def load_lora(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        file = os.path.join(path, "toy_residual.safetensors") if os.path.isdir(path) else os.fspath(path)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no toy residual weights at {file}")
+        try:
+            self.model.residual.load_state_dict(load_file(file))
+        except RuntimeError as err:
+            raise ValueError(f"{file} does not match the toy model: {str(err).splitlines()[0]}") from None

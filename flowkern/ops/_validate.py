@@ -110,32 +110,6 @@ def coef_dtype(primary: torch.Tensor) -> torch.dtype:
     return torch.float64 if primary.dtype == torch.float64 else torch.float32
 
 
-def per_sample(name: str, value: object, primary: torch.Tensor, *, finite: bool = True) -> torch.Tensor:
-    """A per-sample coefficient as a contiguous [B] tensor (fp32, fp64 for fp64 inputs)."""
-    batch, dtype, device = primary.shape[0], coef_dtype(primary), primary.device
-    if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.Tensor):
-        raise TypeError(f"{name} must be a float, a 0-dim tensor or a [B] tensor, got {type(value).__name__}")
-    if isinstance(value, torch.Tensor):
-        if not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64, torch.bool)):
-            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
-        if value.dim() == 0:
-            out = value.to(dtype).reshape(1).expand(batch)
-        elif value.dim() == 1 and value.shape[0] == batch:
-            out = value.to(dtype)
-        else:
-            raise ValueError(f"{name} must be a scalar or have shape [B]=[{batch}], got shape {tuple(value.shape)}")
-        out = out.detach().contiguous()
-    else:
-        out = torch.full((batch,), float(value), dtype=dtype, device=device)
-    # data-dependent check: CPU eager only (a GPU sync or a graph break otherwise)
-    checkable = out.device.type == "cpu" and not torch.compiler.is_compiling()
-    if finite and checkable and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return out
-
-
 def check_float(name: str, value: object, *, positive: bool = False, minimum: float | None = None) -> float:
     """A finite Python float hyperparameter (optionally > 0 or > minimum)."""
     if (

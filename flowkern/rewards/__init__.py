@@ -18,11 +18,13 @@ from flowkern.rewards.hps import HPSReward, HPSv21Reward, clip_from_open_clip
 from flowkern.rewards.image_reward import ImageRewardModel, ImageRewardReward, load_blip_tokenizer
 from flowkern.rewards.pickscore import PickScoreReward
 from flowkern.rewards.preprocess import CLIP_MEAN, CLIP_STD, apply_clamp, clip_preprocess
+from flowkern.rewards.registry import REGISTRY, make_reward, reward_entry, reward_names
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "RANGE_TOLERANCE",
+    "REGISTRY",
     "REWARDS",
     "AestheticHead",
     "AestheticReward",
@@ -43,33 +45,23 @@ __all__ = [
     "layer_checkpointing_enabled",
     "load_blip_tokenizer",
     "load_clip",
+    "make_reward",
     "open_clip_to_transformers",
+    "reward_entry",
+    "reward_names",
     "set_layer_checkpointing",
     "validate_images",
     "validate_prompts",
 ]
 
-REWARDS = {
-    "aesthetic": AestheticReward,
-    "clipscore": CLIPScoreReward,
-    "hpsv2": HPSReward,
-    "hpsv2.1": HPSv21Reward,
-    "imagereward": ImageRewardReward,
-    "pickscore": PickScoreReward,
-}
-
-
-def _reward_class(name: object) -> type[Reward]:
-    key = name.lower().replace("-", "").replace("_", "") if isinstance(name, str) else name
-    if key not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; known: {sorted(REWARDS)}")
-    return REWARDS[key]
+REWARDS = {name: REGISTRY[name].make.__self__ for name in reward_names("image", weights=True)}  # name -> class
 
 
 def build_reward(name: str, *args, **kwargs) -> Reward:
-    """``REWARDS[name].from_pretrained(*args, **kwargs)``; an unknown name raises a ValueError listing the known.
-    Names ignore case, ``-`` and ``_`` (``"HPS-v2.1"`` is ``"hpsv2.1"``)."""
-    return _reward_class(name).from_pretrained(*args, **kwargs)
+    """The reward ``name`` of :data:`flowkern.rewards.registry.REGISTRY` (``from_pretrained(*args, **kwargs)`` for
+    the model-based ones); an unknown name raises a ValueError listing the known. Names ignore case, ``-`` and ``_``
+    (``"HPS-v2.1"`` is ``"hpsv2.1"``)."""
+    return make_reward(name, *args, **kwargs)
 
 
 def build_weighted_reward(specs: Mapping[str, Mapping]) -> WeightedReward:
@@ -82,9 +74,9 @@ def build_weighted_reward(specs: Mapping[str, Mapping]) -> WeightedReward:
         if not isinstance(spec, Mapping):
             raise TypeError(f"specs[{label!r}] must be a mapping, got {type(spec).__name__}")
         spec = dict(spec)
-        cls = _reward_class(spec.pop("name", label))
+        entry = reward_entry(spec.pop("name", label))
         weight = float(spec.pop("weight", 1.0))
         args = spec.pop("args", ())
-        parsed[label] = (cls, weight, list(args), spec)
-    rewards = {label: cls.from_pretrained(*args, **kw) for label, (cls, _, args, kw) in parsed.items()}
+        parsed[label] = (entry, weight, list(args), spec)
+    rewards = {label: entry.make(*args, **kw) for label, (entry, _, args, kw) in parsed.items()}
     return WeightedReward(rewards, {label: weight for label, (_, weight, _, _) in parsed.items()})

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from flowkern.methods import _common as C
+from flowkern.methods.base import Method, missing_members
 from flowkern.sampling import sd3_shifted_grid, uniform_grid
 from flowkern.train import checkpoint as ckpt
 from flowkern.train import lock
@@ -62,8 +63,7 @@ class Trainer:
     Args:
         model: the fine-tuned flow model (its ``trainable_parameters()`` are theta).
         reward: r(x) -> [B], used to log the reward of each rollout's terminal states x_N.
-        method: a flowkern method (``rollout(x0, ts, cond)``, ``loss(batch)``; optionally
-            ``value_parameters()``, ``after_optimizer_step()``, ``discard_step()``).
+        method: a :class:`flowkern.methods.base.Method` (the flowkern methods derive from ``MethodBase``).
         config: :class:`TrainConfig`.
         sample_shape: shape of one sample x (without the batch dimension).
         cond_sampler: optional ``(n, generator) -> cond`` drawing per-trajectory conditioning.
@@ -72,7 +72,7 @@ class Trainer:
         accelerator: optional ``accelerate.Accelerator`` for data parallel training (module
             :mod:`flowkern.train.distributed`); ``config.batch_size`` is then per process. With more than one
             process, a method's own ``generator`` is reseeded on processes > 0 (seed offset by the process index)
-            and VGG-Flow's ``tau_gather`` is set to gather the norms of all processes (M9).
+            and the method is told how to gather over processes (``share_across_processes``: VGG-Flow's tau, M9).
         run_info: JSON-plain information saved with every checkpoint and not compared on resume (the CLI keeps
             its options there, so ``flowkern train --out RUN --resume`` can rebuild the run).
 
@@ -85,7 +85,7 @@ class Trainer:
         self,
         model: Any,
         reward: C.Reward,
-        method: Any,
+        method: Method,
         config: TrainConfig | None = None,
         *,
         sample_shape: tuple[int, ...],
@@ -99,9 +99,10 @@ class Trainer:
         self.config = config or TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
-        for attr in ("rollout", "loss"):
-            if not callable(getattr(method, attr, None)):
-                raise TypeError(f"method must provide {attr}(), got {type(method).__name__}")
+        missing = missing_members(method)
+        if missing:
+            raise TypeError(f"method must follow flowkern.methods.base.Method (derive from MethodBase); "
+                            f"{type(method).__name__} lacks {missing}")  # fmt: skip
         if not callable(getattr(model, "trainable_parameters", None)):
             raise TypeError(f"model must provide trainable_parameters() (FlowModel), got {type(model).__name__}")
         self.model = model
@@ -121,8 +122,7 @@ class Trainer:
 
         cfg = self.config
         theta = [p for p in model.trainable_parameters() if p.requires_grad]
-        value_params = getattr(method, "value_parameters", None)
-        phi = [p for p in value_params() if p.requires_grad] if callable(value_params) else []
+        phi = [p for p in method.value_parameters() if p.requires_grad]
         if {id(p) for p in theta} & {id(p) for p in phi}:
             raise ValueError("theta (model) and phi (value net) parameters must be disjoint (M19)")
         groups = []
@@ -136,9 +136,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self._named_theta = _names(theta, model, "theta")
-        value_net = self._value_module()
-        self._named_phi = _names(phi, value_net, "phi")
-        self.streams = RandomStreams(cfg.seed, self.processes.index, getattr(method, "generator", None))
+        self._named_phi = _names(phi, method.value_module(), "phi")
+        self.streams = RandomStreams(cfg.seed, self.processes.index, method.generator)
         self.backward: Callable[[torch.Tensor], None] = self.processes.backward
         self.step = 0  # attempted updates
         self.updates = 0  # applied optimizer steps
@@ -160,13 +159,8 @@ class Trainer:
 
     def _setup_processes(self) -> None:
         """Identical starting weights, tau over all processes (M9)."""
-        if hasattr(self.method, "tau_gather") and self.method.tau_gather is None:
-            self.method.tau_gather = self.processes.gather_cat
+        self.method.share_across_processes(self.processes.gather_cat)
         self.processes.broadcast_parameters([p for params in self.param_groups.values() for p in params])
-
-    def _value_module(self) -> torch.nn.Module | None:
-        value_net = getattr(self.method, "value_net", None)
-        return value_net if isinstance(value_net, torch.nn.Module) else None
 
     def _lr_factor(self, applied: int) -> float:
         """Multiplier of the base learning rates after ``applied`` optimizer steps (warm-up, then cosine/constant)."""
@@ -220,12 +214,10 @@ class Trainer:
         method trains on this reward, so x_N is decoded once per update; else evaluated without grad, the method's
         ``micro_batch`` samples at a time."""
         r = batch.get("terminal_reward")
-        if r is not None and getattr(self.method, "reward", None) is self.reward:
+        if r is not None and self.method.reward is self.reward:
             return C.check_reward_output(r.detach(), batch["states"][-1], "terminal_reward")
         with torch.no_grad():
-            return C.evaluate_reward(
-                self.reward, batch["states"][-1], micro_batch=getattr(self.method, "micro_batch", None)
-            )
+            return C.evaluate_reward(self.reward, batch["states"][-1], micro_batch=self.method.micro_batch)
 
     @torch.no_grad()
     def residual_velocity_sq(self, batch: dict) -> float:
@@ -258,9 +250,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        hook = getattr(self.method, "after_optimizer_step", None)
-        if callable(hook):
-            hook()
+        self.method.after_optimizer_step()
 
     def skip(self, reason: str, snapshot: dict | None = None) -> None:
         """Drop the update: gradients zeroed, weights, optimizer and method state untouched (VGG-Flow forgets the
@@ -277,9 +267,7 @@ class Trainer:
 
     def _discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        hook = getattr(self.method, "discard_step", None)
-        if callable(hook):
-            hook()
+        self.method.discard_step()
 
     # ------------------------------------------------------------ one update
     def train_step(self) -> dict[str, float]:
@@ -415,15 +403,15 @@ class Trainer:
     def settings(self) -> dict[str, Any]:
         """Everything that changes the trajectory of training, as flat ``key -> JSON value`` (compared on resume).
 
-        The model and method types; every plain hyperparameter of the method (``method.kind`` tells deterministic
-        from memoryless adjoint matching) and of the model (the frozen weights' dtypes, i.e. the precision; LoRA
+        The model and method types; the method's ``hyperparameters()`` (``method.kind`` tells deterministic from
+        memoryless adjoint matching) and of the model (the frozen weights' dtypes, i.e. the precision; LoRA
         rank, alpha and targets; CFG constants; prompts); the value net's type; sample shape (the resolution), dtype,
         device type and the time grid; every TrainConfig field but the bookkeeping ones (optimizer, schedule, batch,
         seed, ...), and ``config.extra``, where a caller records what the trainer cannot see (e.g. the reward spec).
         """
         out: dict[str, Any] = {"model": type(self.model).__name__, "method": type(self.method).__name__}
-        out.update(_plain_attributes("method", self.method, skip=_state_keys(self.method)))
-        value_net = self._value_module()
+        out.update({f"method.{k}": v for k, v in self.method.hyperparameters().items()})
+        value_net = self.method.value_module()
         if value_net is not None:
             out["value_net"] = type(value_net).__name__
         out.update(_model_settings(self.model))
@@ -448,8 +436,8 @@ class Trainer:
         return state
 
     def _local_state(self) -> dict[str, Any]:
-        value_net = self._value_module()
-        method_state = getattr(self.method, "state_dict", None)
+        value_net = self.method.value_module()
+        method_state = self.method.state_dict()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -470,7 +458,7 @@ class Trainer:
             "phi": {name: p.detach().clone() for name, p in self._named_phi} if value_net is None else None,
             "optimizer": _clone(self.optimizer.state_dict()),
             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
-            "method": _clone(method_state()) if callable(method_state) else None,
+            "method": _clone(method_state) if method_state else None,
             "rng": {"generator": self.streams.data.get_state(), "processes": [self.streams.process_state()]},
         }
 
@@ -501,7 +489,7 @@ class Trainer:
         _compare_fingerprints(state["fingerprint"], self.fingerprint())
         self._compare_settings(state, allow_changes)
         _check_tensors("model (theta)", state["model"], dict(self._named_theta))
-        value_net = self._value_module()
+        value_net = self.method.value_module()
         if value_net is not None:
             _check_tensors("value_net", state.get("value_net"), value_net.state_dict())
         else:
@@ -554,13 +542,12 @@ class Trainer:
             log.warning("flowkern.train: resuming with changed settings (allowed): %s", describe(changed))
 
     def _apply_state(self, state: dict[str, Any]) -> None:
-        method_load = getattr(self.method, "load_state_dict", None)
-        if state.get("method") is not None and callable(method_load):
-            method_load(_clone(state["method"]))
+        if state.get("method"):
+            self.method.load_state_dict(_clone(state["method"]))
         with torch.no_grad():
             for name, p in self._named_theta:
                 p.copy_(state["model"][name])
-            value_net = self._value_module()
+            value_net = self.method.value_module()
             if value_net is not None:
                 value_net.load_state_dict(state["value_net"], strict=True)
             else:
@@ -659,23 +646,17 @@ def _plain(value: Any) -> Any:
     return _NOT_PLAIN
 
 
-def _plain_attributes(prefix: str, obj: Any, skip: set[str] = frozenset()) -> dict[str, Any]:
-    """``prefix.name -> value`` for the public attributes of ``obj`` holding plain, non-None values (its
-    hyperparameters; the state in ``skip``, nn.Module's ``training`` and None values left out)."""
+def _plain_attributes(prefix: str, obj: Any) -> dict[str, Any]:
+    """``prefix.name -> value`` for the public attributes of ``obj`` holding plain, non-None values (a model's
+    hyperparameters; nn.Module's ``training`` and None values left out)."""
     out = {}
     for name, value in sorted(getattr(obj, "__dict__", {}).items()):
-        if name.startswith("_") or name in skip or name == "training" or value is None:
+        if name.startswith("_") or name == "training" or value is None:
             continue
         plain = _plain(value)
         if plain is not _NOT_PLAIN:
             out[f"{prefix}.{name}"] = plain
     return out
-
-
-def _state_keys(method: Any) -> set[str]:
-    method_state = getattr(method, "state_dict", None)
-    state = method_state() if callable(method_state) else None
-    return set(state) if isinstance(state, dict) else set()
 
 
 def _model_settings(model: Any) -> dict[str, Any]:
