@@ -334,6 +334,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--consistency", choices=["fd", "exact"], default=None, help="VGG-Flow's consistency terms")
     pl.add_argument("--lora-rank", type=_int_min(1), default=16, help="[16]")
     pl.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="frozen weights [bf16]")
+    pl.add_argument("--base-precision", **BASE_PRECISION)
     pl.add_argument("--batch-size", type=_int_min(1), default=1, help="trajectories per micro-batch [1]")
     pl.add_argument("--grad-accum", type=_int_min(1), default=1, help="micro-batches per update [1]")
     pl.add_argument("--micro-batch", type=_int_min(1), default=1, help="samples per graph inside the loss [1]")
@@ -506,7 +507,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     knobs = dict(
         method=args.method, K=args.K, consistency=args.consistency, lora_rank=args.lora_rank,
         precision=args.precision, batch=args.batch_size, grad_accum=args.grad_accum, micro_batch=args.micro_batch,
-        resolution=args.resolution, num_steps=args.num_steps,
+        resolution=args.resolution, num_steps=args.num_steps, base_precision=args.base_precision,
     )  # fmt: skip
     if budget is None:
         result = plan(args.model, device=args.device, **knobs)

@@ -144,9 +144,14 @@ class Knobs:
     checkpoint_backbone: bool = True
     checkpoint_vae: bool = True
     reward: str = "redness"
-    base_bytes_per_weight: float | None = None  # issue 17: int8 / fp8 frozen base (1 byte per weight)
+    base_precision: str | None = None  # issue 17: bf16 | int8 | fp8 frozen transformer linears (implies bf16)
 
     def check(self, spec: ModelSpec) -> None:
+        if self.base_precision is not None:
+            from flowkern.models.quantize import check_base_precision
+
+            check_base_precision(self.base_precision)
+            self.precision = "bf16"  # as flowkern train: a bf16-stored or quantized base computes in bf16
         if self.method not in METHOD_NAMES:
             raise ValueError(f"method: expected one of {', '.join(METHOD_NAMES)}, got {self.method!r}")
         if self.precision not in ("bf16", "fp32"):
@@ -366,9 +371,9 @@ def build_run(spec: ModelSpec, knobs: Knobs, device: str = "cpu", seed: int = 0)
         model, spec.kind, spec.name, (channels, side, side), prompts, num_steps, grid,
         guidance_scale=spec.guidance_scale, to_images=decoder, device=torch.device(device), weights_dtype=dtype,
     )  # fmt: skip
-    reward_fn, reward_module = build.build_reward([knobs.reward], setup)
+    reward_fn, reward_module = build.reward_for_run([knobs.reward], setup)
     settings = build.MethodSettings(K=knobs.K, consistency=knobs.consistency, micro_batch=knobs.micro_batch)
-    method = build.build_method(knobs.method, setup, reward_fn, settings, default_beta=5e4, seed=seed)
+    method = build.method_for_run(knobs.method, setup, reward_fn, settings, default_beta=5e4, seed=seed)
     config = TrainConfig(
         batch_size=knobs.batch, grad_accum_steps=knobs.grad_accum, num_updates=1, num_steps=num_steps,
         time_grid=grid, seed=seed, residual_probe=min(8, knobs.batch),
