@@ -26,7 +26,8 @@ GPU mode (``device='cuda'``) predicts ``torch.cuda.max_memory_allocated`` and mo
   :data:`CUDA_CONTEXT_BYTES` (a typical H100 / CUDA 12 figure with lazy module loading, not measured here).
 
 Frozen weights are counted from the modules' parameters before the update (``resident``); a quantized frozen base
-(issue 17) enters through :func:`frozen_weight_bytes`'s ``bytes_per_weight`` hook.
+(``base_precision`` int8 / fp8, issue 17) through ``flowkern.models.quantize.quantized_weight_bytes`` (values and
+per-row scales); the dequantized bf16 weight each quantized linear makes inside its forward is not traced.
 """
 
 from __future__ import annotations
@@ -355,6 +356,24 @@ def module_bytes(modules: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+@contextlib.contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off (after one collection): tensors held by reference cycles live until
+    the update ends, whenever the collector would have run (its timing depends on the whole process's history).
+    The planner traces, and the checks measure, this way: the prediction is the peak with no collection inside
+    the update (with one, the real peak can only be lower)."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def trace_update(trainer: Any, device: str = "cpu", known: PlausibleScalars | None = None) -> dict:
     """Run ``trainer.train_step()`` (built under the caller's FakeTensorMode) with a :class:`StorageTracker`;
     the update's peak bytes above the level at its start, by phase and by kind."""
@@ -366,7 +385,7 @@ def trace_update(trainer: Any, device: str = "cpu", known: PlausibleScalars | No
         for p in params
     ]
     try:
-        with _phases(tracker, trainer), gpu_attention() if gpu else contextlib.nullcontext(), tracker:
+        with no_cyclic_gc(), _phases(tracker, trainer), gpu_attention() if gpu else contextlib.nullcontext(), tracker:
             if gpu:
                 tracker.add_workspace(CUBLAS_WORKSPACE_BYTES)
             trainer.train_step()
@@ -391,16 +410,15 @@ def _reserved_estimate(tracker: StorageTracker) -> int:
     return -(-tracker.peak // (2 * MIB)) * 2 * MIB
 
 
-def frozen_weight_bytes(module: Any, bytes_per_weight: float | None = None) -> int:
-    """Bytes of a module's parameters and buffers; ``bytes_per_weight`` (e.g. 1 for an int8 / fp8 weight-only
-    base, issue 17) overrides the stored dtype for frozen matrices (dim >= 2), the rest stays as stored."""
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if bytes_per_weight is not None and t.dim() >= 2 and not t.requires_grad:
-            total += math.ceil(t.numel() * bytes_per_weight)
-        else:
-            total += t.numel() * t.element_size()
-    return total
+def frozen_weight_bytes(transformer: Any, base_precision: str | None = None) -> int:
+    """Bytes of the transformer's frozen (non-LoRA) parameters and its buffers; ``base_precision`` ('bf16', 'int8',
+    'fp8') stores its base linears as ``flowkern train --base-precision`` does (issue 17), None as built."""
+    from flowkern.models.quantize import quantized_weight_bytes, weight_bytes
+
+    buffers = sum(b.numel() * b.element_size() for b in transformer.buffers())
+    if base_precision is None:
+        return weight_bytes(transformer) + buffers
+    return quantized_weight_bytes(transformer, base_precision) + buffers
 
 
 # ---------------------------------------------------------------- the planner's entry points
@@ -409,7 +427,7 @@ def plan(model: Any, device: str = "cuda", **knobs: Any) -> dict:
     ``'sd3-medium'``, a local pipeline directory, or a :class:`~flowkern.app.plan_models.ModelSpec`) with
     ``knobs`` (the fields of :class:`~flowkern.app.plan_models.Knobs`: method, K, consistency, lora_rank,
     precision, batch, grad_accum, resolution, num_steps, micro_batch, checkpoint_backbone, checkpoint_vae,
-    base_bytes_per_weight), without weights or a GPU.
+    base_precision), without weights or a GPU.
 
     ``device='cuda'`` predicts ``torch.cuda.max_memory_allocated`` (see the module docstring for what is
     modelled), ``'cpu'`` the CPU allocator's peak on this machine. Returns a JSON-able dict: ``total_bytes``
@@ -438,10 +456,9 @@ def plan(model: Any, device: str = "cuda", **knobs: Any) -> dict:
     with fake, use_backend("torch"):  # the reference ops (flowkern's fused kernels have no fake kernels)
         update = trace_update(trainer, device, known)
     resident = module_bytes(resident_modules)
-    lora = sum(p.numel() * p.element_size() for p in trainer.model.trainable_parameters())
     # LoRA parameters live in the transformer's modules: reported apart from its frozen weights
-    resident["transformer"] = frozen_weight_bytes(resident_modules["transformer"], k.base_bytes_per_weight) - lora
-    resident["lora"] = lora
+    resident["transformer"] = frozen_weight_bytes(resident_modules["transformer"], k.base_precision)
+    resident["lora"] = sum(p.numel() * p.element_size() for p in trainer.model.trainable_parameters())
     gpu = torch.device(device).type == "cuda"
     if gpu:
         resident = {name: cuda_block_bytes(v) for name, v in resident.items()}
