@@ -188,3 +188,19 @@ def test_quantized_base_counts_the_frozen_linears_as_flowkern_train_stores_them(
     assert predicted["int8"]["resident"]["transformer"] < 0.65 * predicted["bf16"]["resident"]["transformer"]
     with pytest.raises(ValueError, match="base_precision must be one of"):
         planner.plan(spec, device="cpu", **{**knobs, "base_precision": "int4"})
+
+
+def test_gpu_check_rows_parse_as_plan_commands_and_read_its_prediction(monkeypatch):
+    """scripts/gpu_check_updates.py --predict runs `flowkern plan` per update row and reads total_bytes."""
+    from pathlib import Path
+
+    from flowkern.cli import _build_parser
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import gpu_check_updates as updates
+
+    for row in updates.update_rows():
+        args = _build_parser().parse_args(["plan", *row.plan_args()])
+        assert (args.model, args.method, args.resolution, args.json) == (row.model, row.method, row.resolution, True)
+    assert updates._peak_from({"total_bytes": 3 * 2**30, "update": {"peak_bytes": 1}}) == 3 * 2**30
+    assert updates._peak_from({"error": "x"}) is None
