@@ -393,11 +393,23 @@ def phase_profile(fn: Callable[[], object]) -> tuple[dict[str, dict[str, float]]
 
 
 # ---------------------------------------------------------------- measurement
-def predicted_peaks(spec: Spec, info: dict) -> dict[str, int] | None:
-    """A memory planner's per-phase peak prediction (bytes above the frozen weights) for ``spec``; None: none yet.
+def predicted_peaks(spec: Spec, info: dict, seed: int = 0) -> dict[str, int] | None:
+    """``flowkern plan``'s per-phase peak prediction (CPU mode, bytes above the frozen weights) for ``spec``: the
+    same run built by :func:`build_run` under fake tensors and traced by ``flowkern.app.plan.trace_update``.
+    None when the measured checkout has no planner. The table prints it beside each measured peak."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    The table prints it beside each measured peak when it returns a dict keyed like :data:`PHASES`."""
-    return None
+        from flowkern.app.plan import trace_update
+        from flowkern.app.plan_models import fake_building
+    except ImportError:
+        return None
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_building(fake) as known:
+        trainer, _ = build_run(spec, seed)
+    with fake:
+        update = trace_update(trainer, "cpu", known)
+    return {**update["phases"], "peak": update["peak_bytes"]}
 
 
 def measure(spec: Spec, label: str, seed: int = 0, native_bf16: bool = False) -> dict:
@@ -408,13 +420,15 @@ def measure(spec: Spec, label: str, seed: int = 0, native_bf16: bool = False) ->
     trainer, info = build_run(spec, seed)
     build_s = time.perf_counter() - t0
     metrics: dict = {}
-
-    def update():
-        metrics.update(trainer.train_step())
+    update = lambda: metrics.update(trainer.train_step())  # noqa: E731
 
     emulate = spec.precision == "bf16" and not native_bf16
     with phase_markers(trainer), Bf16GemmInFp32() if emulate else contextlib.nullcontext():
         phases, peak, wall = phase_profile(update)
+    skipped = [list(s) for s in trainer.skipped]
+    trainer = update = None  # free the real run before the planner builds its fake one
+    gc.collect()
+    predicted = predicted_peaks(spec, info, seed)
     return {
         "row": spec.name,
         "label": label,
@@ -423,9 +437,9 @@ def measure(spec: Spec, label: str, seed: int = 0, native_bf16: bool = False) ->
         "peak_bytes": peak,
         "peak_gib": round(peak / GIB, 3),
         "phases": {k: {"peak_gib": round(v["peak_bytes"] / GIB, 3), **v} for k, v in phases.items()},
-        "predicted": predicted_peaks(spec, info),
+        "predicted": predicted,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-        "skipped": [list(s) for s in trainer.skipped],
+        "skipped": skipped,
         "build_seconds": round(build_s, 1),
         "info": info,
         "env": {
@@ -467,9 +481,17 @@ def markdown(records: list[dict]) -> str:
         k = s["K"] if s["K"] is not None else "–"
         lines.append(
             f"| {r['label']} | {model} | {s['precision']} | {s['batch']} | {s['num_steps']} | {k} | {method} | "
-            f"{r['seconds']:.0f} | **{r['peak_gib']:.2f}** | " + " | ".join(cells) + " |"
+            f"{r['seconds']:.0f} | **{r['peak_gib']:.2f}**{_plan_cell(r)} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
+
+
+def _plan_cell(record: dict) -> str:
+    """' (plan X.XX, +e%)' when the record carries the planner's prediction."""
+    predicted = (record.get("predicted") or {}).get("peak")
+    if not predicted:
+        return ""
+    return f" (plan {predicted / GIB:.2f}, {100 * (predicted - record['peak_bytes']) / record['peak_bytes']:+.1f}%)"
 
 
 def extrapolate_layers(records: list[dict], layers: int) -> dict:

@@ -242,6 +242,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="samples per forward/backward, VJP and reward gradient inside the loss (bounds peak memory) "
         "[1 for SD3/FLUX/SiT pipelines, all for tiny/toy]",
     )
+    g.add_argument(
+        "--memory-budget",
+        default=S,
+        help="GPU memory to fit, e.g. 24GB: `flowkern plan` picks batch x accumulation and K that fit (real configs)",
+    )
     g.add_argument("--lr", type=_positive_float, default=S, help="learning rate of the LoRA [5e-4]")
     g.add_argument("--value-lr", type=_positive_float, default=S, help="learning rate of the value net [= lr]")
     g.add_argument("--seed", type=seed, default=S, help="[0]")
@@ -310,6 +315,34 @@ def _build_parser() -> argparse.ArgumentParser:
         "plot", help="redraw a run's reward/loss plots from its log.jsonl", formatter_class=_Formatter
     )
     plot.add_argument("run_dir", help="a run (or demo) directory with log.jsonl")
+
+    # ------------------------------------------------------------ plan
+    pl = sub.add_parser(
+        "plan",
+        help="predict the peak GPU memory of one training update (no weights, no GPU)",
+        formatter_class=_Formatter,
+        description=_wrap(
+            "Runs one update of the real training code on fake tensors (shapes only) and reports its peak memory "
+            "by phase and by kind. MODEL: a shipped config (sd3-medium, sd3.5-large, flux1-dev, flux2-klein-4b, "
+            "sit-xl-2) or a local diffusers pipeline directory. With --memory-budget, picks the fastest knobs "
+            "that fit (gradient checkpointing, batch with accumulation, K) or names the smallest budget that would."
+        ),
+    )
+    pl.add_argument("model", help="config name or pipeline directory")
+    pl.add_argument("--method", default="dam", choices=["vggflow", "dam", "am", "draft", "refl"], help="[dam]")
+    pl.add_argument("--K", type=_int_min(1), default=None, help="DAM / DRaFT / ReFL steps")
+    pl.add_argument("--consistency", choices=["fd", "exact"], default=None, help="VGG-Flow's consistency terms")
+    pl.add_argument("--lora-rank", type=_int_min(1), default=16, help="[16]")
+    pl.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="frozen weights [bf16]")
+    pl.add_argument("--base-precision", **BASE_PRECISION)
+    pl.add_argument("--batch-size", type=_int_min(1), default=1, help="trajectories per micro-batch [1]")
+    pl.add_argument("--grad-accum", type=_int_min(1), default=1, help="micro-batches per update [1]")
+    pl.add_argument("--micro-batch", type=_int_min(1), default=1, help="samples per graph inside the loss [1]")
+    pl.add_argument("--resolution", type=int, default=None, help="image side in pixels [the model's]")
+    pl.add_argument("--num-steps", type=_int_min(1), default=None, help="Euler steps N [20]")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="allocator to model [cuda]")
+    pl.add_argument("--memory-budget", default=None, help="e.g. 24GB (10^9 bytes) or 24GiB: choose knobs that fit")
+    pl.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
     # ------------------------------------------------------------ bench
     bench = sub.add_parser(
@@ -465,6 +498,30 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from flowkern.app.plan import choose, format_table, parse_budget, plan
+    from flowkern.app.plan_models import resolve
+
+    budget = parse_budget(args.memory_budget) if args.memory_budget is not None else None
+    resolve(args.model)  # an unknown name or directory: one line before any work
+    knobs = dict(
+        method=args.method, K=args.K, consistency=args.consistency, lora_rank=args.lora_rank,
+        precision=args.precision, batch=args.batch_size, grad_accum=args.grad_accum, micro_batch=args.micro_batch,
+        resolution=args.resolution, num_steps=args.num_steps, base_precision=args.base_precision,
+    )  # fmt: skip
+    if budget is None:
+        result = plan(args.model, device=args.device, **knobs)
+        print(json.dumps(result, indent=1) if args.json else format_table(result))
+        return 0
+    chosen = choose(args.model, budget, device=args.device, **knobs)
+    if args.json:
+        print(json.dumps(chosen, indent=1))
+    else:
+        print(f"fits {budget / 2**30:.1f} GiB with: {chosen['choice']}")
+        print(format_table(chosen["prediction"]))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -480,7 +537,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, cwd=os.path.dirname(bench_dir))
 
 
-COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "eval": _cmd_eval, "plot": _cmd_plot, "bench": _cmd_bench}
+COMMANDS = {
+    "train": _cmd_train,
+    "demo": _cmd_demo,
+    "eval": _cmd_eval,
+    "plot": _cmd_plot,
+    "bench": _cmd_bench,
+    "plan": _cmd_plan,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

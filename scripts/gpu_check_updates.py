@@ -16,7 +16,7 @@ level before it. Each row is written to --json as soon as it is measured. benchm
 per-phase peaks) supplies the real configs; unlike its build_run, which builds a model per row on the CPU, the rows
 here share one backbone built on the device (2B random weights: once, in seconds).
 
-The memory planner (issue 16), once it lands, predicts each row's peak: ``--predict FILE`` (run on a CPU machine
+The memory planner (issue 16, `flowkern.app.plan`) predicts each row's peak: ``--predict FILE`` (run on a CPU machine
 before the lease, by scripts/gpu_check_prepare.sh) asks ``python -m flowkern plan ... --json`` for every row and
 writes the predictions; the lease reads them (``--predictions FILE``) and prints them beside the measurements.
 
@@ -60,7 +60,7 @@ class Row:
 
     def plan_args(self) -> list[str]:
         """The planner's command line for this row (issue 16's `flowkern plan`)."""
-        return ["--model", self.model, "--method", self.method, "--resolution", str(self.resolution),
+        return [self.model, "--method", self.method, "--resolution", str(self.resolution),
                 "--batch-size", str(self.batch), "--num-steps", str(self.num_steps), "--lora-rank",
                 str(self.lora_rank), "--precision", self.precision, "--json"]  # fmt: skip
 
@@ -219,7 +219,7 @@ def adjoint_rows(dev: torch.device, ks, tiny: bool, deadline: float | None, repe
     return out
 
 
-# ---------------------------------------------------------------- the planner (issue 16), when it has landed
+# ---------------------------------------------------------------- the planner (issue 16)
 def planner_available() -> bool:
     """Whether `python -m flowkern plan` exists (the CLI of issue 16)."""
     proc = subprocess.run([sys.executable, "-m", "flowkern", "plan", "--help"], capture_output=True, text=True)
@@ -227,14 +227,10 @@ def planner_available() -> bool:
 
 
 def _peak_from(report: object) -> float | None:
-    """The predicted peak in bytes from the planner's JSON: a top-level peak_bytes, or peak_gib / peak_gb."""
-    if not isinstance(report, dict):
-        return None
-    if isinstance(report.get("peak_bytes"), int | float):
-        return float(report["peak_bytes"])
-    for key, scale in (("peak_gib", 2**30), ("peak_gb", 1e9)):
-        if isinstance(report.get(key), int | float):
-            return float(report[key]) * scale
+    """The predicted peak in bytes from the planner's JSON: ``total_bytes`` (weights + the update's peak, what
+    max_memory_allocated counts; `flowkern.app.plan.plan`)."""
+    if isinstance(report, dict) and isinstance(report.get("total_bytes"), int | float):
+        return float(report["total_bytes"])
     return None
 
 

@@ -205,6 +205,7 @@ class TrainOptions:
     batch_size: int = 8
     grad_accum: int = 1
     micro_batch: int | None = None
+    memory_budget: str | None = None  # e.g. "24GB": flowkern plan picks batch/accumulation/K that fit (issue 16)
     num_steps: int | None = None
     guidance_scale: float | None = None
     lr: float = TrainConfig.lr
@@ -491,6 +492,8 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
     from flowkern.train.checkpoint import DamagedCheckpoint
 
     device = str(accelerator.device) if accelerator is not None else opts.device
+    if opts.memory_budget is not None and not opts.resume:
+        _fit_budget(opts, echo)
     setup = load_model(
         opts.model,
         lora_rank=opts.lora_rank,
@@ -546,6 +549,22 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
             raise _damaged(err) from None
         echo(f"resumed from {loaded} (update {trainer.step})")
     return setup, reward_fn, reward_module, method, trainer
+
+
+def _fit_budget(opts: TrainOptions, echo) -> None:
+    """--memory-budget: the planner's choice among the knobs training has (batch with accumulation, K; the
+    pipelines always checkpoint), applied to ``opts`` and printed; nothing fits: one-line ValueError."""
+    from flowkern.app.plan import candidate_knobs, choose
+
+    knobs = dict(
+        method=opts.method, K=opts.K, consistency=opts.consistency, lora_rank=opts.lora_rank or 16,
+        precision=opts.precision, batch=opts.batch_size, grad_accum=opts.grad_accum,
+        micro_batch=opts.micro_batch or 1, resolution=opts.resolution, num_steps=opts.num_steps,
+    )  # fmt: skip
+    settings = [(what, k) for what, k in candidate_knobs(knobs) if k.get("checkpoint_backbone", True)]
+    chosen = choose(opts.model, opts.memory_budget, candidates=settings, **knobs)["prediction"]["knobs"]
+    opts.batch_size, opts.grad_accum, opts.K = chosen["batch"], chosen["grad_accum"], chosen["K"]
+    echo(f"--memory-budget {opts.memory_budget}: batch {opts.batch_size} x {opts.grad_accum} accumulation, K {opts.K}")
 
 
 def _finish(opts: TrainOptions, out: Path, setup, reward_fn, reward_module, method, trainer, train_s, echo) -> dict:

@@ -1,0 +1,567 @@
+"""Will it fit my GPU?: the peak memory of one training update, predicted without weights or a GPU (issue 16).
+
+The planner runs the real update (``Trainer.train_step``: sampling, the reward gradient through the VAE decode and
+the reward tower, the adjoint sweep or the consistency terms, the loss, the backward, AdamW) on ``FakeTensorMode``
+tensors: shapes, dtypes and devices, no data. A dispatch mode stacked over the fake mode (:class:`StorageTracker`)
+sees every op's outputs and counts *storages*, not Python objects: a storage is allocated when an op returns one
+that none of its inputs hold, and freed when its C++ storage dies (a weakref finalizer on the preserved Python
+storage object), so tensors that autograd saves with no Python reference are counted while they live.
+
+Data-dependent scalars (``float(loss)``, ``bool(isfinite(...))``, ``.item()``) have no value under fake tensors:
+the tracker answers ``aten._local_scalar_dense`` itself with a plausible value (1 / True: finite, keep the update),
+so the update runs its ordinary path; nothing it decides from those values changes what it allocates except the
+skip path, which the answer avoids.
+
+CPU mode (``device='cpu'``) predicts what the profiler's allocator events measure on this machine (the checks);
+GPU mode (``device='cuda'``) predicts ``torch.cuda.max_memory_allocated`` and models, explicitly:
+
+- attention: ``F.scaled_dot_product_attention`` is routed to the flash kernel (bf16/fp16) or the memory-efficient
+  kernel (fp32) whose meta kernels allocate what they do on a GPU: the output and the logsumexp saved for
+  backward, no L x L matrix (the CPU flash kernel allocates the same; the CPU math path would not);
+- the caching allocator's rounding: every block is a multiple of 512 bytes (``max_memory_allocated`` counts
+  blocks); reserved memory (segments: 2 MiB for blocks <= 1 MiB, 20 MiB below 10 MiB, else a multiple of 2 MiB)
+  is reported separately as an upper estimate, fragmentation is not modelled;
+- the cuBLAS / cuBLASLt workspace: :data:`CUBLAS_WORKSPACE_BYTES` once, allocated by the first GEMM;
+- the CUDA context (kernels, cuDNN/cuBLAS handles): outside ``max_memory_allocated``, reported separately as
+  :data:`CUDA_CONTEXT_BYTES` (a typical H100 / CUDA 12 figure with lazy module loading, not measured here).
+
+Frozen weights are counted from the modules' parameters before the update (``resident``); a quantized frozen base
+(``base_precision`` int8 / fp8, issue 17) through ``flowkern.models.quantize.quantized_weight_bytes`` (values and
+per-row scales); the dequantized bf16 weight each quantized linear makes inside its forward is not traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from flowkern.app.plan_models import PlausibleScalars
+
+GIB = 2**30
+MIB = 2**20
+PHASES = ("rollout", "reward", "adjoint", "loss_backward", "probe", "optimizer", "other")
+# what a storage alive at the peak is, from the innermost phase that allocated it (LoRA gradients: from their hooks)
+KIND_OF_PHASE = {
+    "rollout": "stored_trajectory",
+    "reward": "reward_tower",
+    "adjoint": "activations",
+    "loss_backward": "activations",
+    "probe": "activations",
+    "optimizer": "lora_optimizer_state",
+    "other": "activations",
+}
+KINDS = ("activations", "stored_trajectory", "reward_tower", "lora_optimizer_state")
+CUBLAS_WORKSPACE_BYTES = 32 * MIB  # torch's default on Hopper (CUBLAS_WORKSPACE_CONFIG :4096:8), one stream
+CUDA_CONTEXT_BYTES = 600 * MIB  # CUDA context + handles outside max_memory_allocated (typical, not measured)
+
+
+# ---------------------------------------------------------------- the caching allocator (GPU mode)
+def cuda_block_bytes(nbytes: int) -> int:
+    """Bytes ``max_memory_allocated`` counts for one allocation: rounded up to a multiple of 512 (min 512)."""
+    return 0 if nbytes == 0 else max(512, -(-nbytes // 512) * 512)
+
+
+def cuda_segment_bytes(nbytes: int) -> int:
+    """The segment a fresh allocation reserves (no reuse): 2 MiB for <= 1 MiB, 20 MiB below 10 MiB, else 2 MiB
+    multiples (c10 CUDACachingAllocator's ``get_allocation_size``)."""
+    if nbytes <= MIB:
+        return 2 * MIB
+    if nbytes < 10 * MIB:
+        return 20 * MIB
+    return -(-nbytes // (2 * MIB)) * 2 * MIB
+
+
+# ---------------------------------------------------------------- CPU kernels' hidden temporaries (CPU mode)
+# ops whose CPU kernels allocate workspaces no op returns: im2col columns (slow conv), oneDNN buffers, the CPU
+# flash-attention kernels' per-thread blocks; each is measured once per signature on real zeros
+CPU_WORKSPACE_OPS = (
+    "convolution",
+    "convolution_backward",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+)
+_TRANSIENTS: dict[tuple, int] = {}
+
+
+def _signature(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return ("T", tuple(a.shape), tuple(a.stride()), a.dtype, a.requires_grad)
+    return a if isinstance(a, int | float | bool | str | type(None)) else repr(a)
+
+
+def measured_transient(func, args: tuple, kwargs: dict) -> int:
+    """Bytes ``func``'s CPU kernel holds above its inputs and outputs (the peak inside the op minus its outputs'
+    bytes), measured once per signature on real zeros of the arguments' shapes, strides and dtypes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flat, spec = tree_flatten((args, kwargs))
+    key = (str(func), tuple(_signature(a) for a in flat))
+    if key not in _TRANSIENTS:
+        with _disable_current_modes():
+            real = [
+                torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).zero_().requires_grad_(a.requires_grad)
+                if isinstance(a, torch.Tensor)
+                else a
+                for a in flat
+            ]
+            r_args, r_kwargs = tree_unflatten(real, spec)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = func(*r_args, **r_kwargs)
+            storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tree_flatten(out)[0]
+                        if isinstance(t, torch.Tensor)}  # fmt: skip
+            del out
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        _TRANSIENTS[key] = max(0, peak - sum(storages.values()))
+    return _TRANSIENTS[key]
+
+
+# ---------------------------------------------------------------- storage tracking
+class StorageTracker(PlausibleScalars):
+    """Counts live storages created by ops (see the module docstring); peaks overall, by phase and by kind.
+
+    ``round_bytes`` maps a storage's bytes to what the allocator charges (identity on CPU). ``scalar`` answers
+    data-dependent scalar reads."""
+
+    def __init__(
+        self,
+        round_bytes: Callable[[int], int] = lambda n: n,
+        known: PlausibleScalars | None = None,
+        cpu_workspaces: bool = False,
+    ):
+        super().__init__(known)
+        self.cpu_workspaces = cpu_workspaces
+        self.round_bytes = round_bytes
+        self.phase_stack: list[str] = []
+        self.live: dict[int, list] = {}  # key -> [bytes, kind]
+        self._refs: dict[int, weakref.ref] = {}
+        self._next = 0
+        self.running = 0
+        self.peak = 0
+        self.by_kind = dict.fromkeys(KINDS, 0)
+        self.peak_by_kind = dict.fromkeys(KINDS, 0)
+        self.phase_peak = dict.fromkeys(PHASES, 0)
+        self.peak_phase = "other"
+        self.first_seen_bytes: list[int] = []  # every allocation's rounded size (reserved-memory estimate)
+
+    # storages are keyed by the identity of their (preserved) Python object, alive as long as the C++ storage
+    def _key(self, st: torch.UntypedStorage) -> int | None:
+        key = getattr(st, "_flowkern_plan_key", None)
+        return key if key is not None and key in self.live else None
+
+    @property
+    def phase(self) -> str:
+        return self.phase_stack[-1] if self.phase_stack else "other"
+
+    def _allocate(self, st: torch.UntypedStorage) -> None:
+        nbytes = self.round_bytes(st.nbytes())
+        key = self._next
+        self._next += 1
+        kind = KIND_OF_PHASE[self.phase]
+        self.live[key] = [nbytes, kind]
+        st._flowkern_plan_key = key
+        self._refs[key] = weakref.ref(st, lambda _, k=key: self._free(k))
+        self.first_seen_bytes.append(nbytes)
+        self._add(nbytes, kind)
+
+    def _add(self, nbytes: int, kind: str) -> None:
+        self.running += nbytes
+        self.by_kind[kind] += nbytes
+        phase = self.phase
+        if self.running > self.phase_peak[phase]:
+            self.phase_peak[phase] = self.running
+        if self.running > self.peak:
+            self.peak = self.running
+            self.peak_phase = phase
+            self.peak_by_kind = dict(self.by_kind)
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        self._refs.pop(key, None)
+        if entry is not None:
+            self.running -= entry[0]
+            self.by_kind[entry[1]] -= entry[0]
+
+    def reclassify(self, t: torch.Tensor, kind: str) -> None:
+        """Count ``t``'s storage as ``kind`` from now on (e.g. a LoRA gradient allocated by the backward)."""
+        key = self._key(t.untyped_storage())
+        if key is not None and self.live[key][1] != kind:
+            nbytes, old = self.live[key]
+            self.by_kind[old] -= nbytes
+            self.by_kind[kind] += nbytes
+            self.live[key][1] = kind
+
+    def adopt(self, obj: Any) -> Any:
+        """Count the real tensors in ``obj`` that no op returned (generator states: ``Generator.get_state`` and
+        ``torch.get_rng_state`` bypass the dispatcher), while they live; returns ``obj``."""
+        for t in tree_flatten(obj)[0]:
+            if isinstance(t, torch.Tensor) and self._key(t.untyped_storage()) is None:
+                self._allocate(t.untyped_storage())
+        return obj
+
+    def add_workspace(self, nbytes: int, kind: str = "activations") -> None:
+        """A fixed allocation that no op returns (the cuBLAS workspace), held until the end."""
+        self.first_seen_bytes.append(nbytes)
+        self._add(nbytes, kind)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return self.scalar(args[0])
+        before = self.running
+        out = self.data_dependent(func, args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
+            self.note(func, args, kwargs, out)
+        inputs = {
+            id(a.untyped_storage())
+            for a in tree_flatten((args, kwargs))[0]
+            if isinstance(a, torch.Tensor) and not a.is_sparse
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.is_sparse:
+                continue
+            st = t.untyped_storage()
+            if id(st) in inputs:
+                key = self._key(st)  # in-place resize (out= ops): charge the growth
+                if key is not None and self.round_bytes(st.nbytes()) > self.live[key][0]:
+                    grow = self.round_bytes(st.nbytes()) - self.live[key][0]
+                    self.live[key][0] += grow
+                    self._add(grow, self.live[key][1])
+                continue
+            if self._key(st) is None:
+                self._allocate(st)
+        if self.cpu_workspaces and func.__name__.split(".")[0] in CPU_WORKSPACE_OPS:
+            extra = measured_transient(func, args, kwargs)
+            if extra:  # held inside the op only: a peak candidate, not a live storage
+                bump = max(before, self.running) + extra - self.running
+                self._add(bump, "activations")
+                self._add(-bump, "activations")
+        return out
+
+
+@contextlib.contextmanager
+def _phase(tracker: StorageTracker, name: str) -> Iterator[None]:
+    tracker.phase_stack.append(name)
+    try:
+        yield
+    finally:
+        tracker.phase_stack.pop()
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """``obj.name`` (a module function or an instance's bound method) replaced by ``wrap(original)``."""
+    original = getattr(obj, name)
+    own = name in vars(obj)
+    setattr(obj, name, wrap(original))
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
+
+
+def phase_targets(trainer: Any) -> list[tuple[Any, str, str]]:
+    """(object, attribute, phase) of the pieces of one update (the phases of benchmarks/real_size.py)."""
+    import flowkern.methods._common as common
+
+    targets = [
+        (trainer.method, "rollout", "rollout"),
+        (common, "evaluate_reward", "reward"),
+        (common, "reward_and_grad", "reward"),
+        (trainer.method, "loss", "loss_backward"),
+        (trainer, "backward", "loss_backward"),
+        (trainer, "residual_velocity_sq", "probe"),
+        (trainer, "optimizer_step", "optimizer"),
+    ]
+    for module_name in ("flowkern.methods.adjoint_matching", "flowkern.methods.vggflow"):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, "lean_adjoint"):
+            targets.append((module, "lean_adjoint", "adjoint"))
+    return [t for t in targets if hasattr(t[0], t[1])]
+
+
+@contextlib.contextmanager
+def _phases(tracker: StorageTracker, trainer: Any) -> Iterator[None]:
+    def wrap(name):
+        def wrapper(fn):
+            def run(*args, **kwargs):
+                with _phase(tracker, name):
+                    return fn(*args, **kwargs)
+
+            return run
+
+        return wrapper
+
+    def adopting(fn):
+        return lambda *args, **kwargs: tracker.adopt(fn(*args, **kwargs))
+
+    with contextlib.ExitStack() as stack:
+        for obj, attr, name in phase_targets(trainer):
+            stack.enter_context(_patched(obj, attr, wrap(name)))
+        # RNG states saved at the update's start and by every checkpointed region (5 kB each on the CPU)
+        stack.enter_context(_patched(trainer.streams, "snapshot", adopting))
+        stack.enter_context(_patched(torch, "get_rng_state", adopting))
+        yield
+
+
+# ---------------------------------------------------------------- GPU attention (flash / memory-efficient)
+def _gpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """What ``F.scaled_dot_product_attention`` runs on an H100: flash (bf16/fp16, no mask) or memory-efficient
+    attention; both keep the output and the logsumexp for backward, no L x L matrix."""
+    aten = torch.ops.aten
+    if attn_mask is None and query.dtype in (torch.float16, torch.bfloat16):
+        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
+    return aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+    )[0]
+
+
+@contextlib.contextmanager
+def gpu_attention() -> Iterator[None]:
+    with _patched(F, "scaled_dot_product_attention", lambda _: _gpu_sdpa):
+        yield
+
+
+# ---------------------------------------------------------------- the trace
+def module_bytes(modules: dict[str, Any]) -> dict[str, int]:
+    """Bytes of each module's parameters and buffers (shared tensors once), by name."""
+    seen: set[int] = set()
+    out = {}
+    for name, module in modules.items():
+        total = 0
+        if module is not None:
+            for t in list(module.parameters()) + list(module.buffers()):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        out[name] = total
+    return out
+
+
+@contextlib.contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off (after one collection): tensors held by reference cycles live until
+    the update ends, whenever the collector would have run (its timing depends on the whole process's history).
+    The planner traces, and the checks measure, this way: the prediction is the peak with no collection inside
+    the update (with one, the real peak can only be lower)."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def trace_update(trainer: Any, device: str = "cpu", known: PlausibleScalars | None = None) -> dict:
+    """Run ``trainer.train_step()`` (built under the caller's FakeTensorMode) with a :class:`StorageTracker`;
+    the update's peak bytes above the level at its start, by phase and by kind."""
+    gpu = torch.device(device).type == "cuda"
+    tracker = StorageTracker(cuda_block_bytes if gpu else (lambda n: n), known, cpu_workspaces=not gpu)
+    params = [p for group in trainer.param_groups.values() for p in group]
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda p: tracker.reclassify(p.grad, "lora_optimizer_state"))
+        for p in params
+    ]
+    try:
+        with no_cyclic_gc(), _phases(tracker, trainer), gpu_attention() if gpu else contextlib.nullcontext(), tracker:
+            if gpu:
+                tracker.add_workspace(CUBLAS_WORKSPACE_BYTES)
+            trainer.train_step()
+    finally:
+        for h in hooks:
+            h.remove()
+    reserved = _reserved_estimate(tracker) if gpu else None
+    return {
+        "peak_bytes": tracker.peak,
+        "peak_phase": tracker.peak_phase,
+        "phases": {p: tracker.phase_peak[p] for p in PHASES},
+        "kinds": dict(tracker.peak_by_kind),
+        "reserved_bytes": reserved,
+        "scalar_reads": tracker.scalar_reads,
+        "skipped": [list(s) for s in getattr(trainer, "skipped", [])],
+    }
+
+
+def _reserved_estimate(tracker: StorageTracker) -> int:
+    """An upper estimate of the allocator's reserved memory at the peak: the peak with large blocks in 2 MiB
+    segments (small blocks share 2 MiB segments); fragmentation not modelled."""
+    return -(-tracker.peak // (2 * MIB)) * 2 * MIB
+
+
+def frozen_weight_bytes(transformer: Any, base_precision: str | None = None) -> int:
+    """Bytes of the transformer's frozen (non-LoRA) parameters and its buffers; ``base_precision`` ('bf16', 'int8',
+    'fp8') stores its base linears as ``flowkern train --base-precision`` does (issue 17), None as built."""
+    from flowkern.models.quantize import quantized_weight_bytes, weight_bytes
+
+    buffers = sum(b.numel() * b.element_size() for b in transformer.buffers())
+    if base_precision is None:
+        return weight_bytes(transformer) + buffers
+    return quantized_weight_bytes(transformer, base_precision) + buffers
+
+
+# ---------------------------------------------------------------- the planner's entry points
+def plan(model: Any, device: str = "cuda", **knobs: Any) -> dict:
+    """Predict the peak memory of one training update of ``model`` (a shipped config name such as
+    ``'sd3-medium'``, a local pipeline directory, or a :class:`~flowkern.app.plan_models.ModelSpec`) with
+    ``knobs`` (the fields of :class:`~flowkern.app.plan_models.Knobs`: method, K, consistency, lora_rank,
+    precision, batch, grad_accum, resolution, num_steps, micro_batch, checkpoint_backbone, checkpoint_vae,
+    base_precision), without weights or a GPU.
+
+    ``device='cuda'`` predicts ``torch.cuda.max_memory_allocated`` (see the module docstring for what is
+    modelled), ``'cpu'`` the CPU allocator's peak on this machine. Returns a JSON-able dict: ``total_bytes``
+    (resident + the update's peak), ``resident`` (bytes held before the update, by module), ``update`` (the
+    update's peak above that, by phase and by kind), ``cuda_context_bytes`` and ``reserved_bytes`` (GPU), ``knobs``.
+    """
+    import time
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flowkern.app.plan_models import Knobs, build_run, fake_building, resolve
+    from flowkern.ops.backend import use_backend
+
+    spec = resolve(model)
+    unknown = sorted(set(knobs) - {f for f in Knobs.__dataclass_fields__})
+    if unknown:
+        raise TypeError(f"plan() got unknown knob(s) {unknown}")
+    k = Knobs(**knobs)
+    k.check(spec)
+    if torch.device(device).type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+    start = time.perf_counter()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_building(fake) as known:  # fake CPU tensors in both modes (fake CUDA RNG cannot initialise)
+        trainer, resident_modules = build_run(spec, k, device="cpu")
+    with fake, use_backend("torch"):  # the reference ops (flowkern's fused kernels have no fake kernels)
+        update = trace_update(trainer, device, known)
+    resident = module_bytes(resident_modules)
+    # LoRA parameters live in the transformer's modules: reported apart from its frozen weights
+    resident["transformer"] = frozen_weight_bytes(resident_modules["transformer"], k.base_precision)
+    resident["lora"] = sum(p.numel() * p.element_size() for p in trainer.model.trainable_parameters())
+    gpu = torch.device(device).type == "cuda"
+    if gpu:
+        resident = {name: cuda_block_bytes(v) for name, v in resident.items()}
+    total = sum(resident.values()) + update["peak_bytes"]
+    return {
+        "model": spec.name,
+        "kind": spec.kind,
+        "device": "cuda" if gpu else "cpu",
+        "knobs": {
+            **k.__dict__,
+            "resolution": k.resolution or spec.resolution,
+            "num_steps": k.num_steps or spec.num_steps,
+        },
+        "total_bytes": total,
+        "resident": resident,
+        "update": update,
+        "cuda_context_bytes": CUDA_CONTEXT_BYTES if gpu else 0,
+        "reserved_bytes": (sum(resident.values()) + update["reserved_bytes"]) if gpu else None,
+        "text_encoder_bytes": spec.text_encoder_params * (2 if k.precision == "bf16" else 4),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+         "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}  # fmt: skip
+
+
+def parse_budget(text: Any) -> int:
+    """``'24GB'`` (10^9 bytes), ``'24GiB'`` / ``'24G'`` (2^30), ``'800MB'``, a plain number of bytes -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in UNITS:
+        raise ValueError(f"--memory-budget: expected a size such as 24GB, 24GiB or 16000MB, got {text!r}")
+    value = int(float(match.group(1)) * UNITS[unit])
+    if value < 2**30:
+        raise ValueError(f"--memory-budget: {text!r} is below 1 GiB: no model here trains in that")
+    return value
+
+
+def fits(prediction: dict) -> int:
+    """Bytes a card needs for ``prediction``: the allocator's peak plus the CUDA context."""
+    return prediction["total_bytes"] + prediction["cuda_context_bytes"]
+
+
+def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
+    """The knob settings the budget search tries, cheapest in time first: (what changed, knobs)."""
+    base = dict(knobs)
+    out = [("no gradient checkpointing (fastest)", {**base, "checkpoint_backbone": False, "checkpoint_vae": False})]
+    out.append(("checkpoint the VAE decode only", {**base, "checkpoint_backbone": False, "checkpoint_vae": True}))
+    out.append(("per-block checkpointing of the backbone and per-layer of the VAE (the default)", base))
+    batch = int(base.get("batch", 1))
+    if batch > 1:
+        accum = int(base.get("grad_accum", 1)) * batch
+        out.append((f"batch 1 with {accum} accumulation steps", {**base, "batch": 1, "grad_accum": accum}))
+        base = {**base, "batch": 1, "grad_accum": accum}
+    if base.get("method", "dam") in ("dam", "draft", "refl") and (base.get("K") or 1) > 1:
+        out.append(("K = 1 (changes the method's truncation)", {**base, "K": 1}))
+    return out
+
+
+def choose(
+    model: Any, budget: Any, device: str = "cuda", candidates: list[tuple[str, dict]] | None = None, **knobs: Any
+) -> dict:
+    """The first setting of :func:`candidate_knobs` whose prediction fits ``budget`` (bytes or a size string):
+    ``{'choice': what changed, 'prediction': plan(...), 'tried': [(what, bytes needed)]}``. Nothing fits:
+    ValueError with one line naming the smallest budget that would."""
+    need = parse_budget(budget) if not isinstance(budget, int) else budget
+    tried = []
+    for what, setting in candidates if candidates is not None else candidate_knobs(knobs):
+        prediction = plan(model, device=device, **setting)
+        tried.append((what, fits(prediction)))
+        if fits(prediction) <= need:
+            return {"choice": what, "prediction": prediction, "tried": tried}
+    smallest = min(b for _, b in tried)
+    raise ValueError(
+        f"--memory-budget: nothing fits {need / GIB:.1f} GiB for {prediction['model']} {knobs.get('method', 'dam')}; "
+        f"the smallest budget that would is {math.ceil(smallest / GIB * 10) / 10:.1f} GiB"
+    )
+
+
+def format_table(prediction: dict) -> str:
+    """The prediction as a plain-text table (GiB): resident bytes, the update's peak by phase and by kind."""
+    g = lambda b: f"{b / GIB:8.3f}"
+    p = prediction
+    lines = [
+        f"{p['model']} ({p['kind']}), {p['knobs']['method']}, {p['device']} allocator: peak {g(p['total_bytes'])} GiB"
+    ]
+    lines.append("  resident before the update:")
+    lines += [f"    {name:28s}{g(v)}" for name, v in p["resident"].items() if v]
+    u = p["update"]
+    lines.append(f"  the update's peak above that: {g(u['peak_bytes'])} (in phase {u['peak_phase']})")
+    lines.append("    by kind at the peak:")
+    lines += [f"      {name:26s}{g(v)}" for name, v in u["kinds"].items()]
+    lines.append("    peak by phase:")
+    lines += [f"      {name:26s}{g(v)}" for name, v in u["phases"].items() if v]
+    if p["device"] == "cuda":
+        lines.append(f"  CUDA context (outside max_memory_allocated): {g(p['cuda_context_bytes'])}")
+        lines.append(f"  reserved by the caching allocator (estimate): {g(p['reserved_bytes'])}")
+    if p.get("text_encoder_bytes"):
+        lines.append(
+            f"  text encoders (loaded once to encode the prompts, freed before training): {g(p['text_encoder_bytes'])}"
+        )
+    lines.append(f"  ({p['seconds']} s to plan)")
+    return "\n".join(lines)
