@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from flowkern._import_noise import silence_torchao_import_noise
+
+silence_torchao_import_noise()  # before any entry point imports diffusers, peft, transformers or torchao
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it

@@ -354,6 +354,52 @@ def test_python_m_flowkern_entry_point(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+TORCHAO_IMPORT_NOISE = ("Failed to load", "torchao", "is an Enum subclass")  # flowkern._import_noise
+
+
+def test_torchao_import_noise_is_silenced_and_bf16_vggflow_trains_tiny(tmp_path):
+    """torchao installed (the quant extra): neither --help nor a tiny run prints its import log lines on stderr. The
+    run is bf16 VGG-Flow with 'exact' consistency (M21, the bf16 default, named here so the test keeps testing it),
+    which takes the Hessian-vector product of the redness reward, linear in the tiny (pixel-space) model's samples:
+    H = 0, which used to fail with "element 0 of tensors does not require grad"."""
+    out = tmp_path / "r"
+    args = ["--model", "tiny", "--method", "vggflow", "--precision", "bf16", "--consistency", "exact", "--steps", "1"]
+    args += ["--num-steps", "2"]
+    args += ["--batch-size", "2", "--eval-samples", "2", "--checkpoint-every", "0", "--no-progress", "--out", str(out)]
+    for argv in (["--help"], ["train", *args]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "flowkern", *argv], capture_output=True, text=True, env=env_with_repo(), timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr
+        noise = [line for line in proc.stderr.splitlines() if any(n in line for n in TORCHAO_IMPORT_NOISE)]
+        assert not noise, noise
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1 and (out / "lora").is_dir()
+
+
+def test_import_noise_filters_drop_only_torchao_import_lines():
+    """The filters match their one message on their one logger; other warnings of the same loggers pass."""
+    import enum
+    import logging
+
+    from flowkern._import_noise import FILTERS
+
+    def passes(logger: str, msg: str, *args) -> bool:
+        return FILTERS[logger].filter(logging.LogRecord(logger, logging.WARNING, "f.py", 1, msg, args, None))
+
+    torchao_enum = enum.Enum("KernelPreference", "AUTO")
+    torchao_enum.__module__ = "torchao.quantization.quantize_.common"
+    other_enum = enum.Enum("Other", "A")
+    enum_msg = "%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type."
+    assert not passes("torchao", "Failed to load /x/torchao/_C_mxfp8.so: Could not load this library")
+    assert passes("torchao", "Skipping import of cpp extensions due to incompatible torch version.")
+    assert not passes("torch.utils._pytree", enum_msg, torchao_enum)
+    assert passes("torch.utils._pytree", enum_msg, other_enum)
+    diffusers = "diffusers.quantizers.torchao.torchao_quantizer"
+    assert not passes(diffusers, "Unable to import `torchao` Tensor objects. This may affect loading checkpoints")
+    assert passes(diffusers, "some other diffusers warning")
+    assert all(f in logging.getLogger(name).filters for name, f in FILTERS.items())  # installed by `import flowkern`
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

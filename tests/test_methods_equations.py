@@ -240,6 +240,40 @@ def test_vggflow_loss_matches_transcription(mode, consistency, eps_x, eps_t, sch
     assert vgg.tau == pytest.approx(expected, rel=1e-12)
 
 
+def test_vggflow_exact_with_a_linear_reward_matches_transcription():
+    """(M21) a reward linear in y (a pixel reward through a linear decoder: redness, brightness) has H = 0, so the
+    reward gradient's derivative along dy is zero, not an autograd error ("does not require grad")."""
+    f, ts, states = setup(seed=2)
+    a = torch.tensor([0.7, -0.4, 1.1], dtype=DT)
+    f.reward = lambda y: y @ a  # grad r = a everywhere
+    kw = dict(eta_mode="quad", consistency="exact", tau0=1e6)
+    loss, metrics = make_vggflow(f, **kw).loss({"states": states, "ts": ts})
+    loss.backward()
+    got_theta, got_phi = param_grads(f.theta()), param_grads(f.phi())
+    zero(f.theta() + f.phi())
+    ref, (_, l_cons, _), _ = vggflow_reference(f, states, ts, 1.7, 3.0, "quad", 1e6, None, None, "exact")
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-6, atol=1e-12)
+    assert metrics["loss_cons"] == pytest.approx(float(l_cons.detach()), rel=1e-6)
+    assert_grads_close(got_theta, param_grads(f.theta()), rtol=1e-6)
+    assert_grads_close(got_phi, param_grads(f.phi()), rtol=1e-6)
+
+
+def test_reward_hessian_vector_product_of_linear_and_constant_rewards():
+    """H v = 0 for a reward linear in y, also when its gradient has a graph that does not reach y (a weight that
+    requires grad); a reward that does not depend on y is a ValueError, as for the reward gradient (M7)."""
+    from flowkern.methods._common import reward_grad_and_hvp
+
+    y, v = torch.randn(2, D, dtype=DT), torch.randn(2, D, dtype=DT)
+    a = torch.tensor([0.7, -0.4, 1.1], dtype=DT)
+    for weight in (a, a.clone().requires_grad_(True)):
+        g, hv = reward_grad_and_hvp(lambda yy, w=weight: yy @ w, y, v)
+        torch.testing.assert_close(g, a.expand(2, D), rtol=0, atol=0)
+        assert hv.shape == y.shape and torch.equal(hv, torch.zeros_like(y))
+    with pytest.raises(ValueError, match="does not depend differentiably"):
+        reward_grad_and_hvp(lambda yy: torch.ones(yy.shape[0], dtype=DT), y, v)
+
+
 def test_vggflow_exact_and_fd_agree_on_symmetric_jacobian():
     """(M21): 'fd' and 'exact' agree as eps -> 0 where J_vbase is symmetric (a gradient field)."""
     f, ts, states = setup(seed=3)

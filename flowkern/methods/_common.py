@@ -148,14 +148,23 @@ def reward_grad_and_hvp(reward: Reward, y: torch.Tensor, v: torch.Tensor) -> tup
     grad r along v: the Jacobian of a gradient is the symmetric Hessian, so J v = H v = grad_y <grad r(y), v>).
 
     Reverse-over-reverse runs through any differentiable decoder (forward-mode AD fails in group_norm); attention
-    (a VAE's mid block) runs SDPA's math kernel, the one whose backward is differentiable."""
+    (a VAE's mid block) runs SDPA's math kernel, the one whose backward is differentiable.
+
+    A reward whose gradient does not depend on y (linear in the pixels, e.g. redness through a linear decoder) has
+    H = 0: its gradient carries no graph back to y, and the HVP is zeros. A reward that does not depend on y at all
+    is a ValueError, as in ``terminal_reward_grad``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     yy = y.detach().requires_grad_(True)
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         r = check_reward_output(reward(yy), yy)
+        if not r.requires_grad:
+            raise ValueError("reward(x) does not depend differentiably on x")
         (g,) = torch.autograd.grad(r.sum(), yy, create_graph=True)
-        (hv,) = torch.autograd.grad(g, yy, grad_outputs=v.to(g.dtype))
+        if not g.requires_grad:  # grad r is constant in y: H = 0
+            return g.detach(), torch.zeros_like(g)
+        # materialize_grads: a gradient that has a graph (e.g. through reward parameters) but none back to y -> 0
+        (hv,) = torch.autograd.grad(g, yy, grad_outputs=v.to(g.dtype), materialize_grads=True)
     return g.detach(), hv
 
 

@@ -30,7 +30,6 @@ work), the hook the memory planner calls; `weight_bytes(module)` measures what i
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from collections.abc import Iterator
 
@@ -65,18 +64,12 @@ def check_base_precision(value: object) -> str:
 @functools.cache
 def _torchao():
     """``torchao.quantization``; ValueError (one line, how to install it) when torchao is missing. The import's log
-    lines (optional CUDA kernels a CPU wheel cannot load, a torch deprecation notice) are silenced."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    lines (optional CUDA kernels a CPU wheel cannot load, a torch deprecation notice) are dropped by the filters
+    ``flowkern/__init__.py`` installs (``flowkern._import_noise``)."""
     try:
         from torchao import quantization
     except ImportError as err:
         raise ValueError(f"an int8/fp8 base needs torchao, which is not importable ({err}): {_INSTALL_HINT}") from None
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
     return quantization
 
 
