@@ -343,3 +343,53 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
         transformer=tiny_flux2_transformer(seed, joint_attention_dim=48, guidance_embeds=False),
         is_distilled=is_distilled,
     )
+
+
+def mistral_tokenizer(model_max_length: int = 512):
+    """A letter-level fast tokenizer with Pixtral's image tokens and a chat template over Mistral 3's message parts
+    (``[{"type": "text", "text": ...}]``), built in memory. FLUX.2-dev ships a ``PixtralProcessor``, which
+    transformers 5.25 builds only with torchvision; ``Flux2Pipeline`` calls just its ``apply_chat_template``, which a
+    tokenizer has with the same arguments."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "[IMG]": 4, "[IMG_BREAK]": 5, "[IMG_END]": 6}
+    for c in LETTERS + " ":
+        vocab[c] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        model_max_length=model_max_length,
+    )  # fmt: skip
+    tokenizer.chat_template = (
+        "<s>{% for m in messages %}{% for part in m['content'] %}{% if part['type'] == 'text' %}"
+        "{{ part['text'] }}{% endif %}{% endfor %}</s>{% endfor %}"
+    )
+    return tokenizer
+
+
+def tiny_flux2_dev_pipeline(seed: int = 0):
+    """A stock `Flux2Pipeline` (FLUX.2-dev) from tiny components: a 30-layer Mistral 3 (text hidden size 16; the
+    pipeline stacks the hidden states of layers 10, 20, 30: joint_attention_dim 48) with a one-layer Pixtral vision
+    tower, the FLUX2_TINY transformer with embedded guidance, the tiny AutoencoderKLFlux2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    tokenizer = mistral_tokenizer()
+    text = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=30, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+    )  # fmt: skip
+    vision = PixtralVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8, image_size=32,
+        patch_size=16,
+    )  # fmt: skip
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=4)
+    return Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=tiny_vae("flux2", seed),
+        text_encoder=_build(Mistral3ForConditionalGeneration, {"config": config}, seed),
+        tokenizer=tokenizer,
+        transformer=tiny_flux2_transformer(seed, joint_attention_dim=48, guidance_embeds=True),
+    )

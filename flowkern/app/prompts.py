@@ -49,6 +49,19 @@ def flux2_pipeline_class(location: str) -> str:
     return name
 
 
+def _check_processor(location: str, pipeline: str) -> None:
+    """FLUX.2-dev ships its tokenizer as a ``PixtralProcessor``, which transformers (5.x) builds only with torchvision;
+    without it diffusers' loader fails with a long message about loading methods. One line instead."""
+    import importlib.util
+
+    tokenizer = (_model_index(location).get("tokenizer") or [None])[-1]
+    if pipeline == "Flux2Pipeline" and tokenizer == "PixtralProcessor" and not importlib.util.find_spec("torchvision"):
+        raise ValueError(
+            f"{location}: the Flux2Pipeline tokenizer is a PixtralProcessor, which transformers loads only with "
+            f"torchvision: pip install torchvision (the build matching torch {torch.__version__})"
+        )
+
+
 def default_guidance_scale(location: str) -> float | None:
     """The stock pipeline's true-CFG w: 4.0 for non-distilled Klein, None for distilled Klein and FLUX.2-dev."""
     index = _model_index(location)
@@ -131,6 +144,7 @@ def encode_prompts(
     def encode(batch: list[str]) -> dict[str, torch.Tensor]:
         nonlocal pipe
         if pipe is None:
+            _check_processor(location, name)
             pipe = (
                 getattr(diffusers, name)
                 .from_pretrained(
