@@ -115,6 +115,37 @@ def test_gpu_attention_keeps_no_l_by_l_matrix():
     assert tracker.peak < 2 * 4096 * 4096 * 2 / 10
 
 
+def test_gpu_attention_honours_the_math_backend_under_forward_ad():
+    """VGG-Flow exact asks for sdpa_kernel(MATH) around torch.func.jvp: the fused kernels have no JVP rule, so on a
+    GPU the math kernel runs there, with its L x L scores (fp32 for bf16 inputs on CUDA); elsewhere flash."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    L = 1024
+    scores = 2 * L * L * 4  # [B=1, H=2, L, L] fp32
+    with FakeTensorMode(), planner.gpu_attention():
+        q = torch.empty(1, 2, L, 64, dtype=torch.bfloat16)
+        sdpa = lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        math_tracker, flash_tracker = planner.StorageTracker(), planner.StorageTracker()
+        with math_tracker, sdpa_kernel(SDPBackend.MATH):
+            out, tangent = torch.func.jvp(sdpa, (q,), (torch.ones_like(q),))
+        with flash_tracker:
+            flash = sdpa(q.detach().requires_grad_(True))
+    assert out.shape == tangent.shape == flash.shape == q.shape and out.dtype == torch.bfloat16
+    assert math_tracker.peak >= scores
+    assert flash_tracker.peak < scores / 10
+
+
+def test_gpu_mode_plans_vggflow_exact_without_a_forward_ad_error():
+    """Regression: `flowkern plan` (GPU mode) of VGG-Flow exact raised NotImplementedError (forward AD through the
+    memory-efficient / flash kernels)."""
+    spec = TINY["sit"]
+    knobs = dict(_knobs("vggflow-exact"), batch=1)
+    gpu = planner.plan(spec, device="cuda", **knobs)
+    assert not gpu["update"]["skipped"]
+    assert gpu["update"]["phases"]["loss_backward"] > 0
+
+
 def test_cuda_allocator_rounding():
     assert planner.cuda_block_bytes(1) == 512
     assert planner.cuda_block_bytes(513) == 1024

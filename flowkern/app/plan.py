@@ -17,7 +17,10 @@ GPU mode (``device='cuda'``) predicts ``torch.cuda.max_memory_allocated`` and mo
 
 - attention: ``F.scaled_dot_product_attention`` is routed to the flash kernel (bf16/fp16) or the memory-efficient
   kernel (fp32) whose meta kernels allocate what they do on a GPU: the output and the logsumexp saved for
-  backward, no L x L matrix (the CPU flash kernel allocates the same; the CPU math path would not);
+  backward, no L x L matrix (the CPU flash kernel allocates the same; the CPU math path would not); where the
+  caller enables only the math kernel (``sdpa_kernel(SDPBackend.MATH)``: VGG-Flow's exact consistency under
+  ``torch.func.jvp``, the reward's Hessian-vector product) the math kernel, with its L x L scores, computed in
+  fp32 for bf16/fp16 inputs as on CUDA;
 - the caching allocator's rounding: every block is a multiple of 512 bytes (``max_memory_allocated`` counts
   blocks); reserved memory (segments: 2 MiB for blocks <= 1 MiB, 20 MiB below 10 MiB, else a multiple of 2 MiB)
   is reported separately as an upper estimate, fragmentation is not modelled;
@@ -322,16 +325,30 @@ def _phases(tracker: StorageTracker, trainer: Any) -> Iterator[None]:
         yield
 
 
-# ---------------------------------------------------------------- GPU attention (flash / memory-efficient)
+# ---------------------------------------------------------------- GPU attention (flash / memory-efficient / math)
 def _gpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """What ``F.scaled_dot_product_attention`` runs on an H100: flash (bf16/fp16, no mask) or memory-efficient
-    attention; both keep the output and the logsumexp for backward, no L x L matrix."""
+    """What ``F.scaled_dot_product_attention`` runs on an H100, honouring the backends the caller enabled
+    (``torch.nn.attention.sdpa_kernel``): flash (bf16/fp16, no mask) or memory-efficient attention, which keep the
+    output and the logsumexp for backward, no L x L matrix; the math kernel when only it is enabled (VGG-Flow's
+    forward-mode AD: the fused kernels have no JVP rule), which materialises the L x L scores and, on CUDA, computes
+    bf16/fp16 inputs in fp32 unless ``allow_fp16_bf16_reduction_math_sdp`` is set."""
     aten = torch.ops.aten
-    if attn_mask is None and query.dtype in (torch.float16, torch.bfloat16):
+    backends = torch.backends.cuda
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if backends.flash_sdp_enabled() and attn_mask is None and half and not enable_gqa:
         return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
-    return aten._scaled_dot_product_efficient_attention(
-        query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+    if backends.mem_efficient_sdp_enabled() and not enable_gqa:
+        return aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+        )[0]
+    if not backends.math_sdp_enabled():
+        raise RuntimeError("scaled_dot_product_attention: no backend enabled that the planner models")
+    upcast = half and not backends.fp16_bf16_reduction_math_sdp_allowed()
+    q, k, v = (t.float() for t in (query, key, value)) if upcast else (query, key, value)
+    out = aten._scaled_dot_product_attention_math(
+        q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
     )[0]
+    return out.to(query.dtype) if upcast else out
 
 
 @contextlib.contextmanager
