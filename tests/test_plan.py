@@ -146,6 +146,30 @@ def test_gpu_mode_plans_vggflow_exact_without_a_forward_ad_error():
     assert gpu["update"]["phases"]["loss_backward"] > 0
 
 
+@pytest.mark.parametrize("backbone", ["sit", "flux"])
+def test_extrapolation_in_blocks_equals_the_full_trace(backbone):
+    """Traces at 2 and 3 blocks of each type, extrapolated to 4 (FLUX.1: 4 double + 4 single), against the full
+    trace of the 4-block model (GPU mode, DAM K=2): the peak, its kinds and the weights equal to the byte."""
+    import dataclasses
+
+    spec = TINY[backbone]
+    deep = {key: 4 for key in planner.BLOCK_COUNTS[spec.kind]}
+    spec = dataclasses.replace(spec, name=f"deep-{backbone}", transformer={**spec.transformer, **deep})
+    knobs = dict(_knobs("dam"), batch=1)
+    full = planner.plan(spec, device="cuda", extrapolate=False, **knobs)
+    fitted = planner.plan(spec, device="cuda", **knobs)
+    assert fitted["fit"]["depths"] == deep and "fit" not in full
+    assert fitted["total_bytes"] == full["total_bytes"]
+    assert fitted["resident"] == full["resident"]
+    assert fitted["update"]["kinds"] == full["update"]["kinds"]
+    assert fitted["update"]["peak_phase"] == full["update"]["peak_phase"]
+    peak_phase = full["update"]["peak_phase"]
+    assert fitted["update"]["phases"][peak_phase] == full["update"]["phases"][peak_phase]
+    # the other phases' peaks within 0.1% (FLUX.1's 'other' phase: 1024 bytes lower; its peak moment moves)
+    for phase, full_peak in full["update"]["phases"].items():
+        assert abs(fitted["update"]["phases"][phase] - full_peak) <= 1e-3 * full_peak, phase
+
+
 def test_cuda_allocator_rounding():
     assert planner.cuda_block_bytes(1) == 512
     assert planner.cuda_block_bytes(513) == 1024

@@ -474,8 +474,11 @@ def plan(model: Any, device: str = "cuda", extrapolate: bool = True, **knobs: An
     keys = BLOCK_COUNTS.get(spec.kind, ())
     depths = {key: int(spec.transformer.get(key, 0)) for key in keys}
     if not extrapolate or not keys or min(depths.values()) <= max(FIT_DEPTHS):
-        return _plan_once(spec, device, Knobs(**knobs))
-    return extrapolate_in_blocks(spec, device, knobs, depths)
+        prediction = _plan_once(spec, device, Knobs(**knobs))
+    else:
+        prediction = extrapolate_in_blocks(spec, device, knobs, depths)
+    del prediction["resident_bytes"]
+    return prediction
 
 
 def _with_depths(spec: Any, depths: dict[str, int]) -> Any:
@@ -500,7 +503,9 @@ def extrapolate_in_blocks(spec: Any, device: str, knobs: dict, depths: dict[str,
         return get(base) + sum((depths[key] - lo) * (get(steps[key]) - get(base)) for key in depths)
 
     out = {**base, "model": spec.name}
-    out["resident"] = {name: fit(lambda p, name=name: p["resident"][name]) for name in base["resident"]}
+    out["resident_bytes"] = {name: fit(lambda p, name=name: p["resident_bytes"][name]) for name in base["resident"]}
+    gpu = base["device"] == "cuda"
+    out["resident"] = {name: cuda_block_bytes(v) if gpu else v for name, v in out["resident_bytes"].items()}
     update = dict(base["update"])
     update["phases"] = {ph: fit(lambda p, ph=ph: p["update"]["phases"][ph]) for ph in PHASES}
     update["kinds"] = {kind: fit(lambda p, kind=kind: p["update"]["kinds"][kind]) for kind in KINDS}
@@ -544,10 +549,12 @@ def _plan_once(spec: Any, device: str, k: Any) -> dict:
     resident["transformer"] = frozen_weight_bytes(resident_modules["transformer"], k.base_precision)
     resident["lora"] = sum(p.numel() * p.element_size() for p in trainer.model.trainable_parameters())
     gpu = torch.device(device).type == "cuda"
+    resident_bytes = dict(resident)  # before the allocator's rounding (what extrapolation fits)
     if gpu:
         resident = {name: cuda_block_bytes(v) for name, v in resident.items()}
     total = sum(resident.values()) + update["peak_bytes"]
     return {
+        "resident_bytes": resident_bytes,
         "model": spec.name,
         "kind": spec.kind,
         "device": "cuda" if gpu else "cpu",
