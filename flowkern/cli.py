@@ -345,7 +345,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the prediction as JSON")
     pl.add_argument(
         "--no-extrapolate", dest="extrapolate", action="store_false",
-        help="trace the full depth instead of 2 and 3 blocks extrapolated (minutes for a real config)",
+        help="trace the full depth [traces of 2 and 3 blocks, extrapolated]: minutes for a real config",
     )  # fmt: skip
 
     # ------------------------------------------------------------ bench
