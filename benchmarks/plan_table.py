@@ -1,10 +1,14 @@
 """The docs/memory.md table: peaks predicted by ``flowkern plan`` (GPU mode), not measured on a GPU.
 
 B = 1, LoRA r = 16, bf16 frozen weights, the CLI's defaults for real pipelines (per-block checkpointing of the
-backbone, per-layer of the VAE, micro-batch 1, N = 20). Each row is one ``plan()`` call (minutes on this shared
-CPU); rows are appended to ``--out`` as they finish, so a partial run keeps what it computed.
+backbone, per-layer of the VAE, micro-batch 1, N = 20), and the planner's choice (``plan.choose``) under each
+budget. Each record is one (model, resolution, row, base precision); records are appended to ``--out`` as they
+finish and a rerun skips the ones there (``--redo`` recomputes), so the lead can rerun it after other branches
+merge and a partial run keeps what it computed.
 
     python benchmarks/plan_table.py --out benchmarks/results/plan/table.json
+    python benchmarks/plan_table.py --models sd3-medium:1024 --methods "DAM K=3" --budgets 24GB 16GB
+    python benchmarks/plan_table.py --models flux1-dev:512 --base-precision int8
     python benchmarks/plan_table.py --markdown benchmarks/results/plan/table.json
 """
 
@@ -28,6 +32,46 @@ METHODS = {  # row label -> knobs
 MODELS = [("sd3-medium", 1024), ("sd3-medium", 512), ("sit-xl-2", 256), ("sit-xl-2", 512), ("flux2-klein-4b", 512),
           ("flux2-klein-4b", 1024), ("sd3.5-large", 512), ("sd3.5-large", 1024), ("flux1-dev", 512),
           ("flux1-dev", 1024)]  # fmt: skip
+BUDGETS = ("24GB", "16GB")
+
+
+def _summary(prediction: dict) -> dict:
+    """What the table shows of a prediction (the full dict is kept for the default knobs only)."""
+    from flowkern.app.plan import fits
+
+    return {"needs_bytes": fits(prediction), "seconds": prediction["seconds"]}
+
+
+def run_record(model: str, resolution: int, row: str, base_precision: str | None, budgets: list[str]) -> dict:
+    """One record: the default knobs' prediction and, per budget, the planner's choice (or what nothing-fits needs).
+    Predictions are shared between the budgets (the same candidate settings)."""
+    from flowkern.app.plan import choose, fits, parse_budget, plan
+
+    cache: dict[str, dict] = {}
+
+    def cached_plan(model, device="cuda", **knobs):
+        key = json.dumps(knobs, sort_keys=True)
+        if key not in cache:
+            cache[key] = plan(model, device=device, **knobs)
+        return cache[key]
+
+    knobs = dict(resolution=resolution, batch=1, lora_rank=16, precision="bf16", **METHODS[row])
+    if base_precision:
+        knobs["base_precision"] = base_precision
+    default = cached_plan(model, device="cuda", **knobs)
+    record = {"model": model, "resolution": resolution, "row": row, "base_precision": base_precision,
+              "needs_bytes": fits(default), "plan": default, "choices": {}}  # fmt: skip
+    for budget in budgets:
+        try:
+            chosen = choose(model, parse_budget(budget), plan_fn=cached_plan, **knobs)
+            record["choices"][budget] = {"choice": chosen["choice"], **_summary(chosen["prediction"]),
+                                         "tried": chosen["tried"]}  # fmt: skip
+        except ValueError as e:
+            smallest = min(b for b in (fits(p) for p in cache.values()))
+            record["choices"][budget] = {"choice": None, "needs_bytes": smallest, "error": str(e)}
+    record["seconds"] = round(sum(p["seconds"] for p in cache.values()), 1)
+    record["plans"] = len(cache)
+    return record
 
 
 def main(argv=None) -> int:
@@ -36,45 +80,81 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="print the markdown table of this JSON file and exit")
     parser.add_argument("--models", nargs="*", default=None, help="model:resolution pairs [all]")
     parser.add_argument("--methods", nargs="*", default=None, help=f"row labels [{', '.join(METHODS)}]")
+    parser.add_argument("--budgets", nargs="*", default=list(BUDGETS), help="budgets for the choice columns")
+    parser.add_argument("--base-precision", default=None, choices=["int8", "fp8"], help="quantized frozen base")
+    parser.add_argument("--redo", action="store_true", help="recompute records already in --out")
     args = parser.parse_args(argv)
     if args.markdown:
-        print(markdown(json.load(open(args.markdown))))
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
         return 0
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-    from flowkern.app.plan import fits, plan
 
     models = [(m.split(":")[0], int(m.split(":")[1])) for m in args.models] if args.models else MODELS
-    records = json.load(open(args.out)) if os.path.isfile(args.out) else []
-    done = {(r["model"], r["resolution"], r["row"]) for r in records}
+    for row in args.methods or []:
+        if row not in METHODS:
+            parser.error(f"--methods: unknown row {row!r}; known: {', '.join(METHODS)}")
     for model, resolution in models:
         for row in args.methods or METHODS:
-            if (model, resolution, row) in done:
+            key = (model, resolution, row, args.base_precision)
+            done = [r for r in _load(args.out) if _key(r) == key and set(args.budgets) <= set(r.get("choices", {}))]
+            if done and not args.redo:
                 continue
-            p = plan(
-                model, device="cuda", resolution=resolution, batch=1, lora_rank=16, precision="bf16", **METHODS[row]
-            )
-            records.append({"model": model, "resolution": resolution, "row": row, "needs_bytes": fits(p), "plan": p})
+            record = run_record(model, resolution, row, args.base_precision, args.budgets)
+            records = [r for r in _load(args.out) if _key(r) != key] + [record]  # reread: a parallel run's rows
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(records, f, indent=1)
-            print(f"{model} {resolution}px {row}: {fits(p) / GIB:.2f} GiB ({p['seconds']} s)", flush=True)
+            print(f"{_line(record)} ({record['plans']} plans, {record['seconds']} s)", flush=True)
     return 0
 
 
+def _load(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r["resolution"], r["row"], r.get("base_precision"))
+
+
+def _choice_cell(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    if c["choice"] is None:
+        return f"nothing fits: needs {c['needs_bytes'] / GIB:.1f}"
+    return f"{c['choice']}: {c['needs_bytes'] / GIB:.1f}"
+
+
+def _line(r: dict) -> str:
+    p = r["plan"]
+    weights = sum(p["resident"].values())
+    base = r.get("base_precision") or "bf16"
+    choices = [_choice_cell(r["choices"].get(b)) for b in BUDGETS]
+    return (
+        f"| {r['model']} | {r['resolution']} | {r['row']} | {base} | **{r['needs_bytes'] / GIB:.1f}** | "
+        f"{weights / GIB:.1f} | {p['update']['peak_bytes'] / GIB:.2f} | {p['update']['peak_phase']} | "
+        + " | ".join(choices)
+        + " |"
+    )
+
+
 def markdown(records: list[dict]) -> str:
-    """One line per prediction: GiB a card needs (allocator peak + CUDA context), and its parts."""
+    """One line per record: GiB a card needs (allocator peak + CUDA context) with the default knobs, its parts, and
+    the planner's choice (and the GiB it needs) under each budget."""
     lines = [
-        "| model | px | method | card needs (GiB) | weights | update peak | peak phase | planned in |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | px | method | base | card needs (GiB) | weights | update peak | peak phase | "
+        + " | ".join(f"choice under {b}: GiB" for b in BUDGETS)
+        + " |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(BUDGETS),
     ]
-    for r in records:
-        p = r["plan"]
-        weights = sum(p["resident"].values())
-        lines.append(
-            f"| {r['model']} | {r['resolution']} | {r['row']} | **{r['needs_bytes'] / GIB:.1f}** | "
-            f"{weights / GIB:.1f} | {p['update']['peak_bytes'] / GIB:.2f} | {p['update']['peak_phase']} | "
-            f"{p['seconds']:.0f} s |"
-        )
+    order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in MODELS))}
+    rows = {r: i for i, r in enumerate(METHODS)}
+    records = sorted(records, key=lambda r: (order.get(r["model"], 99), r["resolution"],
+                                             r.get("base_precision") or "", rows.get(r["row"], 99)))  # fmt: skip
+    lines += [_line(r) for r in records]
     return "\n".join(lines)
 
 

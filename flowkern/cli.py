@@ -343,6 +343,10 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="allocator to model [cuda]")
     pl.add_argument("--memory-budget", default=None, help="e.g. 24GB (10^9 bytes) or 24GiB: choose knobs that fit")
     pl.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    pl.add_argument(
+        "--no-extrapolate", dest="extrapolate", action="store_false",
+        help="trace the full depth [traces of 2 and 3 blocks, extrapolated]: minutes for a real config",
+    )  # fmt: skip
 
     # ------------------------------------------------------------ bench
     bench = sub.add_parser(
@@ -508,6 +512,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         method=args.method, K=args.K, consistency=args.consistency, lora_rank=args.lora_rank,
         precision=args.precision, batch=args.batch_size, grad_accum=args.grad_accum, micro_batch=args.micro_batch,
         resolution=args.resolution, num_steps=args.num_steps, base_precision=args.base_precision,
+        extrapolate=args.extrapolate,
     )  # fmt: skip
     if budget is None:
         result = plan(args.model, device=args.device, **knobs)

@@ -115,6 +115,61 @@ def test_gpu_attention_keeps_no_l_by_l_matrix():
     assert tracker.peak < 2 * 4096 * 4096 * 2 / 10
 
 
+def test_gpu_attention_honours_the_math_backend_under_forward_ad():
+    """VGG-Flow exact asks for sdpa_kernel(MATH) around torch.func.jvp: the fused kernels have no JVP rule, so on a
+    GPU the math kernel runs there, with its L x L scores (fp32 for bf16 inputs on CUDA); elsewhere flash."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    L = 1024
+    scores = 2 * L * L * 4  # [B=1, H=2, L, L] fp32
+    with FakeTensorMode(), planner.gpu_attention():
+        q = torch.empty(1, 2, L, 64, dtype=torch.bfloat16)
+        sdpa = lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        math_tracker, flash_tracker = planner.StorageTracker(), planner.StorageTracker()
+        with math_tracker, sdpa_kernel(SDPBackend.MATH):
+            out, tangent = torch.func.jvp(sdpa, (q,), (torch.ones_like(q),))
+        with flash_tracker:
+            flash = sdpa(q.detach().requires_grad_(True))
+    assert out.shape == tangent.shape == flash.shape == q.shape and out.dtype == torch.bfloat16
+    assert math_tracker.peak >= scores
+    assert flash_tracker.peak < scores / 10
+
+
+def test_gpu_mode_plans_vggflow_exact_without_a_forward_ad_error():
+    """Regression: `flowkern plan` (GPU mode) of VGG-Flow exact raised NotImplementedError (forward AD through the
+    memory-efficient / flash kernels)."""
+    spec = TINY["sit"]
+    knobs = dict(_knobs("vggflow-exact"), batch=1)
+    gpu = planner.plan(spec, device="cuda", **knobs)
+    assert not gpu["update"]["skipped"]
+    assert gpu["update"]["phases"]["loss_backward"] > 0
+
+
+@pytest.mark.parametrize("backbone", ["sit", "flux"])
+def test_extrapolation_in_blocks_equals_the_full_trace(backbone):
+    """Traces at 2 and 3 blocks of each type, extrapolated to 4 (FLUX.1: 4 double + 4 single), against the full
+    trace of the 4-block model (GPU mode, DAM K=2): the peak, its kinds and the weights equal to the byte."""
+    import dataclasses
+
+    spec = TINY[backbone]
+    deep = {key: 4 for key in planner.BLOCK_COUNTS[spec.kind]}
+    spec = dataclasses.replace(spec, name=f"deep-{backbone}", transformer={**spec.transformer, **deep})
+    knobs = dict(_knobs("dam"), batch=1)
+    full = planner.plan(spec, device="cuda", extrapolate=False, **knobs)
+    fitted = planner.plan(spec, device="cuda", **knobs)
+    assert fitted["fit"]["depths"] == deep and "fit" not in full
+    assert fitted["total_bytes"] == full["total_bytes"]
+    assert fitted["resident"] == full["resident"]
+    assert fitted["update"]["kinds"] == full["update"]["kinds"]
+    assert fitted["update"]["peak_phase"] == full["update"]["peak_phase"]
+    peak_phase = full["update"]["peak_phase"]
+    assert fitted["update"]["phases"][peak_phase] == full["update"]["phases"][peak_phase]
+    # the other phases' peaks within 0.1% (FLUX.1's 'other' phase: 1024 bytes lower; its peak moment moves)
+    for phase, full_peak in full["update"]["phases"].items():
+        assert abs(fitted["update"]["phases"][phase] - full_peak) <= 1e-3 * full_peak, phase
+
+
 def test_cuda_allocator_rounding():
     assert planner.cuda_block_bytes(1) == 512
     assert planner.cuda_block_bytes(513) == 1024

@@ -17,7 +17,10 @@ GPU mode (``device='cuda'``) predicts ``torch.cuda.max_memory_allocated`` and mo
 
 - attention: ``F.scaled_dot_product_attention`` is routed to the flash kernel (bf16/fp16) or the memory-efficient
   kernel (fp32) whose meta kernels allocate what they do on a GPU: the output and the logsumexp saved for
-  backward, no L x L matrix (the CPU flash kernel allocates the same; the CPU math path would not);
+  backward, no L x L matrix (the CPU flash kernel allocates the same; the CPU math path would not); where the
+  caller enables only the math kernel (``sdpa_kernel(SDPBackend.MATH)``: VGG-Flow's exact consistency under
+  ``torch.func.jvp``, the reward's Hessian-vector product) the math kernel, with its L x L scores, computed in
+  fp32 for bf16/fp16 inputs as on CUDA;
 - the caching allocator's rounding: every block is a multiple of 512 bytes (``max_memory_allocated`` counts
   blocks); reserved memory (segments: 2 MiB for blocks <= 1 MiB, 20 MiB below 10 MiB, else a multiple of 2 MiB)
   is reported separately as an upper estimate, fragmentation is not modelled;
@@ -322,16 +325,30 @@ def _phases(tracker: StorageTracker, trainer: Any) -> Iterator[None]:
         yield
 
 
-# ---------------------------------------------------------------- GPU attention (flash / memory-efficient)
+# ---------------------------------------------------------------- GPU attention (flash / memory-efficient / math)
 def _gpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """What ``F.scaled_dot_product_attention`` runs on an H100: flash (bf16/fp16, no mask) or memory-efficient
-    attention; both keep the output and the logsumexp for backward, no L x L matrix."""
+    """What ``F.scaled_dot_product_attention`` runs on an H100, honouring the backends the caller enabled
+    (``torch.nn.attention.sdpa_kernel``): flash (bf16/fp16, no mask) or memory-efficient attention, which keep the
+    output and the logsumexp for backward, no L x L matrix; the math kernel when only it is enabled (VGG-Flow's
+    forward-mode AD: the fused kernels have no JVP rule), which materialises the L x L scores and, on CUDA, computes
+    bf16/fp16 inputs in fp32 unless ``allow_fp16_bf16_reduction_math_sdp`` is set."""
     aten = torch.ops.aten
-    if attn_mask is None and query.dtype in (torch.float16, torch.bfloat16):
+    backends = torch.backends.cuda
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if backends.flash_sdp_enabled() and attn_mask is None and half and not enable_gqa:
         return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
-    return aten._scaled_dot_product_efficient_attention(
-        query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+    if backends.mem_efficient_sdp_enabled() and not enable_gqa:
+        return aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+        )[0]
+    if not backends.math_sdp_enabled():
+        raise RuntimeError("scaled_dot_product_attention: no backend enabled that the planner models")
+    upcast = half and not backends.fp16_bf16_reduction_math_sdp_allowed()
+    q, k, v = (t.float() for t in (query, key, value)) if upcast else (query, key, value)
+    out = aten._scaled_dot_product_attention_math(
+        q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
     )[0]
+    return out.to(query.dtype) if upcast else out
 
 
 @contextlib.contextmanager
@@ -422,7 +439,13 @@ def frozen_weight_bytes(transformer: Any, base_precision: str | None = None) -> 
 
 
 # ---------------------------------------------------------------- the planner's entry points
-def plan(model: Any, device: str = "cuda", **knobs: Any) -> dict:
+# transformer config keys that count identical blocks, by backbone kind (FLUX.1 / FLUX.2: double and single blocks)
+BLOCK_COUNTS = {"sd3": ("num_layers",), "sit": ("num_layers",), "flux": ("num_layers", "num_single_layers"),
+                "flux2": ("num_layers", "num_single_layers")}  # fmt: skip
+FIT_DEPTHS = (2, 3)  # the two depths each block count is traced at
+
+
+def plan(model: Any, device: str = "cuda", extrapolate: bool = True, **knobs: Any) -> dict:
     """Predict the peak memory of one training update of ``model`` (a shipped config name such as
     ``'sd3-medium'``, a local pipeline directory, or a :class:`~flowkern.app.plan_models.ModelSpec`) with
     ``knobs`` (the fields of :class:`~flowkern.app.plan_models.Knobs`: method, K, consistency, lora_rank,
@@ -433,22 +456,88 @@ def plan(model: Any, device: str = "cuda", **knobs: Any) -> dict:
     modelled), ``'cpu'`` the CPU allocator's peak on this machine. Returns a JSON-able dict: ``total_bytes``
     (resident + the update's peak), ``resident`` (bytes held before the update, by module), ``update`` (the
     update's peak above that, by phase and by kind), ``cuda_context_bytes`` and ``reserved_bytes`` (GPU), ``knobs``.
+
+    ``extrapolate`` (a backbone deeper than 3 blocks of each type): trace the update with 2 and 3 blocks of each
+    type and extrapolate every byte count (each phase's peak, the kinds at the peak, the resident weights) as an
+    affine function of the block counts to the real depth (:func:`extrapolate_in_blocks`); ``False``: one trace of
+    the full depth (minutes per plan of a real config on this CPU).
     """
-    import time
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from flowkern.app.plan_models import Knobs, build_run, fake_building, resolve
-    from flowkern.ops.backend import use_backend
+    from flowkern.app.plan_models import Knobs, resolve
 
     spec = resolve(model)
     unknown = sorted(set(knobs) - {f for f in Knobs.__dataclass_fields__})
     if unknown:
         raise TypeError(f"plan() got unknown knob(s) {unknown}")
-    k = Knobs(**knobs)
-    k.check(spec)
+    Knobs(**knobs).check(spec)
     if torch.device(device).type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+    keys = BLOCK_COUNTS.get(spec.kind, ())
+    depths = {key: int(spec.transformer.get(key, 0)) for key in keys}
+    if not extrapolate or not keys or min(depths.values()) <= max(FIT_DEPTHS):
+        prediction = _plan_once(spec, device, Knobs(**knobs))
+    else:
+        prediction = extrapolate_in_blocks(spec, device, knobs, depths)
+    del prediction["resident_bytes"]
+    return prediction
+
+
+def _with_depths(spec: Any, depths: dict[str, int]) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(spec, transformer={**spec.transformer, **depths})
+
+
+def extrapolate_in_blocks(spec: Any, device: str, knobs: dict, depths: dict[str, int]) -> dict:
+    """The prediction at ``depths`` from traces at 2 and 3 blocks of each type (one type at a time, the others at
+    2): every byte count c is fitted as c(n) = c(2) + sum_type (n_type - 2) (c(3 in that type) - c(2)), exact when
+    each phase's peak lies at a point fixed by the structure (the same op of the same block, or outside the blocks)
+    in all traces. The traces must agree on the peak phase; ``fit`` in the result records the depths traced."""
+    from flowkern.app.plan_models import Knobs
+
+    lo, hi = FIT_DEPTHS
+    base_depths = dict.fromkeys(depths, lo)
+    base = _plan_once(_with_depths(spec, base_depths), device, Knobs(**knobs))
+    steps = {key: _plan_once(_with_depths(spec, {**base_depths, key: hi}), device, Knobs(**knobs)) for key in depths}
+
+    def fit(get: Callable[[dict], int]) -> int:
+        return get(base) + sum((depths[key] - lo) * (get(steps[key]) - get(base)) for key in depths)
+
+    out = {**base, "model": spec.name}
+    out["resident_bytes"] = {name: fit(lambda p, name=name: p["resident_bytes"][name]) for name in base["resident"]}
+    gpu = base["device"] == "cuda"
+    out["resident"] = {name: cuda_block_bytes(v) if gpu else v for name, v in out["resident_bytes"].items()}
+    update = dict(base["update"])
+    update["phases"] = {ph: fit(lambda p, ph=ph: p["update"]["phases"][ph]) for ph in PHASES}
+    update["kinds"] = {kind: fit(lambda p, kind=kind: p["update"]["kinds"][kind]) for kind in KINDS}
+    update["peak_bytes"] = fit(lambda p: p["update"]["peak_bytes"])
+    traced_phases = {p["update"]["peak_phase"] for p in (base, *steps.values())}
+    top = max(update["phases"], key=update["phases"].get)
+    if len(traced_phases) > 1 or top != base["update"]["peak_phase"] or update["phases"][top] != update["peak_bytes"]:
+        raise RuntimeError(
+            f"extrapolate: the peak moves between phases with depth ({sorted(traced_phases)} traced, {top} "
+            "extrapolated): the affine fit is not exact; plan with extrapolate=False (--no-extrapolate)"
+        )
+    if update["reserved_bytes"] is not None:
+        update["reserved_bytes"] = -(-update["peak_bytes"] // (2 * MIB)) * 2 * MIB
+    out["update"] = update
+    out["total_bytes"] = sum(out["resident"].values()) + update["peak_bytes"]
+    if out["reserved_bytes"] is not None:
+        out["reserved_bytes"] = sum(out["resident"].values()) + update["reserved_bytes"]
+    out["seconds"] = round(base["seconds"] + sum(p["seconds"] for p in steps.values()), 1)
+    out["fit"] = {"depths": depths, "traced": [lo, hi]}
+    return out
+
+
+def _plan_once(spec: Any, device: str, k: Any) -> dict:
+    """One trace of ``spec`` at its own depth with knobs ``k`` (see :func:`plan`)."""
+    import time
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flowkern.app.plan_models import build_run, fake_building
+    from flowkern.ops.backend import use_backend
+
+    k.check(spec)
     start = time.perf_counter()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_building(fake) as known:  # fake CPU tensors in both modes (fake CUDA RNG cannot initialise)
@@ -460,10 +549,12 @@ def plan(model: Any, device: str = "cuda", **knobs: Any) -> dict:
     resident["transformer"] = frozen_weight_bytes(resident_modules["transformer"], k.base_precision)
     resident["lora"] = sum(p.numel() * p.element_size() for p in trainer.model.trainable_parameters())
     gpu = torch.device(device).type == "cuda"
+    resident_bytes = dict(resident)  # before the allocator's rounding (what extrapolation fits)
     if gpu:
         resident = {name: cuda_block_bytes(v) for name, v in resident.items()}
     total = sum(resident.values()) + update["peak_bytes"]
     return {
+        "resident_bytes": resident_bytes,
         "model": spec.name,
         "kind": spec.kind,
         "device": "cuda" if gpu else "cpu",
@@ -522,15 +613,21 @@ def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
 
 
 def choose(
-    model: Any, budget: Any, device: str = "cuda", candidates: list[tuple[str, dict]] | None = None, **knobs: Any
+    model: Any,
+    budget: Any,
+    device: str = "cuda",
+    candidates: list[tuple[str, dict]] | None = None,
+    plan_fn: Callable[..., dict] | None = None,
+    **knobs: Any,
 ) -> dict:
     """The first setting of :func:`candidate_knobs` whose prediction fits ``budget`` (bytes or a size string):
     ``{'choice': what changed, 'prediction': plan(...), 'tried': [(what, bytes needed)]}``. Nothing fits:
-    ValueError with one line naming the smallest budget that would."""
+    ValueError with one line naming the smallest budget that would. ``plan_fn`` replaces :func:`plan` (e.g. one
+    that caches predictions across budgets)."""
     need = parse_budget(budget) if not isinstance(budget, int) else budget
     tried = []
     for what, setting in candidates if candidates is not None else candidate_knobs(knobs):
-        prediction = plan(model, device=device, **setting)
+        prediction = (plan_fn or plan)(model, device=device, **setting)
         tried.append((what, fits(prediction)))
         if fits(prediction) <= need:
             return {"choice": what, "prediction": prediction, "tried": tried}
