@@ -280,6 +280,7 @@ class _Load:
     seed: int
     quantize: str | None = None  # 'int8' / 'fp8': the transformer's base_precision (flowkern.models.quantize)
     prompt_cache: str | os.PathLike | None = None  # flowkern.app.prompts.encode_cached
+    recompute: str = "block"  # the backbone's recompute granularity (TransformerFlowModel.set_recompute)
 
     @property
     def local(self) -> bool:
@@ -301,6 +302,7 @@ def load_model(
     seed: int = 0,
     base_precision: str | None = None,
     prompt_cache: str | os.PathLike | None = None,
+    recompute: str = "block",
 ) -> RunSetup:
     """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), or the LoRA
     saved in ``lora_path`` (its rank and alpha are read from the file).
@@ -310,7 +312,12 @@ def load_model(
     'int8', 'fp8'; `flowkern.models.quantize`): the transformer's frozen linears stored in bf16 or weight-only
     int8/fp8 under the fp32 LoRA; it implies ``precision='bf16'`` (the compute dtype). ``prompt_cache``: a
     directory caching the prompt embeddings per prompt and text encoder (`flowkern.app.prompts.encode_cached`).
+    ``recompute``: how finely a pipeline's backbone is recomputed in backward ('none', 'block', 'sublayer';
+    `flowkern.models._adapter.TransformerFlowModel.set_recompute`).
     """
+    from flowkern.models._adapter import check_recompute
+
+    check_recompute(recompute)
     kind, location = resolve_model(spec)
     if base_precision is not None:
         from flowkern.models.quantize import check_base_precision
@@ -331,6 +338,7 @@ def load_model(
         seed,
         None if base_precision == "bf16" else base_precision,
         prompt_cache,
+        recompute,
     )
     if kind == "toy":
         return _load_toy(lora_path, opts.device, num_steps, seed)
@@ -515,7 +523,7 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     decoder = LatentDecoder.from_pretrained(
         opts.location, subfolder="vae", local_files_only=opts.local, device=opts.device
     )
-    memory_defaults(flow, decoder)
+    memory_defaults(flow, decoder, opts.recompute)
     factor = 2 ** (len(decoder.vae.config.block_out_channels) - 1)
     config = flow.transformer.config
     patch = int(getattr(config, "patch_size", 1) or 1)
@@ -682,10 +690,11 @@ def default_micro_batch(kind: str) -> int | None:
     return 1 if kind in ADAPTERS else None
 
 
-def memory_defaults(flow: nn.Module, decoder: nn.Module | None = None) -> None:
-    """What a real pipeline trains with: per-block gradient checkpointing of the transformer (recomputed with the
-    forward's LoRA state, ``TransformerFlowModel.checkpoint_block``) and of the VAE decoder the reward reads."""
-    flow.set_gradient_checkpointing(True)
+def memory_defaults(flow: nn.Module, decoder: nn.Module | None = None, recompute: str = "block") -> None:
+    """What a real pipeline trains with: gradient checkpointing of the transformer, per block by default
+    (``recompute``: `TransformerFlowModel.set_recompute`; recomputed with the forward's LoRA state) and of the VAE
+    decoder the reward reads."""
+    flow.set_recompute(recompute)
     if decoder is not None and hasattr(decoder, "set_gradient_checkpointing"):
         decoder.set_gradient_checkpointing(True)
 

@@ -145,6 +145,9 @@ class Knobs:
     checkpoint_vae: bool = True
     reward: str = "redness"
     base_precision: str | None = None  # issue 17: bf16 | int8 | fp8 frozen transformer linears (implies bf16)
+    recompute: str = "block"  # none | block | sublayer (TransformerFlowModel.set_recompute; with checkpoint_backbone)
+    checkpoint_reward: bool = True  # per-layer checkpointing of a reward tower (rewards.clip.set_layer_checkpointing)
+    offload_trajectory: bool = False  # the rollout's stored states in (pinned) CPU memory (sampling.host_buffer)
 
     def check(self, spec: ModelSpec) -> None:
         if self.base_precision is not None:
@@ -160,6 +163,12 @@ class Knobs:
         m = spec.resolution_multiple
         if isinstance(res, bool) or not isinstance(res, int) or res < m or res % m:
             raise ValueError(f"resolution: must be a multiple of {m} (VAE x patch factor) for {spec.name}, got {res}")
+        from flowkern.models._adapter import check_recompute
+
+        check_recompute(self.recompute)
+        for name in ("checkpoint_reward", "offload_trajectory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         for name in ("batch", "grad_accum", "lora_rank"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -361,7 +370,7 @@ def build_run(spec: ModelSpec, knobs: Knobs, device: str = "cpu", seed: int = 0)
         rows, shared, constants, prompts = _prompt_table(spec, transformer.config, g, device)
     model = build.PromptBankFlow(flow, getattr(adapters, cond_name), rows, shared, constants, prompts=prompts)
     decoder = LatentDecoder(vae)
-    flow.set_gradient_checkpointing(knobs.checkpoint_backbone)
+    flow.set_recompute(knobs.recompute if knobs.checkpoint_backbone else "none")
     decoder.set_gradient_checkpointing(knobs.checkpoint_vae)
     side = (knobs.resolution or spec.resolution) // spec.state_factor
     channels = spec.transformer["in_channels"] if spec.kind != "flux" else spec.latent_channels
