@@ -731,6 +731,8 @@ def method_for_run(
         device=setup.device,
         seed=seed,
     )
+    if settings.offload_trajectory:
+        method.offload_trajectory = True  # MethodBase.trajectory_store: states in pinned CPU memory
     if getattr(method, "consistency", None) == "exact":  # a quantized base: its linears need a JVP rule (M21)
         from flowkern.models.quantize import check_jvp
 

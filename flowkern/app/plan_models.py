@@ -381,7 +381,10 @@ def build_run(spec: ModelSpec, knobs: Knobs, device: str = "cpu", seed: int = 0)
         guidance_scale=spec.guidance_scale, to_images=decoder, device=torch.device(device), weights_dtype=dtype,
     )  # fmt: skip
     reward_fn, reward_module = build.reward_for_run([knobs.reward], setup)
-    settings = build.MethodSettings(K=knobs.K, consistency=knobs.consistency, micro_batch=knobs.micro_batch)
+    settings = build.MethodSettings(
+        K=knobs.K, consistency=knobs.consistency, micro_batch=knobs.micro_batch,
+        offload_trajectory=knobs.offload_trajectory,
+    )  # fmt: skip
     method = build.method_for_run(knobs.method, setup, reward_fn, settings, default_beta=5e4, seed=seed)
     config = TrainConfig(
         batch_size=knobs.batch, grad_accum_steps=knobs.grad_accum, num_updates=1, num_steps=num_steps,
