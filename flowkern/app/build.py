@@ -762,7 +762,9 @@ FOR_MODELS = {  # setting -> the model kinds that read it (the toy has no LoRA, 
     "guidance_scale": IMAGE_MODELS,
     "reward_source": IMAGE_MODELS,
     "prompt": ("sd3", "flux", "flux2", "sit"),  # the tiny model draws its own four prompts
-    "prompt_cache": ("sd3", "flux", "flux2"),  # the text encoders whose embeddings flowkern.app.prompts caches
+    "prompt_cache": ("sd3", "flux", "flux2"),
+    "recompute": ("sd3", "flux", "flux2", "sit"),  # the pipelines' backbones (TransformerFlowModel.set_recompute)
+    "checkpoint_reward": IMAGE_MODELS,  # the text encoders whose embeddings flowkern.app.prompts caches
 }
 
 

@@ -554,11 +554,23 @@ def fits(prediction: dict) -> int:
 
 
 def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
-    """The knob settings the budget search tries, cheapest in time first: (what changed, knobs)."""
-    base = dict(knobs)
-    out = [("no gradient checkpointing (fastest)", {**base, "checkpoint_backbone": False, "checkpoint_vae": False})]
-    out.append(("checkpoint the VAE decode only", {**base, "checkpoint_backbone": False, "checkpoint_vae": True}))
-    out.append(("per-block checkpointing of the backbone and per-layer of the VAE (the default)", base))
+    """The knob settings the budget search tries, cheapest in time first: (what changed, knobs). Each step keeps
+    the previous ones: no recomputation; the VAE decode's; the default (per-block backbone, per-layer VAE and
+    reward tower); the stored trajectory offloaded to pinned CPU memory (host copies of a few latents per step);
+    per-sublayer recomputation of the backbone (~one more forward of its attention and MLP); batch 1 with
+    accumulation; K = 1."""
+    base = {"checkpoint_backbone": True, "checkpoint_vae": True, "checkpoint_reward": True, **knobs}
+    off = {"checkpoint_backbone": False, "checkpoint_vae": False, "checkpoint_reward": False}
+    out = [("no gradient checkpointing (fastest)", {**base, **off})]
+    out.append(("checkpoint the VAE decode only", {**base, **off, "checkpoint_vae": True}))
+    out.append(("per-block checkpointing of the backbone, per-layer of the VAE and the reward tower (the default)",
+                base))  # fmt: skip
+    if not base.get("offload_trajectory"):
+        base = {**base, "offload_trajectory": True}
+        out.append(("offload the stored trajectory to pinned CPU memory", base))
+    if base.get("recompute", "block") != "sublayer":
+        base = {**base, "recompute": "sublayer"}
+        out.append(("recompute the backbone per sublayer (attention, MLP)", base))
     batch = int(base.get("batch", 1))
     if batch > 1:
         accum = int(base.get("grad_accum", 1)) * batch
@@ -567,6 +579,18 @@ def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
     if base.get("method", "dam") in ("dam", "draft", "refl") and (base.get("K") or 1) > 1:
         out.append(("K = 1 (changes the method's truncation)", {**base, "K": 1}))
     return out
+
+
+def knob_line(knobs: dict) -> str:
+    """The memory knobs of a setting in one line (what ``--memory-budget`` prints)."""
+    k = {"checkpoint_backbone": True, "checkpoint_vae": True, "checkpoint_reward": True, "recompute": "block",
+         "offload_trajectory": False, "batch": 1, "grad_accum": 1, **knobs}  # fmt: skip
+    on = lambda flag: "on" if flag else "off"
+    return (
+        f"recompute {k['recompute'] if k['checkpoint_backbone'] else 'none'}, VAE checkpointing "
+        f"{on(k['checkpoint_vae'])}, reward-tower checkpointing {on(k['checkpoint_reward'])}, trajectory offload "
+        f"{on(k['offload_trajectory'])}, batch {k['batch']} x {k['grad_accum']} accumulation, K {k.get('K')}"
+    )
 
 
 def choose(
