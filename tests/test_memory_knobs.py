@@ -5,6 +5,8 @@ planner's CPU-mode prediction within 5% of the exact peak; bad values give one V
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -28,6 +30,10 @@ TINY_TOWER = {
     "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3,
                       "image_size": 32, "patch_size": 4, "projection_dim": 16},
 }  # fmt: skip
+
+
+# the planner's traces cost ~6 s each here: CI runs one per knob at most; FLOWKERN_PLAN_MATRIX=1 runs every check
+MATRIX = os.environ.get("FLOWKERN_PLAN_MATRIX") == "1"
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +81,8 @@ def _velocity_step(backbone: str, recompute: str) -> tuple[int, list[torch.Tenso
 
 @pytest.mark.parametrize("backbone", ["sd3", "flux", "flux2", "sit"])
 def test_recompute_granularity_keeps_gradients_bitwise_and_lowers_the_peak(backbone):
+    if not MATRIX and backbone in ("flux", "flux2"):
+        pytest.skip("SD3 and SiT in CI; FLOWKERN_PLAN_MATRIX=1 runs FLUX.1 and FLUX.2 too")
     runs = {r: _velocity_step(backbone, r) for r in ("none", "block", "sublayer")}
     for r in ("block", "sublayer"):
         assert all(torch.equal(a, b) for a, b in zip(runs["none"][1], runs[r][1], strict=True)), r
@@ -88,8 +96,9 @@ def test_recompute_granularity_keeps_gradients_bitwise_and_lowers_the_peak(backb
         assert peaks["sublayer"] < 1.05 * peaks["block"]
 
 
+@pytest.mark.skipif(not MATRIX, reason="a planner trace per knob in CI; FLOWKERN_PLAN_MATRIX=1 runs this one too")
 def test_recompute_sublayer_planned_within_5_percent():
-    measured, predicted = _measured_and_predicted("sit", _knobs(recompute="sublayer", batch=1, K=1))
+    measured, predicted = _measured_and_predicted("sit", _knobs(recompute="sublayer", batch=1, K=1, num_steps=2))
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
 
 
@@ -108,7 +117,7 @@ def test_reward_tower_checkpointing_lowers_the_peak_bitwise_and_is_planned(monke
     monkeypatch.setitem(plan_models.REWARD_TOWERS, "aesthetic", TINY_TOWER)
     out = {}
     for on in (False, True):
-        knobs = _knobs(reward="aesthetic", checkpoint_reward=on, batch=1)
+        knobs = _knobs(reward="aesthetic", checkpoint_reward=on, batch=1, K=1, num_steps=2)
         trainer, resident = build_run(TINY["sit"], Knobs(**knobs))
         assert resident["reward"].rewards["aesthetic"].checkpointing is on
         with planner.no_cyclic_gc():
@@ -116,9 +125,10 @@ def test_reward_tower_checkpointing_lowers_the_peak_bitwise_and_is_planned(monke
         assert not trainer.skipped
         # the update's loss and the LoRA after its AdamW step (the gradients are freed by then)
         after = [p.detach().clone() for p in trainer.model.trainable_parameters()]
-        predicted = planner.plan(TINY["sit"], device="cpu", **knobs)["update"]["peak_bytes"]
-        print("checkpoint_reward", on, measured, predicted)
-        assert abs(predicted - measured) <= 0.05 * measured, (on, predicted, measured)
+        if MATRIX or on:  # the default (on) in CI
+            predicted = planner.plan(TINY["sit"], device="cpu", **knobs)["update"]["peak_bytes"]
+            print("checkpoint_reward", on, measured, predicted)
+            assert abs(predicted - measured) <= 0.05 * measured, (on, predicted, measured)
         out[on] = measured, trainer.history[-1]["loss"], after
     assert out[True][0] < 0.8 * out[False][0]
     assert out[True][1] == out[False][1]
@@ -128,6 +138,8 @@ def test_reward_tower_checkpointing_lowers_the_peak_bitwise_and_is_planned(monke
 # ---------------------------------------------------------------- (c) trajectory offload
 @pytest.mark.parametrize("method", ["dam", "am", "vggflow", "draft", "refl"])
 def test_offloaded_trajectory_gives_bitwise_equal_loss_and_gradients(method, monkeypatch):
+    if not MATRIX and method not in ("dam", "vggflow"):
+        pytest.skip("DAM (the adjoint sweep) and VGG-Flow (transitions) in CI; FLOWKERN_PLAN_MATRIX=1 runs all")
     import flowkern.sampling
 
     calls = []
@@ -148,18 +160,25 @@ def test_offloaded_trajectory_gives_bitwise_equal_loss_and_gradients(method, mon
     assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1], strict=True))
 
 
-def test_offload_is_counted_off_the_gpu_and_cpu_mode_stays_exact():
-    knobs = _knobs("dam", offload_trajectory=True, batch=1, K=1)
-    measured, predicted = _measured_and_predicted("sit", knobs)
-    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+def test_offload_is_counted_off_the_gpu():
+    knobs = _knobs("dam", offload_trajectory=True, batch=1, K=1, num_steps=2)
     on = planner.plan(TINY["sit"], device="cuda", **knobs)
-    off = planner.plan(TINY["sit"], device="cuda", **{**knobs, "offload_trajectory": False})
-    n_states, state = 3 + 1, 1 * 4 * 8 * 8 * 4  # N+1 states of [B=1, 4, 8, 8] fp32
+    n_states, state = 2 + 1, 1 * 4 * 8 * 8 * 4  # N+1 states of [B=1, 4, 8, 8] fp32
     assert on["update"]["offloaded_bytes"] == n_states * state
-    assert off["update"]["offloaded_bytes"] == 0
-    # x_N fetched back for the terminal reward stays on the GPU at the reward's peak; the other states do not
-    assert off["update"]["kinds"]["stored_trajectory"] - on["update"]["kinds"]["stored_trajectory"] == 3 * state
+    # at the peak (the terminal reward's gradient) only x_N, fetched back, is on the GPU: not the N+1 states
+    assert on["update"]["peak_phase"] == "reward"
+    assert on["update"]["kinds"]["stored_trajectory"] == state
     assert "offloaded to pinned CPU memory (not on the GPU)" in planner.format_table(on)
+    if MATRIX:
+        off = planner.plan(TINY["sit"], device="cuda", **{**knobs, "offload_trajectory": False})
+        assert off["update"]["offloaded_bytes"] == 0
+        assert off["update"]["kinds"]["stored_trajectory"] == n_states * state
+
+
+@pytest.mark.skipif(not MATRIX, reason="a planner trace per knob in CI; FLOWKERN_PLAN_MATRIX=1 runs this one too")
+def test_offload_planned_within_5_percent_in_cpu_mode():
+    measured, predicted = _measured_and_predicted("sit", _knobs("dam", offload_trajectory=True, batch=1, K=1))
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
 
 
 # ---------------------------------------------------------------- the budget search, flags and bad values
