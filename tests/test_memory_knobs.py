@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 
-from flowkern.ops.backend import use_backend
 from tests.utils import peak_memory
 
 pytest.importorskip("diffusers")
@@ -20,7 +19,7 @@ from flowkern.app import plan as planner  # noqa: E402
 from flowkern.app import plan_models  # noqa: E402
 from flowkern.app.plan_models import Knobs, build_run  # noqa: E402
 from tests.models_tiny_backbones import randomize_lora  # noqa: E402
-from tests.test_plan import TINY  # noqa: E402
+from tests.test_plan import TINY, _one_thread_torch_ops  # noqa: E402, F401 (the autouse fixture: 1 thread, torch ops)
 
 # a CLIP tower small enough for CI, in the place of the planner's ViT-L/14 config
 TINY_TOWER = {
@@ -34,15 +33,6 @@ TINY_TOWER = {
 
 # the planner's traces cost ~6 s each here: CI runs one per knob at most; FLOWKERN_PLAN_MATRIX=1 runs every check
 MATRIX = os.environ.get("FLOWKERN_PLAN_MATRIX") == "1"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_torch_ops():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 def _knobs(method: str = "refl", **extra) -> dict:
