@@ -168,7 +168,7 @@ class AdjointMatching(MethodBase):
         acc = C.acc_dtype(states)
         r_end, g_end = terminal
         if g_end is None:
-            r_end, g_end = self._terminal(C.fetch(states[-1], ts.device))
+            r_end, g_end = self._terminal(C.fetch(states[-1], self.compute_device(states, ts)))
         # a_N = -grad r(x_N); a_{N-K+1} .. a_N need K-1 VJPs (M25, M28); list index j = a_{N-K+1+j}
         adj = self._lean_adjoint(states, ts, -g_end.to(acc), K - 1, cond, "ode")
         # sample s = k B + b is (transition i = N-K+k, trajectory b), paired with a_{i+1} = adj[k] (M27)
@@ -177,7 +177,7 @@ class AdjointMatching(MethodBase):
         for lo, hi in C.micro_batches(n, self.micro_batch):
             s = torch.arange(lo, hi, device=states.device)
             k, traj = s // n_traj, s % n_traj
-            x = C.fetch(states[n_steps - K + k, traj], ts.device).detach().to(acc)
+            x = C.fetch(states[n_steps - K + k, traj], self.compute_device(states, ts)).detach().to(acc)
             t = ts.to(device=x.device, dtype=acc)[n_steps - K + k]
             a = torch.stack([adj[j][b] for j, b in zip(k.tolist(), traj.tolist(), strict=True)]).to(acc)
             c_y = C.gather_cond(cond, traj)
@@ -217,7 +217,7 @@ class AdjointMatching(MethodBase):
         h_last = float(ts[-1] - ts[-2])
         r_hat, terminal = [], []
         for lo, hi in C.micro_batches(n_traj, self.micro_batch):  # a_N = -lam_r grad r(x_hat1) per trajectory
-            x_prev = C.fetch(states[-2, lo:hi], ts.device).detach().to(acc)
+            x_prev = C.fetch(states[-2, lo:hi], self.compute_device(states, ts)).detach().to(acc)
             c_rows = cond if (lo, hi) == (0, n_traj) else C.gather_cond(cond, torch.arange(lo, hi))
             t_last = ts[-2].to(device=x_prev.device, dtype=acc).expand(hi - lo)
             with torch.no_grad():
@@ -234,7 +234,7 @@ class AdjointMatching(MethodBase):
         grads, value, clipped, adj_norm = C.MicroBatchGradients(), None, 0.0, 0.0
         for lo, hi in C.micro_batches(n, self.micro_batch):
             step, traj = step_all[lo:hi], traj_all[lo:hi]
-            x = C.fetch(states[step, traj], ts.device).detach().to(acc)
+            x = C.fetch(states[step, traj], self.compute_device(states, ts)).detach().to(acc)
             t = ts.to(device=x.device, dtype=acc)[step]
             a = torch.stack([adj[i][b] for i, b in zip(step.tolist(), traj.tolist(), strict=True)]).to(acc)
             c_y = C.gather_cond(cond, traj)
