@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from flowkern import sampling
 from flowkern.ops import adjoint_step
 
 __all__ = ["graph_leaves", "lean_adjoint", "terminal_reward_grad", "truncated_backprop"]
@@ -103,7 +104,7 @@ class _Sweep:
         return range(self.num_steps - 1, self.num_steps - self.K - 1, -1)
 
     def x(self, i: int) -> torch.Tensor:
-        return self.states[i].detach().to(self.device, non_blocking=True)
+        return sampling.fetch(self.states[i].detach(), self.device)
 
     def h_scalar(self, i: int, like: torch.Tensor) -> float | torch.Tensor:
         """h_i as a Python float (shared grid) or a broadcastable [B, 1, ...] tensor (per-sample grid)."""

@@ -44,6 +44,7 @@ BASE_PRECISION = dict(  # train and eval: the frozen transformer's storage (flow
     help="frozen transformer linears in bf16 or weight-only int8/fp8 (torchao); computes in bf16 [--precision]",
 )
 
+RECOMPUTE_CHOICES = ("none", "block", "sublayer")  # flowkern.models._adapter.RECOMPUTE (not imported: startup time)
 PROMPT_CACHE_HELP = "cache the prompt embeddings here (a safetensors file per prompt and text encoder)"
 
 
@@ -245,7 +246,27 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--memory-budget",
         default=S,
-        help="GPU memory to fit, e.g. 24GB: `flowkern plan` picks batch x accumulation and K that fit (real configs)",
+        help="GPU memory to fit, e.g. 24GB: `flowkern plan` picks the fastest knobs that fit (recompute granularity, "
+        "trajectory offload, reward-tower checkpointing, batch x accumulation, K; real configs) and prints them",
+    )
+    g.add_argument(
+        "--recompute",
+        choices=RECOMPUTE_CHOICES,
+        default=S,
+        help="backbone recomputation in backward: none, per block, or per sublayer (attention / MLP; lower peak, "
+        "~1 more forward of them) [block; SD3/FLUX/SiT pipelines]",
+    )
+    g.add_argument(
+        "--checkpoint-reward",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="recompute each reward-tower layer (CLIP / BLIP) in backward: ~6x fewer reward-gradient activations [on]",
+    )
+    g.add_argument(
+        "--offload-trajectory",
+        action="store_true",
+        default=S,
+        help="keep the rollout's stored states in pinned CPU memory, copied back per use [off]",
     )
     g.add_argument("--lr", type=_positive_float, default=S, help="learning rate of the LoRA [5e-4]")
     g.add_argument("--value-lr", type=_positive_float, default=S, help="learning rate of the value net [= lr]")
@@ -342,6 +363,17 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-steps", type=_int_min(1), default=None, help="Euler steps N [20]")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="allocator to model [cuda]")
     pl.add_argument("--memory-budget", default=None, help="e.g. 24GB (10^9 bytes) or 24GiB: choose knobs that fit")
+    pl.add_argument("--recompute", choices=RECOMPUTE_CHOICES, default="block", help="backbone recomputation [block]")
+    pl.add_argument(
+        "--checkpoint-reward", action=argparse.BooleanOptionalAction, default=True, help="reward-tower layers [on]"
+    )
+    pl.add_argument("--offload-trajectory", action="store_true", help="stored states in pinned CPU memory [off]")
+    pl.add_argument(
+        "--reward",
+        choices=["redness", "brightness", "aesthetic"],
+        default="redness",
+        help="a pixel reward, or the aesthetic reward's CLIP ViT-L/14 tower built from its config [redness]",
+    )
     pl.add_argument("--json", action="store_true", help="print the prediction as JSON")
     pl.add_argument(
         "--no-extrapolate", dest="extrapolate", action="store_false",
@@ -503,7 +535,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from flowkern.app.plan import choose, format_table, parse_budget, plan
+    from flowkern.app.plan import choose, format_table, knob_line, parse_budget, plan
     from flowkern.app.plan_models import resolve
 
     budget = parse_budget(args.memory_budget) if args.memory_budget is not None else None
@@ -512,7 +544,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         method=args.method, K=args.K, consistency=args.consistency, lora_rank=args.lora_rank,
         precision=args.precision, batch=args.batch_size, grad_accum=args.grad_accum, micro_batch=args.micro_batch,
         resolution=args.resolution, num_steps=args.num_steps, base_precision=args.base_precision,
-        extrapolate=args.extrapolate,
+        extrapolate=args.extrapolate, recompute=args.recompute, checkpoint_reward=args.checkpoint_reward,
+        offload_trajectory=args.offload_trajectory, reward=args.reward,
     )  # fmt: skip
     if budget is None:
         result = plan(args.model, device=args.device, **knobs)
@@ -522,7 +555,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(chosen, indent=1))
     else:
-        print(f"fits {budget / 2**30:.1f} GiB with: {chosen['choice']}")
+        print(f"fits {budget / 2**30:.1f} GiB with: {chosen['choice']}: {knob_line(chosen['prediction']['knobs'])}")
         print(format_table(chosen["prediction"]))
     return 0
 

@@ -194,14 +194,28 @@ class Trajectory:
         return self.states[-1]
 
 
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A stored trajectory offloaded to the host: CPU memory, pinned when CUDA is available (so copies to and from
+    the GPU can be ``non_blocking``). The one place a trajectory leaves the device (``flowkern plan`` counts what it
+    returns as off the GPU)."""
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=torch.cuda.is_available())
+
+
+def fetch(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A piece of a (possibly offloaded) stored trajectory on the compute ``device``; ``x`` itself when it is
+    already there (no copy: on the CPU, offloading changes no value)."""
+    return x.to(device, non_blocking=True)
+
+
 class _Store:
-    """Preallocated [n, B, ...] buffer in the chosen dtype/device (pinned CPU memory on request)."""
+    """Preallocated [n, B, ...] buffer in the chosen dtype/device (pinned CPU memory on request: `host_buffer`)."""
 
     def __init__(self, n: int, like: torch.Tensor, dtype: torch.dtype | None, device: Any, pin_memory: bool):
         device = torch.device(device) if device is not None else like.device
-        pin = pin_memory and device.type == "cpu" and torch.cuda.is_available()
-        self.buffer = torch.empty((n, *like.shape), dtype=dtype or like.dtype, device=device, pin_memory=pin)
-        self.async_copy = pin and like.device.type == "cuda"
+        shape, dtype = (n, *like.shape), dtype or like.dtype
+        pin = pin_memory and device.type == "cpu"
+        self.buffer = host_buffer(shape, dtype) if pin else torch.empty(shape, dtype=dtype, device=device)
+        self.async_copy = pin and torch.cuda.is_available() and like.device.type == "cuda"
 
     def put(self, i: int, x: torch.Tensor) -> None:
         self.buffer[i].copy_(x, non_blocking=self.async_copy)

@@ -208,7 +208,7 @@ def test_budget_picks_the_fastest_setting_that_fits_or_names_the_smallest_budget
     monkeypatch.setattr(planner, "plan", fake_plan)
     chosen = planner.choose("m", "16GiB", method="dam", batch=4, K=3)
     assert chosen["choice"].startswith("batch 1 with 4 accumulation steps")
-    assert [b // 2**30 for _, b in chosen["tried"]] == [30, 30, 20, 12]
+    assert [b // 2**30 for _, b in chosen["tried"]] == [30, 30, 20, 20, 20, 12]  # default, + offload, + sublayer
     assert planner.choose("m", "24GiB", method="dam", batch=4)["choice"].startswith("per-block checkpointing")
     assert planner.choose("m", "40GiB", method="dam")["choice"].startswith("no gradient checkpointing")
     with pytest.raises(ValueError, match=r"smallest budget that would is 12.0 GiB"):

@@ -280,6 +280,7 @@ class _Load:
     seed: int
     quantize: str | None = None  # 'int8' / 'fp8': the transformer's base_precision (flowkern.models.quantize)
     prompt_cache: str | os.PathLike | None = None  # flowkern.app.prompts.encode_cached
+    recompute: str = "block"  # the backbone's recompute granularity (TransformerFlowModel.set_recompute)
 
     @property
     def local(self) -> bool:
@@ -301,6 +302,7 @@ def load_model(
     seed: int = 0,
     base_precision: str | None = None,
     prompt_cache: str | os.PathLike | None = None,
+    recompute: str = "block",
 ) -> RunSetup:
     """Load ``spec`` (see :func:`resolve_model`) with a fresh LoRA of ``lora_rank`` (None: no LoRA), or the LoRA
     saved in ``lora_path`` (its rank and alpha are read from the file).
@@ -310,7 +312,12 @@ def load_model(
     'int8', 'fp8'; `flowkern.models.quantize`): the transformer's frozen linears stored in bf16 or weight-only
     int8/fp8 under the fp32 LoRA; it implies ``precision='bf16'`` (the compute dtype). ``prompt_cache``: a
     directory caching the prompt embeddings per prompt and text encoder (`flowkern.app.prompts.encode_cached`).
+    ``recompute``: how finely a pipeline's backbone is recomputed in backward ('none', 'block', 'sublayer';
+    `flowkern.models._adapter.TransformerFlowModel.set_recompute`).
     """
+    from flowkern.models._adapter import check_recompute
+
+    check_recompute(recompute)
     kind, location = resolve_model(spec)
     if base_precision is not None:
         from flowkern.models.quantize import check_base_precision
@@ -331,6 +338,7 @@ def load_model(
         seed,
         None if base_precision == "bf16" else base_precision,
         prompt_cache,
+        recompute,
     )
     if kind == "toy":
         return _load_toy(lora_path, opts.device, num_steps, seed)
@@ -515,7 +523,7 @@ def _load_pipeline(kind: str, opts: _Load) -> RunSetup:
     decoder = LatentDecoder.from_pretrained(
         opts.location, subfolder="vae", local_files_only=opts.local, device=opts.device
     )
-    memory_defaults(flow, decoder)
+    memory_defaults(flow, decoder, opts.recompute)
     factor = 2 ** (len(decoder.vae.config.block_out_channels) - 1)
     config = flow.transformer.config
     patch = int(getattr(config, "patch_size", 1) or 1)
@@ -625,14 +633,22 @@ def check_reward_names(specs: Sequence[str], kind: str) -> list[tuple[str, float
 
 
 def reward_for_run(
-    specs: Sequence[str], setup: RunSetup, sources: dict[str, Sequence[str]] | None = None
+    specs: Sequence[str],
+    setup: RunSetup,
+    sources: dict[str, Sequence[Any]] | None = None,
+    checkpoint_reward: bool = True,
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module | None]:
     """(r(x) -> [B] on the model's samples x, the reward module or None for the toy).
 
     Image models: r(x) = sum_k w_k reward_k(to_images(x), prompts); prompt-dependent rewards need a run with one
     prompt (the methods' reward interface r(x) carries no conditioning). ``sources`` maps a reward name to the
-    arguments of its ``from_pretrained`` (local paths or hub ids).
+    arguments of its ``from_pretrained`` (local paths or hub ids). ``checkpoint_reward`` (``--checkpoint-reward``,
+    default on): every reward tower (CLIP / BLIP) recomputes each layer in backward (``set_checkpointing``); at a
+    tower's real size this cuts the reward gradient's activations ~6x (flowkern.rewards.memory's measured table:
+    ViT-L/14 370 -> 55 MB per image, ViT-H/14 436 -> 68 MB, BLIP 271 -> 37 MB) for one more tower forward.
     """
+    if not isinstance(checkpoint_reward, bool):
+        raise ValueError(f"--checkpoint-reward: expected True or False, got {checkpoint_reward!r}")
     parsed = check_reward_names(specs, setup.kind)
     sources = sources or {}
     from flowkern.rewards import make_reward
@@ -644,6 +660,9 @@ def reward_for_run(
     from flowkern.rewards import WeightedReward
 
     modules = {name: _reward_module(name, sources.get(name, ())) for name, _ in parsed}
+    for module in modules.values():
+        if hasattr(module, "set_checkpointing"):  # the tower rewards (clip, pickscore, hps, image_reward)
+            module.set_checkpointing(checkpoint_reward)
     reward = WeightedReward(modules, {name: w for name, w in parsed}).to(setup.device)
     prompts = None
     if reward.needs_prompts:
@@ -682,10 +701,11 @@ def default_micro_batch(kind: str) -> int | None:
     return 1 if kind in ADAPTERS else None
 
 
-def memory_defaults(flow: nn.Module, decoder: nn.Module | None = None) -> None:
-    """What a real pipeline trains with: per-block gradient checkpointing of the transformer (recomputed with the
-    forward's LoRA state, ``TransformerFlowModel.checkpoint_block``) and of the VAE decoder the reward reads."""
-    flow.set_gradient_checkpointing(True)
+def memory_defaults(flow: nn.Module, decoder: nn.Module | None = None, recompute: str = "block") -> None:
+    """What a real pipeline trains with: gradient checkpointing of the transformer, per block by default
+    (``recompute``: `TransformerFlowModel.set_recompute`; recomputed with the forward's LoRA state) and of the VAE
+    decoder the reward reads."""
+    flow.set_recompute(recompute)
     if decoder is not None and hasattr(decoder, "set_gradient_checkpointing"):
         decoder.set_gradient_checkpointing(True)
 
@@ -722,6 +742,8 @@ def method_for_run(
         device=setup.device,
         seed=seed,
     )
+    if settings.offload_trajectory:
+        method.offload_trajectory = True  # MethodBase.trajectory_store: states in pinned CPU memory
     if getattr(method, "consistency", None) == "exact":  # a quantized base: its linears need a JVP rule (M21)
         from flowkern.models.quantize import check_jvp
 
@@ -740,7 +762,9 @@ FOR_MODELS = {  # setting -> the model kinds that read it (the toy has no LoRA, 
     "guidance_scale": IMAGE_MODELS,
     "reward_source": IMAGE_MODELS,
     "prompt": ("sd3", "flux", "flux2", "sit"),  # the tiny model draws its own four prompts
-    "prompt_cache": ("sd3", "flux", "flux2"),  # the text encoders whose embeddings flowkern.app.prompts caches
+    "prompt_cache": ("sd3", "flux", "flux2"),
+    "recompute": ("sd3", "flux", "flux2", "sit"),  # the pipelines' backbones (TransformerFlowModel.set_recompute)
+    "checkpoint_reward": IMAGE_MODELS,  # the text encoders whose embeddings flowkern.app.prompts caches
 }
 
 

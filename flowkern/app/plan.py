@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from flowkern import sampling
 from flowkern.app.plan_models import PlausibleScalars
 
 GIB = 2**30
@@ -160,6 +161,9 @@ class StorageTracker(PlausibleScalars):
         self.phase_peak = dict.fromkeys(PHASES, 0)
         self.peak_phase = "other"
         self.first_seen_bytes: list[int] = []  # every allocation's rounded size (reserved-memory estimate)
+        self.to_host = False  # GPU mode, inside sampling.host_buffer: the storage is host memory, not the GPU's
+        self.host_bytes = 0  # live offloaded-trajectory bytes (both modes) and their peak
+        self.host_peak = 0
 
     # storages are keyed by the identity of their (preserved) Python object, alive as long as the C++ storage
     def _key(self, st: torch.UntypedStorage) -> int | None:
@@ -174,7 +178,7 @@ class StorageTracker(PlausibleScalars):
         nbytes = self.round_bytes(st.nbytes())
         key = self._next
         self._next += 1
-        kind = KIND_OF_PHASE[self.phase]
+        kind = "host" if self.to_host else KIND_OF_PHASE[self.phase]
         self.live[key] = [nbytes, kind]
         st._flowkern_plan_key = key
         self._refs[key] = weakref.ref(st, lambda _, k=key: self._free(k))
@@ -182,6 +186,8 @@ class StorageTracker(PlausibleScalars):
         self._add(nbytes, kind)
 
     def _add(self, nbytes: int, kind: str) -> None:
+        if kind == "host":  # an offloaded trajectory on the GPU's host: not in max_memory_allocated
+            return
         self.running += nbytes
         self.by_kind[kind] += nbytes
         phase = self.phase
@@ -195,7 +201,7 @@ class StorageTracker(PlausibleScalars):
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
         self._refs.pop(key, None)
-        if entry is not None:
+        if entry is not None and entry[1] != "host":
             self.running -= entry[0]
             self.by_kind[entry[1]] -= entry[0]
 
@@ -215,6 +221,40 @@ class StorageTracker(PlausibleScalars):
             if isinstance(t, torch.Tensor) and self._key(t.untyped_storage()) is None:
                 self._allocate(t.untyped_storage())
         return obj
+
+    def host_buffer(self, make: Callable[..., torch.Tensor], gpu: bool) -> Callable[..., torch.Tensor]:
+        """``flowkern.sampling.host_buffer`` traced: its storage counted off the GPU in GPU mode (as CPU memory in
+        CPU mode, where it is what the allocator measures) and as offloaded bytes in both modes."""
+
+        def run(*args, **kwargs) -> torch.Tensor:
+            self.to_host = gpu
+            try:
+                out = make(*args, **kwargs)
+            finally:
+                self.to_host = False
+            st = out.untyped_storage()
+            nbytes = st.nbytes()
+            self.host_bytes += nbytes
+            self.host_peak = max(self.host_peak, self.host_bytes)
+            weakref.finalize(st, self._host_freed, nbytes)
+            return out
+
+        return run
+
+    def _host_freed(self, nbytes: int) -> None:
+        self.host_bytes -= nbytes
+
+    def fetch(self, fetch: Callable[..., torch.Tensor], gpu: bool) -> Callable[..., torch.Tensor]:
+        """``flowkern.sampling.fetch`` traced in GPU mode: a view of an offloaded trajectory comes back as a GPU copy
+        (fake CPU tensors would not copy); an indexed piece is already a new storage, counted as that copy."""
+
+        def run(x: torch.Tensor, device: Any) -> torch.Tensor:
+            key = self._key(x.untyped_storage())
+            if gpu and key is not None and self.live[key][1] == "host":
+                return x.clone()
+            return fetch(x, device)
+
+        return run
 
     def add_workspace(self, nbytes: int, kind: str = "activations") -> None:
         """A fixed allocation that no op returns (the cuBLAS workspace), held until the end."""
@@ -401,11 +441,18 @@ def trace_update(trainer: Any, device: str = "cpu", known: PlausibleScalars | No
         p.register_post_accumulate_grad_hook(lambda p: tracker.reclassify(p.grad, "lora_optimizer_state"))
         for p in params
     ]
+    import flowkern.methods._common as common
+
+    offload = contextlib.ExitStack()
+    offload.enter_context(_patched(sampling, "host_buffer", lambda make: tracker.host_buffer(make, gpu)))
+    for module in (sampling, common):  # the methods' C.fetch and the adjoint sweep's sampling.fetch
+        offload.enter_context(_patched(module, "fetch", lambda fetch: tracker.fetch(fetch, gpu)))
     try:
-        with no_cyclic_gc(), _phases(tracker, trainer), gpu_attention() if gpu else contextlib.nullcontext(), tracker:
-            if gpu:
-                tracker.add_workspace(CUBLAS_WORKSPACE_BYTES)
-            trainer.train_step()
+        with no_cyclic_gc(), _phases(tracker, trainer), offload, gpu_attention() if gpu else contextlib.nullcontext():
+            with tracker:
+                if gpu:
+                    tracker.add_workspace(CUBLAS_WORKSPACE_BYTES)
+                trainer.train_step()
     finally:
         for h in hooks:
             h.remove()
@@ -417,6 +464,7 @@ def trace_update(trainer: Any, device: str = "cpu", known: PlausibleScalars | No
         "kinds": dict(tracker.peak_by_kind),
         "reserved_bytes": reserved,
         "scalar_reads": tracker.scalar_reads,
+        "offloaded_bytes": tracker.host_peak,  # the stored trajectory in (pinned) CPU memory (offload_trajectory)
         "skipped": [list(s) for s in getattr(trainer, "skipped", [])],
     }
 
@@ -510,6 +558,7 @@ def extrapolate_in_blocks(spec: Any, device: str, knobs: dict, depths: dict[str,
     update["phases"] = {ph: fit(lambda p, ph=ph: p["update"]["phases"][ph]) for ph in PHASES}
     update["kinds"] = {kind: fit(lambda p, kind=kind: p["update"]["kinds"][kind]) for kind in KINDS}
     update["peak_bytes"] = fit(lambda p: p["update"]["peak_bytes"])
+    update["offloaded_bytes"] = fit(lambda p: p["update"]["offloaded_bytes"])
     traced_phases = {p["update"]["peak_phase"] for p in (base, *steps.values())}
     top = max(update["phases"], key=update["phases"].get)
     if len(traced_phases) > 1 or top != base["update"]["peak_phase"] or update["phases"][top] != update["peak_bytes"]:
@@ -597,11 +646,23 @@ def fits(prediction: dict) -> int:
 
 
 def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
-    """The knob settings the budget search tries, cheapest in time first: (what changed, knobs)."""
-    base = dict(knobs)
-    out = [("no gradient checkpointing (fastest)", {**base, "checkpoint_backbone": False, "checkpoint_vae": False})]
-    out.append(("checkpoint the VAE decode only", {**base, "checkpoint_backbone": False, "checkpoint_vae": True}))
-    out.append(("per-block checkpointing of the backbone and per-layer of the VAE (the default)", base))
+    """The knob settings the budget search tries, cheapest in time first: (what changed, knobs). Each step keeps
+    the previous ones: no recomputation; the VAE decode's; the default (per-block backbone, per-layer VAE and
+    reward tower); the stored trajectory offloaded to pinned CPU memory (host copies of a few latents per step);
+    per-sublayer recomputation of the backbone (~one more forward of its attention and MLP); batch 1 with
+    accumulation; K = 1."""
+    base = {"checkpoint_backbone": True, "checkpoint_vae": True, "checkpoint_reward": True, **knobs}
+    off = {"checkpoint_backbone": False, "checkpoint_vae": False, "checkpoint_reward": False}
+    out = [("no gradient checkpointing (fastest)", {**base, **off})]
+    out.append(("checkpoint the VAE decode only", {**base, **off, "checkpoint_vae": True}))
+    out.append(("per-block checkpointing of the backbone, per-layer of the VAE and the reward tower (the default)",
+                base))  # fmt: skip
+    if not base.get("offload_trajectory"):
+        base = {**base, "offload_trajectory": True}
+        out.append(("offload the stored trajectory to pinned CPU memory", base))
+    if base.get("recompute", "block") != "sublayer":
+        base = {**base, "recompute": "sublayer"}
+        out.append(("recompute the backbone per sublayer (attention, MLP)", base))
     batch = int(base.get("batch", 1))
     if batch > 1:
         accum = int(base.get("grad_accum", 1)) * batch
@@ -610,6 +671,18 @@ def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
     if base.get("method", "dam") in ("dam", "draft", "refl") and (base.get("K") or 1) > 1:
         out.append(("K = 1 (changes the method's truncation)", {**base, "K": 1}))
     return out
+
+
+def knob_line(knobs: dict) -> str:
+    """The memory knobs of a setting in one line (what ``--memory-budget`` prints)."""
+    k = {"checkpoint_backbone": True, "checkpoint_vae": True, "checkpoint_reward": True, "recompute": "block",
+         "offload_trajectory": False, "batch": 1, "grad_accum": 1, **knobs}  # fmt: skip
+    on = lambda flag: "on" if flag else "off"
+    return (
+        f"recompute {k['recompute'] if k['checkpoint_backbone'] else 'none'}, VAE checkpointing "
+        f"{on(k['checkpoint_vae'])}, reward-tower checkpointing {on(k['checkpoint_reward'])}, trajectory offload "
+        f"{on(k['offload_trajectory'])}, batch {k['batch']} x {k['grad_accum']} accumulation, K {k.get('K')}"
+    )
 
 
 def choose(
@@ -653,6 +726,9 @@ def format_table(prediction: dict) -> str:
     lines += [f"      {name:26s}{g(v)}" for name, v in u["kinds"].items()]
     lines.append("    peak by phase:")
     lines += [f"      {name:26s}{g(v)}" for name, v in u["phases"].items() if v]
+    if u.get("offloaded_bytes"):
+        where = "not on the GPU" if p["device"] == "cuda" else "counted above: CPU memory"
+        lines.append(f"  stored trajectory offloaded to pinned CPU memory ({where}): {g(u['offloaded_bytes'])}")
     if p["device"] == "cuda":
         lines.append(f"  CUDA context (outside max_memory_allocated): {g(p['cuda_context_bytes'])}")
         lines.append(f"  reserved by the caching allocator (estimate): {g(p['reserved_bytes'])}")

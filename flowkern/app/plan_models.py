@@ -29,6 +29,20 @@ KINDS = {  # kind -> (adapter module, FlowModel, conditioning, transformer class
     "sit": ("flowkern.models.sit", "SiTFlowModel", "SiTConditioning", "DiTTransformer2DModel"),
 }
 METHOD_NAMES = ("vggflow", "dam", "am", "draft", "refl")
+# the reward towers the planner builds without weights (a transformers CLIPConfig); the LAION aesthetic reward runs
+# on CLIP ViT-L/14 (openai/clip-vit-large-patch14's config.json). The other tower rewards need files to build:
+# CLIPScore / PickScore / HPS a tokenizer (their text features), ImageReward its BLIP + BERT tokenizer.
+REWARD_TOWERS: dict[str, dict] = {
+    "aesthetic": {
+        "projection_dim": 768,
+        "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                        "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408,
+                        "projection_dim": 768, "hidden_act": "quick_gelu"},
+        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                          "num_hidden_layers": 24, "image_size": 224, "patch_size": 14, "projection_dim": 768,
+                          "hidden_act": "quick_gelu"},
+    },
+}  # fmt: skip
 
 
 @dataclass
@@ -145,6 +159,9 @@ class Knobs:
     checkpoint_vae: bool = True
     reward: str = "redness"
     base_precision: str | None = None  # issue 17: bf16 | int8 | fp8 frozen transformer linears (implies bf16)
+    recompute: str = "block"  # none | block | sublayer (TransformerFlowModel.set_recompute; with checkpoint_backbone)
+    checkpoint_reward: bool = True  # per-layer checkpointing of a reward tower (rewards.clip.set_layer_checkpointing)
+    offload_trajectory: bool = False  # the rollout's stored states in (pinned) CPU memory (sampling.host_buffer)
 
     def check(self, spec: ModelSpec) -> None:
         if self.base_precision is not None:
@@ -160,6 +177,12 @@ class Knobs:
         m = spec.resolution_multiple
         if isinstance(res, bool) or not isinstance(res, int) or res < m or res % m:
             raise ValueError(f"resolution: must be a multiple of {m} (VAE x patch factor) for {spec.name}, got {res}")
+        from flowkern.models._adapter import check_recompute
+
+        check_recompute(self.recompute)
+        for name in ("checkpoint_reward", "offload_trajectory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         for name in ("batch", "grad_accum", "lora_rank"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -361,7 +384,7 @@ def build_run(spec: ModelSpec, knobs: Knobs, device: str = "cpu", seed: int = 0)
         rows, shared, constants, prompts = _prompt_table(spec, transformer.config, g, device)
     model = build.PromptBankFlow(flow, getattr(adapters, cond_name), rows, shared, constants, prompts=prompts)
     decoder = LatentDecoder(vae)
-    flow.set_gradient_checkpointing(knobs.checkpoint_backbone)
+    flow.set_recompute(knobs.recompute if knobs.checkpoint_backbone else "none")
     decoder.set_gradient_checkpointing(knobs.checkpoint_vae)
     side = (knobs.resolution or spec.resolution) // spec.state_factor
     channels = spec.transformer["in_channels"] if spec.kind != "flux" else spec.latent_channels
@@ -371,8 +394,13 @@ def build_run(spec: ModelSpec, knobs: Knobs, device: str = "cpu", seed: int = 0)
         model, spec.kind, spec.name, (channels, side, side), prompts, num_steps, grid,
         guidance_scale=spec.guidance_scale, to_images=decoder, device=torch.device(device), weights_dtype=dtype,
     )  # fmt: skip
-    reward_fn, reward_module = build.reward_for_run([knobs.reward], setup)
-    settings = build.MethodSettings(K=knobs.K, consistency=knobs.consistency, micro_batch=knobs.micro_batch)
+    reward_fn, reward_module = build.reward_for_run(
+        [knobs.reward], setup, _tower_sources(knobs.reward, seed), checkpoint_reward=knobs.checkpoint_reward
+    )
+    settings = build.MethodSettings(
+        K=knobs.K, consistency=knobs.consistency, micro_batch=knobs.micro_batch,
+        offload_trajectory=knobs.offload_trajectory,
+    )  # fmt: skip
     method = build.method_for_run(knobs.method, setup, reward_fn, settings, default_beta=5e4, seed=seed)
     config = TrainConfig(
         batch_size=knobs.batch, grad_accum_steps=knobs.grad_accum, num_updates=1, num_steps=num_steps,
@@ -390,6 +418,22 @@ def build_run(spec: ModelSpec, knobs: Knobs, device: str = "cpu", seed: int = 0)
         "prompt_table": model,
     }
     return trainer, resident
+
+
+def _tower_sources(reward: str, seed: int) -> dict[str, tuple]:
+    """``reward_for_run``'s sources for a tower reward of :data:`REWARD_TOWERS`: the modules built from the config
+    (random weights, or fake tensors under the planner), fp32 as ``flowkern train`` loads them; else none."""
+    if reward not in REWARD_TOWERS:
+        return {}
+    from transformers import CLIPConfig, CLIPModel
+
+    from flowkern.rewards.clip import AESTHETIC_DIMS, AestheticHead
+
+    config = REWARD_TOWERS[reward]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        clip = CLIPModel(CLIPConfig(**config)).eval()
+        return {reward: (clip, AestheticHead((config["projection_dim"], *AESTHETIC_DIMS[1:])))}
 
 
 def _prompt_table(spec: ModelSpec, config: Any, g: torch.Generator, device: str):

@@ -205,7 +205,10 @@ class TrainOptions:
     batch_size: int = 8
     grad_accum: int = 1
     micro_batch: int | None = None
-    memory_budget: str | None = None  # e.g. "24GB": flowkern plan picks batch/accumulation/K that fit (issue 16)
+    memory_budget: str | None = None  # e.g. "24GB": flowkern plan picks the knobs that fit (issue 16)
+    recompute: str = "block"  # none | block | sublayer: the backbone's recompute granularity (SD3/FLUX/SiT)
+    checkpoint_reward: bool = True  # a reward tower recomputes each layer in backward
+    offload_trajectory: bool = False  # the rollout's states in pinned CPU memory, fetched back per use
     num_steps: int | None = None
     guidance_scale: float | None = None
     lr: float = TrainConfig.lr
@@ -264,6 +267,9 @@ class TrainOptions:
             raise ValueError(f"--base-precision must be bf16, int8 or fp8, got {self.base_precision!r}")
         if self.resolution is not None:
             _int("resolution", self.resolution, 1)
+        from flowkern.models._adapter import check_recompute
+
+        check_recompute(self.recompute)
         if not self.reward:
             raise ValueError("--reward: name at least one reward (NAME or NAME:WEIGHT)")
         if self.resume and self.overwrite:
@@ -290,6 +296,7 @@ class TrainOptions:
             subsample=self.subsample,
             consistency=self.consistency,
             micro_batch=self.micro_batch,
+            offload_trajectory=self.offload_trajectory,
         )
 
     def to_dict(self) -> dict:
@@ -507,9 +514,12 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
         guidance_scale=opts.guidance_scale,
         num_steps=opts.num_steps,
         seed=opts.seed,
+        recompute=opts.recompute,
     )
     opts.method_settings().check(setup.num_steps)  # K against the model's N, before a reward model is loaded
-    reward_fn, reward_module = reward_for_run(opts.reward, setup, opts.reward_source)
+    reward_fn, reward_module = reward_for_run(
+        opts.reward, setup, opts.reward_source, checkpoint_reward=opts.checkpoint_reward
+    )
     method = method_for_run(
         opts.method, setup, reward_fn, opts.method_settings(), default_beta=_default_beta(setup), seed=opts.seed
     )
@@ -552,19 +562,30 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
 
 
 def _fit_budget(opts: TrainOptions, echo) -> None:
-    """--memory-budget: the planner's choice among the knobs training has (batch with accumulation, K; the
-    pipelines always checkpoint), applied to ``opts`` and printed; nothing fits: one-line ValueError."""
-    from flowkern.app.plan import candidate_knobs, choose
+    """--memory-budget: the planner's choice among the knobs training has (the backbone's recompute granularity,
+    trajectory offload, reward-tower checkpointing, batch with accumulation, K; the pipelines always checkpoint the
+    VAE decode), applied to ``opts`` and printed in one line; nothing fits: one-line ValueError. The planner builds
+    the aesthetic tower without weights; other rewards are planned as the pixel reward 'redness'."""
+    from flowkern.app.plan import candidate_knobs, choose, knob_line
 
     knobs = dict(
         method=opts.method, K=opts.K, consistency=opts.consistency, lora_rank=opts.lora_rank or 16,
         precision=opts.precision, batch=opts.batch_size, grad_accum=opts.grad_accum,
         micro_batch=opts.micro_batch or 1, resolution=opts.resolution, num_steps=opts.num_steps,
+        recompute=opts.recompute, checkpoint_reward=opts.checkpoint_reward,
+        offload_trajectory=opts.offload_trajectory,
     )  # fmt: skip
-    settings = [(what, k) for what, k in candidate_knobs(knobs) if k.get("checkpoint_backbone", True)]
-    chosen = choose(opts.model, opts.memory_budget, candidates=settings, **knobs)["prediction"]["knobs"]
+    from flowkern.app.build import parse_reward_spec
+
+    if [parse_reward_spec(s)[0] for s in opts.reward] == ["aesthetic"]:
+        knobs["reward"] = "aesthetic"
+    settings = [(what, k) for what, k in candidate_knobs(knobs) if k.get("checkpoint_vae", True)]
+    result = choose(opts.model, opts.memory_budget, candidates=settings, **knobs)
+    chosen = result["prediction"]["knobs"]
     opts.batch_size, opts.grad_accum, opts.K = chosen["batch"], chosen["grad_accum"], chosen["K"]
-    echo(f"--memory-budget {opts.memory_budget}: batch {opts.batch_size} x {opts.grad_accum} accumulation, K {opts.K}")
+    opts.recompute = chosen["recompute"] if chosen["checkpoint_backbone"] else "none"
+    opts.checkpoint_reward, opts.offload_trajectory = chosen["checkpoint_reward"], chosen["offload_trajectory"]
+    echo(f"--memory-budget {opts.memory_budget}: {result['choice']}: {knob_line(chosen)}")
 
 
 def _finish(opts: TrainOptions, out: Path, setup, reward_fn, reward_module, method, trainer, train_s, echo) -> dict:

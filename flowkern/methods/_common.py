@@ -30,6 +30,7 @@ import torch
 from flowkern.adjoint import graph_leaves, terminal_reward_grad
 from flowkern.methods.base import MethodBase
 from flowkern.ops import _validate as V
+from flowkern.sampling import fetch as fetch  # the methods fetch offloaded states back (C.fetch)
 from flowkern.sampling import sample_euler, validate_grid
 
 log = logging.getLogger("flowkern.methods")
@@ -324,5 +325,5 @@ class RewardFeedbackMethod(MethodBase):
 
     def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
         """Euler rollout (M2) without grad: {'states', 'ts', 'cond'}."""
-        traj = sample_euler(self.velocity, x0, ts, cond)
+        traj = sample_euler(self.velocity, x0, ts, cond, **self.trajectory_store())
         return {"states": traj.states, "ts": traj.ts, "cond": cond}

@@ -108,16 +108,17 @@ class AdjointMatching(MethodBase):
 
         'ode' also returns r(x_N) and grad r(x_N) ('terminal_reward', 'terminal_reward_grad'; a_N = -grad r, M25)."""
         if self.kind == "ode":
-            traj = sample_euler(self.velocity, x0, ts, cond)
+            traj = sample_euler(self.velocity, x0, ts, cond, **self.trajectory_store())
         else:
             gen = generator or self.generator
             if gen is None:
                 gen = torch.Generator(device=x0.device).manual_seed(0)
                 self.generator = gen
-            traj = sample_memoryless(self.velocity, x0, ts, gen, cond)
+            traj = sample_memoryless(self.velocity, x0, ts, gen, cond, **self.trajectory_store())
         batch = {"states": traj.states, "ts": traj.ts, "cond": cond}
         if self.kind == "ode":
-            batch["terminal_reward"], batch["terminal_reward_grad"] = self._terminal(traj.states[-1])
+            x_end = C.fetch(traj.states[-1], x0.device)
+            batch["terminal_reward"], batch["terminal_reward_grad"] = self._terminal(x_end)
         return batch
 
     def _terminal(self, x_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +168,7 @@ class AdjointMatching(MethodBase):
         acc = C.acc_dtype(states)
         r_end, g_end = terminal
         if g_end is None:
-            r_end, g_end = self._terminal(states[-1])
+            r_end, g_end = self._terminal(C.fetch(states[-1], self.compute_device(states, ts)))
         # a_N = -grad r(x_N); a_{N-K+1} .. a_N need K-1 VJPs (M25, M28); list index j = a_{N-K+1+j}
         adj = self._lean_adjoint(states, ts, -g_end.to(acc), K - 1, cond, "ode")
         # sample s = k B + b is (transition i = N-K+k, trajectory b), paired with a_{i+1} = adj[k] (M27)
@@ -176,7 +177,7 @@ class AdjointMatching(MethodBase):
         for lo, hi in C.micro_batches(n, self.micro_batch):
             s = torch.arange(lo, hi, device=states.device)
             k, traj = s // n_traj, s % n_traj
-            x = states[n_steps - K + k, traj].detach().to(acc)
+            x = C.fetch(states[n_steps - K + k, traj], self.compute_device(states, ts)).detach().to(acc)
             t = ts.to(device=x.device, dtype=acc)[n_steps - K + k]
             a = torch.stack([adj[j][b] for j, b in zip(k.tolist(), traj.tolist(), strict=True)]).to(acc)
             c_y = C.gather_cond(cond, traj)
@@ -216,7 +217,7 @@ class AdjointMatching(MethodBase):
         h_last = float(ts[-1] - ts[-2])
         r_hat, terminal = [], []
         for lo, hi in C.micro_batches(n_traj, self.micro_batch):  # a_N = -lam_r grad r(x_hat1) per trajectory
-            x_prev = states[-2, lo:hi].detach().to(acc)
+            x_prev = C.fetch(states[-2, lo:hi], self.compute_device(states, ts)).detach().to(acc)
             c_rows = cond if (lo, hi) == (0, n_traj) else C.gather_cond(cond, torch.arange(lo, hi))
             t_last = ts[-2].to(device=x_prev.device, dtype=acc).expand(hi - lo)
             with torch.no_grad():
@@ -233,7 +234,7 @@ class AdjointMatching(MethodBase):
         grads, value, clipped, adj_norm = C.MicroBatchGradients(), None, 0.0, 0.0
         for lo, hi in C.micro_batches(n, self.micro_batch):
             step, traj = step_all[lo:hi], traj_all[lo:hi]
-            x = states[step, traj].detach().to(acc)
+            x = C.fetch(states[step, traj], self.compute_device(states, ts)).detach().to(acc)
             t = ts.to(device=x.device, dtype=acc)[step]
             a = torch.stack([adj[i][b] for i, b in zip(step.tolist(), traj.tolist(), strict=True)]).to(acc)
             c_y = C.gather_cond(cond, traj)

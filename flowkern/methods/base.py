@@ -84,6 +84,16 @@ class MethodBase:
     reward: Callable[[torch.Tensor], torch.Tensor]
     generator: torch.Generator | None = None
     micro_batch: int | None = None
+    # the rollout's stored states in pinned CPU memory (`flowkern.sampling.host_buffer`), fetched back per use
+    offload_trajectory: bool = False
+
+    def trajectory_store(self) -> dict[str, Any]:
+        """The samplers' storage options for this method's rollout (``store_device``/``pin_memory``)."""
+        return {"store_device": "cpu", "pin_memory": True} if self.offload_trajectory else {}
+
+    def compute_device(self, states: torch.Tensor, ts: torch.Tensor) -> torch.device:
+        """Where the loss computes: the grid's device for an offloaded trajectory (the trainer's), else the states'."""
+        return ts.device if self.offload_trajectory else states.device
 
     def value_parameters(self) -> list[torch.nn.Parameter]:
         return []

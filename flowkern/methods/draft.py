@@ -46,7 +46,7 @@ class DRaFT(C.RewardFeedbackMethod):
         if self.K > n_steps:
             raise ValueError(f"K must be in [1, N] = [1, {n_steps}], got {self.K}")
         K = int(torch.randint(1, self.K + 1, (), generator=self.generator)) if self.random_K else self.K
-        x_end = states[-1].detach()
+        x_end = C.fetch(states[-1], self.compute_device(states, ts)).detach()
         r, g = C.reward_and_grad(self.reward, x_end)
         objective, extra = self.objective(r)
         if self.relu:  # d/dx of -mean ReLU(r): -1[r > 0] grad r / B

@@ -48,7 +48,7 @@ class ReFL(C.RewardFeedbackMethod):
         step = low + torch.randint(self.last_steps, (n_traj,), generator=self.generator)
         step = step.to(states.device)
         traj = torch.arange(n_traj, device=states.device)
-        x = states[step, traj].detach()
+        x = C.fetch(states[step, traj], self.compute_device(states, ts)).detach()
         acc = C.acc_dtype(x)
         t = ts.to(device=x.device, dtype=acc)[step]
         v = self.velocity(x, t, C.gather_cond(cond, traj))

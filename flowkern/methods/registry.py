@@ -102,6 +102,7 @@ class MethodSettings:
     value_hidden: int | None = None
     value_depth: int | None = None
     micro_batch: int | None = None
+    offload_trajectory: bool = False  # every method: the rollout's states in pinned CPU memory (MethodBase)
 
     def check(self, num_steps: int) -> None:
         """ValueError naming the ``flowkern train`` flag, before any model is loaded."""
@@ -125,6 +126,8 @@ class MethodSettings:
             value = getattr(self, name)
             if value is not None and not (_integer(value) and value >= 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
+        if not isinstance(self.offload_trajectory, bool):
+            raise ValueError(f"--offload-trajectory must be True or False, got {self.offload_trajectory!r}")
 
     def beta_value(self, default: float) -> float:
         if self.beta is not None:

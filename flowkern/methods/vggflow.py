@@ -268,7 +268,7 @@ class VGGFlow(MethodBase):
     # ------------------------------------------------------------ rollout
     def rollout(self, x0: torch.Tensor, ts: torch.Tensor, cond: Any = None, generator: torch.Generator | None = None):
         """On-policy Euler rollout (M2) without grad: {'states' [N+1, B, ...], 'ts', 'cond'}."""
-        traj = sample_euler(self.velocity, x0, ts, cond)
+        traj = sample_euler(self.velocity, x0, ts, cond, **self.trajectory_store())
         return {"states": traj.states, "ts": traj.ts, "cond": cond}
 
     # ------------------------------------------------------------ pieces
@@ -347,12 +347,12 @@ class VGGFlow(MethodBase):
         """One micro-batch of transitions: (weighted loss value, weighted parts, norms n_b); its gradients go to
         ``grads`` (phi's backward before v_theta's graph is built). None when a reward gradient or its norm is
         non-finite (NaN/inf, or a finite gradient whose norm overflows): nothing of this update may be applied."""
-        device = states.device
+        device = self.compute_device(states, ts)
         n_steps = ts.numel() - 1
         acc = C.acc_dtype(states)  # fp32 (fp64 for fp64 states): losses and differences in fp32 at least (M20)
-        x = states[step, traj].detach().to(acc)
+        x = C.fetch(states[step, traj], device).detach().to(acc)
         t = ts.to(device=device, dtype=acc)[step]
-        mask = (step == n_steps - 1).to(acc)  # boundary transitions (M17)
+        mask = (step == n_steps - 1).to(device=device, dtype=acc)  # boundary transitions (M17)
         c_y = C.gather_cond(cond, traj)
 
         with torch.no_grad(), C.no_autocast(device):

@@ -38,7 +38,16 @@ from flowkern.models.lora import (
     lora_state_as,
 )
 
-__all__ = ["TransformerFlowModel", "check_guidance_scale", "check_last_dim", "check_tensor", "paper_time", "shape_of"]
+__all__ = [
+    "RECOMPUTE",
+    "TransformerFlowModel",
+    "check_guidance_scale",
+    "check_last_dim",
+    "check_recompute",
+    "check_tensor",
+    "paper_time",
+    "shape_of",
+]
 
 
 def shape_of(x: object) -> str:
@@ -106,6 +115,29 @@ def _forward_state_contexts(
 def _recompute_as(lora: list, params: list) -> Iterator[None]:
     with lora_state_as(lora), _parameters_as(params):
         yield
+
+
+# how finely the backward recomputes the backbone (``set_recompute``); the children of a diffusers SD3 / FLUX.1 /
+# FLUX.2 / DiT block that are its attention and its MLP (FLUX.1's single block computes its MLP inline, FLUX.2's
+# single block fuses it into ``attn``: there the attention is the one sublayer)
+RECOMPUTE = ("none", "block", "sublayer")
+SUBLAYERS = ("attn", "attn1", "attn2", "ff", "ff_context")
+
+
+def check_recompute(value: object) -> str:
+    if value not in RECOMPUTE:
+        raise ValueError(f"--recompute: expected one of {', '.join(RECOMPUTE)}, got {value!r}")
+    return value
+
+
+def _checkpointed_sublayer(module: nn.Module, *args, **kwargs) -> Any:
+    """A sublayer's forward under grad: non-reentrant checkpoint, recomputed with its forward's LoRA state. No RNG
+    state is stashed (5 kB per call on the CPU): the adapters keep the transformer in eval mode, no dropout."""
+    forward = functools.partial(type(module).forward, module)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    context = functools.partial(_forward_state_contexts, module)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context, preserve_rng_state=False, **kwargs)
 
 
 class TransformerFlowModel(nn.Module):
@@ -211,6 +243,40 @@ class TransformerFlowModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in lora_parameters(self.transformer) if p.requires_grad]
+
+    def _sublayers(self) -> list[nn.Module]:
+        blocks = [b for name in ("transformer_blocks", "single_transformer_blocks")
+                  for b in getattr(self.transformer, name, ())]  # fmt: skip
+        return [sub for block in blocks for name, sub in block.named_children() if name in SUBLAYERS]
+
+    def set_recompute(self, granularity: str) -> None:
+        """How finely the backward recomputes the backbone (``flowkern train --recompute``):
+
+        - 'none': every block's activations kept for the backward (fastest, largest);
+        - 'block': one checkpoint per transformer block (diffusers' loop; `checkpoint_block`): the stored inputs of
+          every block plus one block's activations while it is recomputed;
+        - 'sublayer': 'block', and inside each block its attention and its MLP (:data:`SUBLAYERS`) checkpointed
+          again, so a block's recomputation keeps one sublayer's internals (q/k/v, the attention output, the MLP's
+          hidden) instead of all of them; those sublayers run a third time (the lower peak costs ~1 forward more).
+
+        Every recomputation sees the LoRA on/off state and the parameters of its forward (`_forward_state_contexts`).
+        """
+        check_recompute(granularity)
+        self.set_gradient_checkpointing(granularity != "none")
+        for sub in self._sublayers():
+            patched = isinstance(sub.__dict__.get("forward"), functools.partial)
+            if granularity == "sublayer" and not patched:
+                sub.forward = functools.partial(_checkpointed_sublayer, sub)
+            elif granularity != "sublayer" and patched:
+                del sub.forward
+
+    @property
+    def recompute(self) -> str:
+        """The current `set_recompute` granularity."""
+        if not getattr(self.transformer, "gradient_checkpointing", False):
+            return "none"
+        subs = self._sublayers()
+        return "sublayer" if subs and isinstance(subs[0].__dict__.get("forward"), functools.partial) else "block"
 
     def set_gradient_checkpointing(self, enabled: bool, gradient_checkpointing_func: Callable | None = None) -> None:
         """Switch diffusers' per-block gradient checkpointing (``fn(module, *args)``, active only under grad).

@@ -217,7 +217,8 @@ class Trainer:
         if r is not None and self.method.reward is self.reward:
             return C.check_reward_output(r.detach(), batch["states"][-1], "terminal_reward")
         with torch.no_grad():
-            return C.evaluate_reward(self.reward, batch["states"][-1], micro_batch=self.method.micro_batch)
+            x_end = C.fetch(batch["states"][-1], self.device)
+            return C.evaluate_reward(self.reward, x_end, micro_batch=self.method.micro_batch)
 
     @torch.no_grad()
     def residual_velocity_sq(self, batch: dict) -> float:
@@ -226,7 +227,7 @@ class Trainer:
         n = min(self.config.residual_probe, states[0].shape[0])
         h = (ts[1:] - ts[:-1]).float().cpu()
         step = torch.multinomial(h, n, replacement=True, generator=self.process_generator)
-        x = torch.stack([states[int(i)][b] for b, i in enumerate(step)])
+        x = C.fetch(torch.stack([states[int(i)][b] for b, i in enumerate(step)]), self.device)
         t = ts.to(x.device, torch.float32)[step.to(x.device)]
         cond = C.gather_cond(batch.get("cond"), torch.arange(n))
         diff = self.velocity(x, t, cond).float() - self.base_velocity(x, t, cond).float()
