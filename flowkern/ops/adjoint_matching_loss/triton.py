@@ -110,10 +110,12 @@ def _memoryless_kernel(
         total = ordered_sum(partial_ptr + b * n_chunks, n_chunks, 1, FINAL_BLOCK, ACC)
         n_tiles = batch.to(tl.int64) * n_chunks  # partial[n_tiles + b]: min(s_b, lct)
         tl.store(partial_ptr + n_tiles + b, tl.minimum(total, lct))
-        if COMPUTE_GRAD and total >= lct:  # clamped: no gradient
-            for off in range(0, d, BLOCK):
-                idx = off + tl.arange(0, BLOCK)
-                tl.store(grad_ptr + b * d + idx, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=idx < d)
+        if COMPUTE_GRAD:
+            if total >= lct:  # clamped: no gradient
+                for off in range(0, d, BLOCK):
+                    idx = off + tl.arange(0, BLOCK)
+                    zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+                    tl.store(grad_ptr + b * d + idx, zeros, mask=idx < d)
         if last_to_arrive(ticket_ptr, batch):
             tl.store(loss_ptr, ordered_sum(partial_ptr + n_tiles, batch, 1, FINAL_BLOCK, ACC) / batch.to(ACC))
 
