@@ -97,3 +97,54 @@ def check_against_reference(
         assert g.get(n) is not None, f"{backend}: missing gradient for {n}"
         assert g[n].dtype == lo[n].dtype, f"{backend}: gradient of {n} has dtype {g[n].dtype}, input {lo[n].dtype}"
         assert_close_to_reference(g[n], g_torch[n], g_hi[n], dtype, f"{backend} d/d{n}")
+
+
+# ATen calls that launch no kernel: allocation without a fill, and metadata.
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "set_", "detach"}
+
+
+def count_launches(fn: Callable) -> dict[str, list[str]]:
+    """Runs fn() and returns the kernels it launches: {'triton': [kernel names], 'aten': [op names]}. ATen views and
+    allocations without a fill do not count; the interpreter's own host copies inside a Triton launch are skipped."""
+    import triton
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flowkern.ops.backend import triton_interpreting
+
+    found: dict[str, list[str]] = {"triton": [], "aten": []}
+    inside = [False]
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not inside[0] and not func.is_view and name not in _NO_KERNEL:
+                found["aten"].append(name)
+            return func(*args, **(kwargs or {}))
+
+    if triton_interpreting():
+        from triton.runtime.interpreter import GridExecutor as owner
+
+        method = "__call__"
+    else:
+        from triton.runtime.jit import JITFunction as owner
+
+        method = "run"
+    original = getattr(owner, method)
+
+    def launch(self, *args, **kwargs):
+        if not kwargs.get("warmup", False):
+            found["triton"].append(getattr(self.fn, "__name__", "?"))
+        inside[0] = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    setattr(owner, method, launch)
+    try:
+        with _Count():
+            fn()
+    finally:
+        setattr(owner, method, original)
+    del triton
+    return found

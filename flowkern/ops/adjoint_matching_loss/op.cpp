@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "flowkern/op.h"
+#include "../cfg_euler/kernel.h"  // velocity_state_types
 #include "kernel.h"
 
 namespace flowkern {
@@ -21,7 +22,14 @@ std::tuple<at::Tensor, at::Tensor> adjoint_matching_loss(Args& a) {
     a.sigma.check(a.v_ft, acc_type(type), /*positive=*/true);
     TORCH_CHECK_VALUE(!std::isnan(a.lct) && a.lct > 0, "lct must be > 0 (inf disables the clamp), got ", a.lct);
   }
-  for (at::Tensor* x : {&a.v_ft, &a.v_base, &a.adjoint}) *x = as_type(*x, type);
+  if constexpr (kDevice == c10::kCPU) {  // the CPU kernel reads one element type
+    for (at::Tensor* x : {&a.v_ft, &a.v_base, &a.adjoint}) *x = as_type(*x, type);
+  } else {  // v_ft in TV, v_base and adjoint in TX: a bf16 v_ft next to fp32 targets is read as it is
+    const auto [tv, tx] = velocity_state_types(v_ft_type, common_type({&a.v_base, &a.adjoint}));
+    a.v_ft = as_type(a.v_ft, tv);
+    a.v_base = as_type(a.v_base, tx);
+    a.adjoint = as_type(a.adjoint, tx);
+  }
   auto [loss, grad] = run_adjoint_matching_loss<kDevice>(a);
   return {to_type(loss, acc_type(v_ft_type)), to_type(grad, v_ft_type)};  // empty: v_ft's dtype too
 }

@@ -1,4 +1,6 @@
-"""Triton kernels of `adjoint_matching_loss` (M26, M28, M32): per-(sample, chunk) partials, fixed-order sums."""
+"""Triton kernels of `adjoint_matching_loss` (M26, M28, M32): one launch ('elementwise', 'memoryless'; two for
+'norm' with p != 2, whose control needs each sample's norm first), per-(sample, chunk) partials summed in a fixed
+order by the last program to finish."""
 
 import math
 
@@ -7,60 +9,48 @@ import triton
 import triton.language as tl
 
 from flowkern.ops import _validate as V
-from flowkern.ops._triton import coef_tensor, launch_device, reduction_layout, tl_acc
+from flowkern.ops._triton import (
+    FINAL_BLOCK,
+    coef,
+    coef_args,
+    finish_mean,
+    last_to_arrive,
+    launch_device,
+    ordered_sum,
+    reduction_layout,
+    tickets,
+    tl_acc,
+)
 from flowkern.ops.adjoint_matching_loss.reference import ELEMENTWISE, MEMORYLESS, MODES, NORM, NORM_FLOOR
 
 
 @triton.jit
-def _reduce_kernel(
-    v_ft_ptr, v_base_ptr, adj_ptr, sigma_ptr, partial_ptr,
-    d, chunk, n_chunks, lam,
-    MODE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
-    # per (sample, chunk) partial sums: (a/lam)^2 for 'norm' (MODE 1), d^2 for 'memoryless' (MODE 2)
+def _norm_kernel(adj_ptr, partial_ptr, d, chunk, n_chunks, lam, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # per (sample, chunk) partial sums of (a/lam)^2: ||omega_b||^2 for 'norm' (M28)
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=ACC)
     start = c * chunk
-    if MODE == 1:
-        for off in range(0, chunk, BLOCK):
-            idx = start + off + tl.arange(0, BLOCK)
-            x = tl.load(adj_ptr + b * d + idx, mask=idx < d, other=0).to(ACC) / lam
-            acc += x * x
-    else:
-        sigma = tl.load(sigma_ptr + b).to(ACC)
-        two_over_sigma = 2.0 / sigma
-        for off in range(0, chunk, BLOCK):
-            idx = start + off + tl.arange(0, BLOCK)
-            mask = idx < d
-            ptr = b * d + idx
-            x = tl.load(v_ft_ptr + ptr, mask=mask, other=0).to(ACC)
-            x -= tl.load(v_base_ptr + ptr, mask=mask, other=0).to(ACC)
-            x = two_over_sigma * x + sigma * tl.load(adj_ptr + ptr, mask=mask, other=0).to(ACC)
-            acc += x * x
+    for off in range(0, chunk, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        x = tl.load(adj_ptr + b * d + idx, mask=idx < d, other=0).to(ACC) / lam
+        acc += x * x
     tl.store(partial_ptr + b * n_chunks + c, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _sample_sum_kernel(partial_ptr, sums_ptr, n_chunks, CHUNKS_P2: tl.constexpr, ACC: tl.constexpr):
-    # per-sample sum of the chunk partials in a fixed order (shape depends on D_b only)
-    b = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, CHUNKS_P2)
-    partial = tl.load(partial_ptr + b * n_chunks + idx, mask=idx < n_chunks, other=0).to(ACC)
-    tl.store(sums_ptr + b, tl.sum(partial, axis=0))
-
-
-@triton.jit
 def _control_loss_kernel(
-    v_ft_ptr, v_base_ptr, adj_ptr, sums_ptr, grad_ptr, partial_ptr,
+    v_ft_ptr, v_base_ptr, adj_ptr, norm_partial_ptr, grad_ptr, partial_ptr, ticket_ptr, loss_ptr,
     d, chunk, n_chunks, lam, exponent, norm_floor, grad_scale,
     MODE: tl.constexpr, P2: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    # diff = v_ft - v_base - u* (M26, M28): partial sum of diff^2 and the gradient 2 diff / D
+    # diff = v_ft - v_base - u* (M26, M28): partial sum of diff^2 and the gradient 2 diff / (B D); the last program
+    # to finish writes the loss
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    if MODE == 1:
-        norm = tl.maximum(tl.sqrt(tl.load(sums_ptr + b).to(ACC)), norm_floor)
+    if MODE == 1:  # ||omega_b||: the sample's partials of _reduce_kernel in a fixed order
+        sq_norm = ordered_sum(norm_partial_ptr + b * n_chunks, n_chunks, 1, FINAL_BLOCK, ACC)
+        norm = tl.maximum(tl.sqrt(sq_norm), norm_floor)
         # ||omega||^exponent via exp2/log2 (no libdevice); 0^exponent = 0 for exponent > 0
         factor = tl.where(norm > 0, tl.exp2(tl.log2(tl.where(norm > 0, norm, 1.0)) * exponent), 0.0)
     acc = tl.zeros([BLOCK], dtype=ACC)
@@ -85,32 +75,49 @@ def _control_loss_kernel(
         if COMPUTE_GRAD:
             tl.store(grad_ptr + ptr, (x * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + b * n_chunks + c, tl.sum(acc, axis=0))
+    finish_mean(partial_ptr, n_chunks, d, ticket_ptr, loss_ptr, ACC)
 
 
 @triton.jit
-def _memoryless_grad_kernel(
-    v_ft_ptr, v_base_ptr, adj_ptr, sigma_ptr, sums_ptr, grad_ptr,
-    d, chunk, lct, batch,
-    BLOCK: tl.constexpr, ACC: tl.constexpr,
+def _memoryless_kernel(
+    v_ft_ptr, v_base_ptr, adj_ptr, sigma_ptr, sigma_stride, sigma_value, grad_ptr, partial_ptr, ticket_ptr, loss_ptr,
+    d, chunk, n_chunks, lct,
+    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    # dL/dv_ft = 1[s_b < lct] (4/sigma_b) d / B (M32); clamped samples store zeros without reading
+    # d = (2/sigma_b)(v_ft - v_base) + sigma_b a (M32); s_b = sum d^2; loss = sum_b min(s_b, lct) / B;
+    # dL/dv_ft = 1[s_b < lct] (4/sigma_b) d / B: written for every tile, zeroed for a clamped sample by the last of
+    # its programs (per-sample ticket), which stores min(s_b, lct); the last sample's last program writes the loss
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    sigma = tl.load(sigma_ptr + b).to(ACC)
-    active = tl.load(sums_ptr + b).to(ACC) < lct
-    coef = tl.where(active, 4.0 / (sigma * batch), 0.0)
+    batch = tl.num_programs(0)
+    sigma = coef(sigma_ptr, sigma_stride, sigma_value, b, ACC)
     two_over_sigma = 2.0 / sigma
-    read_end = tl.where(active, d, 0)  # clamped: every load masked off
+    grad_coef = 4.0 / (sigma * batch)
+    acc = tl.zeros([BLOCK], dtype=ACC)
     start = c * chunk
     for off in range(0, chunk, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < d
-        read = idx < read_end
         ptr = b * d + idx
-        x = tl.load(v_ft_ptr + ptr, mask=read, other=0).to(ACC)
-        x -= tl.load(v_base_ptr + ptr, mask=read, other=0).to(ACC)
-        x = two_over_sigma * x + sigma * tl.load(adj_ptr + ptr, mask=read, other=0).to(ACC)
-        tl.store(grad_ptr + ptr, (coef * x).to(grad_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(v_ft_ptr + ptr, mask=mask, other=0).to(ACC)
+        x -= tl.load(v_base_ptr + ptr, mask=mask, other=0).to(ACC)
+        x = two_over_sigma * x + sigma * tl.load(adj_ptr + ptr, mask=mask, other=0).to(ACC)
+        acc += x * x
+        if COMPUTE_GRAD:
+            tl.store(grad_ptr + ptr, (grad_coef * x).to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + b * n_chunks + c, tl.sum(acc, axis=0))
+    if last_to_arrive(ticket_ptr + 1 + b, n_chunks):
+        total = ordered_sum(partial_ptr + b * n_chunks, n_chunks, 1, FINAL_BLOCK, ACC)
+        n_tiles = batch.to(tl.int64) * n_chunks  # partial[n_tiles + b]: min(s_b, lct)
+        tl.store(partial_ptr + n_tiles + b, tl.minimum(total, lct))
+        if COMPUTE_GRAD:
+            if total >= lct:  # clamped: no gradient
+                for off in range(0, d, BLOCK):
+                    idx = off + tl.arange(0, BLOCK)
+                    zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+                    tl.store(grad_ptr + b * d + idx, zeros, mask=idx < d)
+        if last_to_arrive(ticket_ptr, batch):
+            tl.store(loss_ptr, ordered_sum(partial_ptr + n_tiles, batch, 1, FINAL_BLOCK, ACC) / batch.to(ACC))
 
 
 def adjoint_matching_loss(a):
@@ -126,42 +133,37 @@ def _exponent(p: float, mode: int) -> float:
 
 def _launch(a, mode):
     v_ft, v_base, adjoint = (x.contiguous() for x in (a.v_ft, a.v_base, a.adjoint))
-    sigma = coef_tensor(a.sigma, a.sigma_value, v_ft) if mode == MEMORYLESS else None
     lam, p, lct, compute_grad = a.lam, a.p, a.lct, a.compute_grad
     batch, d = v_ft.shape[0], v_ft[0].numel()
-    if d == 0:  # [B, 0]: the mean over no elements is NaN; memoryless sums are 0 (no launch)
-        loss = v_ft.new_full((), 0.0 if mode == MEMORYLESS else math.nan, dtype=V.loss_dtype(v_ft))
-        return loss, torch.empty_like(v_ft) if compute_grad else v_ft.new_empty(0)
+    loss_dtype = V.loss_dtype(v_ft)
+    grad = torch.empty_like(v_ft) if compute_grad else v_ft.new_empty(0)
+    if d == 0 or batch == 0:  # [B, 0]: the mean over no elements is NaN; memoryless sums are 0 (no launch)
+        return v_ft.new_full((), 0.0 if mode == MEMORYLESS and batch else math.nan, dtype=loss_dtype), grad
     # out-of-bounds accesses are silent in the interpreter: check what the kernels index
     assert v_base.shape == v_ft.shape and adjoint.shape == v_ft.shape
-    assert mode != MEMORYLESS or (sigma is not None and sigma.shape == (batch,) and sigma.is_contiguous())
+    assert a.sigma is None or a.sigma.shape in ((), (batch,))
     block, chunk, n_chunks = reduction_layout(d)
-    acc, loss_dtype = tl_acc(v_ft), V.loss_dtype(v_ft)
-    grad = torch.empty_like(v_ft) if compute_grad else v_ft.new_empty(0)
-    grid = (batch, n_chunks)
+    acc = tl_acc(v_ft)
+    grid, n_tiles = (batch, n_chunks), batch * n_chunks
+    loss = v_ft.new_empty((), dtype=loss_dtype)
+    grad_arg = grad if compute_grad else v_ft  # unwritten without the gradient
+    if mode == MEMORYLESS:  # one launch
+        partial = v_ft.new_empty(n_tiles + batch, dtype=loss_dtype)
+        _memoryless_kernel[grid](
+            v_ft, v_base, adjoint, *coef_args(a.sigma, a.sigma_value), grad_arg, partial,
+            tickets(v_ft.device, 1 + batch), loss, d, chunk, n_chunks, lct,
+            COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=acc,
+        )  # fmt: skip
+        return loss, grad
     if mode == NORM and p == 2.0:  # ||omega||^0 = 1: u* = -omega, no norm pass
         mode = ELEMENTWISE
-    sums = None
-    if mode != ELEMENTWISE:
-        sigma_arg = sigma if mode == MEMORYLESS else v_ft  # unread outside memoryless mode
-        partial = torch.empty(batch * n_chunks, dtype=loss_dtype, device=v_ft.device)
-        _reduce_kernel[grid](
-            v_ft, v_base, adjoint, sigma_arg, partial, d, chunk, n_chunks, lam, MODE=mode, BLOCK=block, ACC=acc
-        )
-        sums = torch.empty(batch, dtype=loss_dtype, device=v_ft.device)
-        chunks_p2 = max(16, 1 << math.ceil(math.log2(n_chunks)))
-        _sample_sum_kernel[(batch,)](partial, sums, n_chunks, CHUNKS_P2=chunks_p2, ACC=acc)
-    if mode == MEMORYLESS:
-        if compute_grad:
-            _memoryless_grad_kernel[grid](
-                v_ft, v_base, adjoint, sigma, sums, grad, d, chunk, lct, float(batch), BLOCK=block, ACC=acc
-            )
-        return sums.clamp(max=lct).sum() / batch, grad
+    partial = v_ft.new_empty(n_tiles * (2 if mode == NORM else 1), dtype=loss_dtype)
+    if mode == NORM:  # ||omega_b||^2 partials first (a second launch: every element's u* needs its sample's norm)
+        _norm_kernel[grid](adjoint, partial[n_tiles:], d, chunk, n_chunks, lam, BLOCK=block, ACC=acc)
     exponent = _exponent(p, mode)
-    partial = torch.empty(batch * n_chunks, dtype=loss_dtype, device=v_ft.device)
     _control_loss_kernel[grid](
-        v_ft, v_base, adjoint, sums if sums is not None else partial, grad if compute_grad else v_ft, partial,
-        d, chunk, n_chunks, lam, exponent, NORM_FLOOR if exponent < 0 else 0.0, 2.0 / v_ft.numel(),
-        MODE=mode, P2=p == 2.0, COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=acc,
+        v_ft, v_base, adjoint, partial[n_tiles:] if mode == NORM else partial, grad_arg, partial,
+        tickets(v_ft.device, 1), loss, d, chunk, n_chunks, lam, exponent, NORM_FLOOR if exponent < 0 else 0.0,
+        2.0 / v_ft.numel(), MODE=mode, P2=p == 2.0, COMPUTE_GRAD=compute_grad, BLOCK=block, ACC=acc,
     )  # fmt: skip
-    return partial.sum() / v_ft.numel(), grad
+    return loss, grad

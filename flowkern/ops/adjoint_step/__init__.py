@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from flowkern.ops import _validate as V
-from flowkern.ops._autograd import register_fake
+from flowkern.ops._autograd import register_fake, schema_call
 from flowkern.ops.adjoint_step.reference import MODES
 from flowkern.ops.adjoint_step.reference import adjoint_step as reference
 from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
@@ -58,7 +58,9 @@ def bytes_moved(a: torch.Tensor, vjp_u: torch.Tensor, cfg: bool = True, return_c
 
 
 if HAS_TRITON:
-    from flowkern.ops.adjoint_step.triton import adjoint_step as _triton
+    from flowkern.ops.adjoint_step.triton import adjoint_step as _triton_launcher
+
+    _triton = schema_call(_triton_launcher, SCHEMA)
 else:  # pragma: no cover
     _triton = None
 

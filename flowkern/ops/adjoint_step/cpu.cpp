@@ -127,25 +127,24 @@ const T* data_or_null(const std::optional<at::Tensor>& x) {
 }  // namespace cpu
 
 template <>
-std::tuple<at::Tensor, at::Tensor> run_adjoint_step<c10::kCPU>(const at::Tensor& a, const at::Tensor& vjp_u,
-                                                               const std::optional<at::Tensor>& vjp_c,
-                                                               const CoefArg& h, const CoefArg& w,
-                                                               const CoefArg& kappa, int64_t mode, bool return_cot) {
+std::tuple<at::Tensor, at::Tensor> run_adjoint_step<c10::kCPU>(const args::AdjointStep& args) {
   using namespace cpu;
-  const int64_t batch = a.size(0), d = a.numel() / batch;
-  const bool cfg = vjp_c.has_value(), memoryless = mode == 1;
-  const auto acc_type = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor a_new = at::empty(a.sizes(), a.options().dtype(acc_type));
-  std::vector<int64_t> cot_shape = a.sizes().vec();
+  const int64_t batch = args.a.size(0), d = args.a.numel() / batch;
+  const bool cfg = args.vjp_c.has_value(), memoryless = args.mode == 1;
+  const auto acc_type = args.a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor a_new = at::empty(args.a.sizes(), args.a.options().dtype(acc_type));
+  std::vector<int64_t> cot_shape = args.a.sizes().vec();
   cot_shape[0] *= cfg ? 2 : 1;
-  at::Tensor cot = return_cot ? at::empty(cot_shape, vjp_u.options()) : at::empty({0}, vjp_u.options());
-  dispatch_velocity_state(vjp_u.scalar_type(), a.scalar_type(), "adjoint_step_cpu", [&]<typename TV, typename TX>() {
+  const auto cot_options = args.vjp_u.options();
+  at::Tensor cot = args.return_cot ? at::empty(cot_shape, cot_options) : at::empty({0}, cot_options);
+  const at::ScalarType tv = args.vjp_u.scalar_type(), tx = args.a.scalar_type();
+  dispatch_velocity_state(tv, tx, "adjoint_step_cpu", [&]<typename TV, typename TX>() {
     using A = acc_t<TX>;
     auto run = [&]<bool kCfg, bool kMemoryless>() {
       adjoint_step_forward_kernel<TV, TX, kCfg, kMemoryless>(
-          a.const_data_ptr<TX>(), vjp_u.const_data_ptr<TV>(), data_or_null<TV>(vjp_c), h.get<A>(),
-          w.get<A>(), kappa.get<A>(), a_new.mutable_data_ptr<A>(),
-          return_cot ? cot.mutable_data_ptr<TV>() : nullptr, batch, d);
+          args.a.const_data_ptr<TX>(), args.vjp_u.const_data_ptr<TV>(), data_or_null<TV>(args.vjp_c),
+          args.h.get<A>(), args.w.get<A>(), args.kappa.get<A>(), a_new.mutable_data_ptr<A>(),
+          args.return_cot ? cot.mutable_data_ptr<TV>() : nullptr, batch, d);
     };
     if (cfg) {
       memoryless ? run.template operator()<true, true>() : run.template operator()<true, false>();
@@ -158,26 +157,22 @@ std::tuple<at::Tensor, at::Tensor> run_adjoint_step<c10::kCPU>(const at::Tensor&
 
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_adjoint_step_backward<c10::kCPU>(
-    const std::optional<at::Tensor>& grad_a_new, const std::optional<at::Tensor>& grad_cot, int64_t batch,
-    const CoefArg& h, const CoefArg& w, const CoefArg& kappa, int64_t mode, bool cfg, bool need_a, bool need_u,
-    bool need_c, at::ScalarType velocity_type, at::ScalarType state_type) {
+    const args::AdjointStepBackward& args) {
   using namespace cpu;
-  const at::Tensor& like = grad_a_new ? *grad_a_new : *grad_cot;
-  const int64_t d = grad_a_new ? like.numel() / batch : like.numel() / (batch * (cfg ? 2 : 1));
-  std::vector<int64_t> shape = like.sizes().vec();
-  shape[0] = batch;
-  auto out = [&](bool need, at::ScalarType type) {
-    return need ? at::empty(shape, like.options().dtype(type)) : at::empty({0}, like.options().dtype(type));
-  };
-  at::Tensor da = out(need_a, state_type), du = out(need_u, velocity_type), dc = out(need_c, velocity_type);
-  const BackwardFlags flags{grad_a_new.has_value(), grad_cot.has_value(), cfg, mode == 1, need_a, need_u, need_c};
+  const at::Tensor& like = args.grad_a_new ? *args.grad_a_new : *args.grad_cot;
+  const int64_t d = args.grad_a_new ? like.numel() / args.batch : like.numel() / (args.batch * (args.cfg ? 2 : 1));
+  at::Tensor da, du, dc;
+  std::tie(da, du, dc) = adjoint_step_backward_outputs(args);
+  const auto [velocity_type, state_type] = adjoint_step_backward_types(args);
+  const BackwardFlags flags{args.grad_a_new.has_value(), args.grad_cot.has_value(), args.cfg, args.mode == 1,
+                            args.need_a, args.need_u, args.need_c};
   dispatch_velocity_state(velocity_type, state_type, "adjoint_step_backward_cpu", [&]<typename TV, typename TX>() {
     using A = acc_t<TX>;
-    adjoint_step_backward_kernel<TV, TX>(data_or_null<A>(grad_a_new), data_or_null<TV>(grad_cot),
-                                         h.get<A>(), w.get<A>(), kappa.get<A>(),
-                                         need_a ? da.mutable_data_ptr<TX>() : nullptr,
-                                         need_u ? du.mutable_data_ptr<TV>() : nullptr,
-                                         need_c ? dc.mutable_data_ptr<TV>() : nullptr, batch, d, flags);
+    adjoint_step_backward_kernel<TV, TX>(data_or_null<A>(args.grad_a_new), data_or_null<TV>(args.grad_cot),
+                                         args.h.get<A>(), args.w.get<A>(), args.kappa.get<A>(),
+                                         args.need_a ? da.mutable_data_ptr<TX>() : nullptr,
+                                         args.need_u ? du.mutable_data_ptr<TV>() : nullptr,
+                                         args.need_c ? dc.mutable_data_ptr<TV>() : nullptr, args.batch, d, flags);
   });
   return {da, du, dc};
 }

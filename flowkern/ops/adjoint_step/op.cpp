@@ -23,9 +23,12 @@ std::tuple<at::Tensor, at::Tensor> adjoint_step(Args& a) {
   if (a.vjp_c) a.w.check(a.a, acc);
   if (a.mode == 1) a.kappa.check(a.a, acc);
   const at::ScalarType a_type = a.a.scalar_type(), u_type = a.vjp_u.scalar_type();
-  auto [a_new, cot] = run_adjoint_step<kDevice>(as_type(a.a, tx), as_type(a.vjp_u, tv), as_type(a.vjp_c, tv),
-                                                a.h, a.vjp_c ? a.w : CoefArg{}, a.mode == 1 ? a.kappa : CoefArg{},
-                                                a.mode, a.return_cot);
+  a.a = as_type(a.a, tx);
+  a.vjp_u = as_type(a.vjp_u, tv);
+  a.vjp_c = as_type(a.vjp_c, tv);
+  if (!a.vjp_c) a.w = CoefArg{};
+  if (a.mode != 1) a.kappa = CoefArg{};
+  auto [a_new, cot] = run_adjoint_step<kDevice>(a);
   return {to_type(a_new, acc_type(a_type)), to_type(cot, u_type)};
 }
 
@@ -39,21 +42,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adjoint_step_backward(Backward& a
   TORCH_CHECK_VALUE(!a.grad_cot || (a.grad_cot->dim() >= 1 && a.grad_cot->size(0) == (a.cfg ? 2 : 1) * batch),
                     "grad_cot must have batch ", (a.cfg ? 2 : 1) * batch);
   TORCH_CHECK_VALUE(a.cfg || !a.need_c, "need_c requires cfg");
-  std::optional<at::ScalarType> tv0, tx0;
-  if (a.grad_cot) tv0 = a.grad_cot->scalar_type();
-  if (a.grad_a_new) tx0 = a.grad_a_new->scalar_type();
-  if (!tx0) tx0 = (*tv0 == at::kBFloat16 || *tv0 == at::kHalf) ? at::kFloat : *tv0;
-  if (!tv0) tv0 = tx0;
-  const auto [tv, tx] = velocity_state_types(*tv0, *tx0);
+  const auto [tv, tx] = adjoint_step_backward_types(a);
   const at::ScalarType acc = acc_type(tx);
   // one sample's rows: the coefficients are checked against B (grad_cot has 2B rows with CFG)
   const at::Tensor like = a.grad_a_new ? *a.grad_a_new : a.grad_cot->narrow(0, 0, batch);
   a.h.check(like, acc);
   if (a.cfg) a.w.check(like, acc);
   if (a.mode == 1) a.kappa.check(like, acc);
-  return run_adjoint_step_backward<kDevice>(as_type(a.grad_a_new, acc), as_type(a.grad_cot, tv), batch, a.h,
-                                            a.cfg ? a.w : CoefArg{}, a.mode == 1 ? a.kappa : CoefArg{}, a.mode,
-                                            a.cfg, a.need_a, a.need_u, a.need_c, tv, tx);
+  a.grad_a_new = as_type(a.grad_a_new, acc);
+  a.grad_cot = as_type(a.grad_cot, tv);
+  if (!a.cfg) a.w = CoefArg{};
+  if (a.mode != 1) a.kappa = CoefArg{};
+  return run_adjoint_step_backward<kDevice>(a);
 }
 
 c10::IValue optional(const at::Tensor& x) { return x.defined() ? c10::IValue(x) : c10::IValue(); }

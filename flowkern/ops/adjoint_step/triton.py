@@ -81,11 +81,12 @@ def _adjoint_step_bwd_kernel(
         tl.store(du_ptr + idx, (coef_u * g).to(du_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_forward(a, vjp_u, vjp_c, h, w, kappa, mode, return_cot):
-    a, vjp_u = a.contiguous(), vjp_u.contiguous()
-    vjp_c = vjp_c.contiguous() if vjp_c is not None else None
+def _launch_forward(args, h, w, kappa):
+    """(a_new, cot) of the schema's arguments `args`, with the coefficients as [B] tensors (w, kappa None if unused)."""
+    a, vjp_u, return_cot = args.a.contiguous(), args.vjp_u.contiguous(), args.return_cot
+    vjp_c = args.vjp_c.contiguous() if args.vjp_c is not None else None
     batch, d = a.shape[0], a[0].numel()
-    cfg, memoryless = vjp_c is not None, mode == MODE_MEMORYLESS
+    cfg, memoryless = vjp_c is not None, args.mode == MODE_MEMORYLESS
     assert vjp_u.shape == a.shape and (vjp_c is None or vjp_c.shape == a.shape)
     assert h.numel() == batch and (not cfg or w.numel() == batch) and (not memoryless or kappa.numel() == batch)
     a_new = torch.empty(a.shape, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32, device=a.device)
@@ -129,11 +130,15 @@ class _AdjointStep(torch.autograd.Function):
     """The native op's autograd (flowkern/ops/adjoint_step/op.cpp) on the Triton kernels; coefficients as [B]."""
 
     @staticmethod
-    def forward(ctx, a, vjp_u, vjp_c, h, w, kappa, mode, return_cot):
+    def forward(ctx, args, a, vjp_u, vjp_c):
+        coef = lambda c, value: coef_tensor(c, value, a)
+        h = coef(args.h, args.h_value)
+        w = coef(args.w, args.w_value) if vjp_c is not None else None
+        kappa = coef(args.kappa, args.kappa_value) if args.mode == MODE_MEMORYLESS else None
         with launch_device(a):
-            out = _launch_forward(a, vjp_u, vjp_c, h, w, kappa, mode, return_cot)
+            out = _launch_forward(args, h, w, kappa)
         ctx.save_for_backward(h, w, kappa)  # [B] coefficients only
-        ctx.mode, ctx.cfg = mode, vjp_c is not None
+        ctx.mode, ctx.cfg = args.mode, vjp_c is not None
         ctx.dtypes = (a.dtype, vjp_u.dtype, vjp_c.dtype if vjp_c is not None else vjp_u.dtype)
         ctx.set_materialize_grads(False)  # unused outputs arrive as None: no zero tensors read
         return out
@@ -143,11 +148,11 @@ class _AdjointStep(torch.autograd.Function):
         h, w, kappa = ctx.saved_tensors
         if grad_cot is not None and grad_cot.numel() == 0:  # cot was not returned
             grad_cot = None
-        nothing = (None,) * 8
+        nothing = (None,) * 4  # args, a, vjp_u, vjp_c
         if grad_a_new is None and grad_cot is None:
             return nothing
-        need_a, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_c = ctx.cfg and ctx.needs_input_grad[2]
+        need_a, need_u = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_c = ctx.cfg and ctx.needs_input_grad[3]
         d_a = None
         if need_a and ctx.mode == MODE_ODE and grad_cot is None:
             d_a, need_a = grad_a_new.to(ctx.dtypes[0]), False  # d a = g_a: no kernel
@@ -156,14 +161,10 @@ class _AdjointStep(torch.autograd.Function):
                 da, du, dc = _launch_backward(
                     grad_a_new, grad_cot, h, w, kappa, ctx.mode, ctx.cfg, need_a, need_u, need_c, *ctx.dtypes
                 )
-            return (da if need_a else d_a, du if need_u else None, dc if need_c else None) + nothing[3:]
-        return (d_a,) + nothing[1:]
+            return None, da if need_a else d_a, du if need_u else None, dc if need_c else None
+        return None, d_a, None, None
 
 
-def adjoint_step(a, vjp_u, vjp_c, h, h_value, w, w_value, kappa, kappa_value, mode, return_cot):
-    """The native op's contract on the Triton kernels."""
-    coef = lambda c, value: coef_tensor(c, value, a)
-    return _AdjointStep.apply(
-        a, vjp_u, vjp_c, coef(h, h_value), coef(w, w_value) if vjp_c is not None else None,
-        coef(kappa, kappa_value) if mode == MODE_MEMORYLESS else None, mode, return_cot,
-    )  # fmt: skip
+def adjoint_step(args):
+    """The native op's contract (its schema arguments `args`) on the Triton kernels."""
+    return _AdjointStep.apply(args, args.a, args.vjp_u, args.vjp_c)

@@ -208,30 +208,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler<c10::kCPU>(const ar
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler_backward<c10::kCPU>(
     const args::CfgEulerBackward& a) {
-  const std::optional<at::Tensor>&grad_v = a.grad_v, &grad_next = a.grad_next, &grad_hat = a.grad_hat;
-  const CoefArg &w = a.w, &h = a.h, &t = a.t, &kappa = a.kappa;
-  const int64_t mode = cfg_euler_mode(a);
-  const bool stopgrad_xhat = a.stopgrad_xhat, need_uncond = a.need_uncond, need_cond = a.need_cond,
-             need_x = a.need_x;
-  const std::pair<at::ScalarType, at::ScalarType> types = cfg_euler_backward_types(a);
-  const at::ScalarType velocity_type = types.first, state_type = types.second;
   using namespace cpu;
-  const at::Tensor& like = grad_v ? *grad_v : (grad_next ? *grad_next : *grad_hat);
+  const at::Tensor& like = cfg_euler_backward_like(a);
   const int64_t batch = like.size(0), d = like.numel() / batch;
-  auto out = [&](bool need, at::ScalarType type) {
-    return need ? at::empty(like.sizes(), like.options().dtype(type)) : at::empty({0}, like.options().dtype(type));
-  };
-  at::Tensor du = out(need_uncond, velocity_type), dc = out(need_cond, velocity_type), dx = out(need_x, state_type);
-  const BackwardFlags flags{grad_v.has_value(), grad_next.has_value(), grad_hat.has_value(), !stopgrad_xhat,
-                            mode == 1,          need_uncond,         need_cond,          need_x};
+  at::Tensor du, dc, dx;
+  std::tie(du, dc, dx) = cfg_euler_backward_outputs(a);
+  const BackwardFlags flags{a.grad_v.has_value(), a.grad_next.has_value(), a.grad_hat.has_value(), !a.stopgrad_xhat,
+                            cfg_euler_mode(a) == 1, a.need_uncond,         a.need_cond,          a.need_x};
+  const auto [velocity_type, state_type] = cfg_euler_backward_types(a);
   dispatch_velocity_state(velocity_type, state_type, "cfg_euler_backward_cpu", [&]<typename TV, typename TX>() {
     using A = acc_t<TX>;
-    cfg_euler_backward_kernel<TV, TX>(data_or_null<TV>(grad_v), data_or_null<TX>(grad_next),
-                                      data_or_null<TX>(grad_hat), w.get<A>(), h.get<A>(),
-                                      t.get<A>(), kappa.get<A>(),
-                                      need_uncond ? du.mutable_data_ptr<TV>() : nullptr,
-                                      need_cond ? dc.mutable_data_ptr<TV>() : nullptr,
-                                      need_x ? dx.mutable_data_ptr<TX>() : nullptr, batch, d, flags);
+    cfg_euler_backward_kernel<TV, TX>(data_or_null<TV>(a.grad_v), data_or_null<TX>(a.grad_next),
+                                      data_or_null<TX>(a.grad_hat), a.w.get<A>(), a.h.get<A>(),
+                                      a.t.get<A>(), a.kappa.get<A>(),
+                                      a.need_uncond ? du.mutable_data_ptr<TV>() : nullptr,
+                                      a.need_cond ? dc.mutable_data_ptr<TV>() : nullptr,
+                                      a.need_x ? dx.mutable_data_ptr<TX>() : nullptr, batch, d, flags);
   });
   return {du, dc, dx};
 }

@@ -59,40 +59,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler<c10::kCUDA>(const a
 template <>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cfg_euler_backward<c10::kCUDA>(
     const args::CfgEulerBackward& a) {
-  const std::optional<at::Tensor>&grad_v = a.grad_v, &grad_next = a.grad_next, &grad_hat = a.grad_hat;
-  const CoefArg &w = a.w, &h = a.h, &t = a.t, &kappa = a.kappa;
-  const int64_t mode = cfg_euler_mode(a);
-  const bool stopgrad_xhat = a.stopgrad_xhat, need_uncond = a.need_uncond, need_cond = a.need_cond,
-             need_x = a.need_x;
-  const std::pair<at::ScalarType, at::ScalarType> types = cfg_euler_backward_types(a);
-  const at::ScalarType velocity_type = types.first, state_type = types.second;
-  const at::Tensor& like = grad_v ? *grad_v : (grad_next ? *grad_next : *grad_hat);
+  const at::Tensor& like = cfg_euler_backward_like(a);
   const c10::cuda::CUDAGuard guard(like.device());
   const int64_t batch = like.size(0), d = like.numel() / batch;
-  auto out = [&](bool need, at::ScalarType type) {
-    return need ? at::empty(like.sizes(), like.options().dtype(type)) : at::empty({0}, like.options().dtype(type));
-  };
-  at::Tensor du = out(need_uncond, velocity_type), dc = out(need_cond, velocity_type), dx = out(need_x, state_type);
-  if (d == 0 || !(need_uncond || need_cond || need_x)) return {du, dc, dx};
-  const CfgEulerBackwardFlags flags{grad_v.has_value(), grad_next.has_value(), grad_hat.has_value(), !stopgrad_xhat,
-                                    mode == 1,          need_uncond,         need_cond,          need_x};
+  at::Tensor du, dc, dx;
+  std::tie(du, dc, dx) = cfg_euler_backward_outputs(a);
+  if (d == 0 || !(a.need_uncond || a.need_cond || a.need_x)) return {du, dc, dx};
+  const CfgEulerBackwardFlags flags{a.grad_v.has_value(), a.grad_next.has_value(), a.grad_hat.has_value(),
+                                    !a.stopgrad_xhat,     cfg_euler_mode(a) == 1,  a.need_uncond,
+                                    a.need_cond,          a.need_x};
+  const auto [velocity_type, state_type] = cfg_euler_backward_types(a);
   const dim3 grid = tiled_grid(batch, d, kStepTile);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_velocity_state(velocity_type, state_type, "cfg_euler_backward_cuda", [&]<typename TVa, typename TXa>() {
     using TV = cuda_t<TVa>;
     using TX = cuda_t<TXa>;
     using A = acc_t<TX>;
-    const TV* gv = opt_ptr<const TV>(grad_v);
-    const TX* gn = opt_ptr<const TX>(grad_next);
-    const TX* gh = opt_ptr<const TX>(grad_hat);
-    TV* du_ptr = need_uncond ? reinterpret_cast<TV*>(du.mutable_data_ptr()) : nullptr;
-    TV* dc_ptr = need_cond ? reinterpret_cast<TV*>(dc.mutable_data_ptr()) : nullptr;
-    TX* dx_ptr = need_x ? reinterpret_cast<TX*>(dx.mutable_data_ptr()) : nullptr;
+    const TV* gv = opt_ptr<const TV>(a.grad_v);
+    const TX* gn = opt_ptr<const TX>(a.grad_next);
+    const TX* gh = opt_ptr<const TX>(a.grad_hat);
+    TV* du_ptr = a.need_uncond ? reinterpret_cast<TV*>(du.mutable_data_ptr()) : nullptr;
+    TV* dc_ptr = a.need_cond ? reinterpret_cast<TV*>(dc.mutable_data_ptr()) : nullptr;
+    TX* dx_ptr = a.need_x ? reinterpret_cast<TX*>(dx.mutable_data_ptr()) : nullptr;
     const bool vec = d % group_size<TV, TX>() == 0 && all_aligned16({gv, gn, gh, du_ptr, dc_ptr, dx_ptr});
     auto* kernel = vec ? cfg_euler_backward_kernel<TV, TX, true> : cfg_euler_backward_kernel<TV, TX, false>;
-    kernel<<<grid, kThreads, 0, stream>>>(gv, gn, gh, w.get<A>(), h.get<A>(),
-                                          t.get<A>(), kappa.get<A>(), du_ptr, dc_ptr, dx_ptr, d,
-                                          flags);
+    kernel<<<grid, kThreads, 0, stream>>>(gv, gn, gh, a.w.get<A>(), a.h.get<A>(), a.t.get<A>(), a.kappa.get<A>(),
+                                          du_ptr, dc_ptr, dx_ptr, d, flags);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {du, dc, dx};

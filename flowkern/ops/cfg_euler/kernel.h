@@ -4,6 +4,7 @@
 // fp64 for fp64).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
@@ -52,6 +53,22 @@ inline std::pair<at::ScalarType, at::ScalarType> cfg_euler_backward_types(const 
   if (!tv) tv = tx;
   if (!tx) tx = (*tv == at::kBFloat16 || *tv == at::kHalf) ? at::kFloat : *tv;
   return velocity_state_types(*tv, *tx);
+}
+
+// The backward's first given cotangent (its shape and device are the outputs').
+inline const at::Tensor& cfg_euler_backward_like(const args::CfgEulerBackward& a) {
+  return a.grad_v ? *a.grad_v : (a.grad_next ? *a.grad_next : *a.grad_hat);
+}
+
+// The backward's outputs (d v_uncond, d v_cond, d x) in cfg_euler_backward_types, each [B, ...] when asked for, else
+// empty: what the CPU and CUDA entries return.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cfg_euler_backward_outputs(const args::CfgEulerBackward& a) {
+  const auto [velocity_type, state_type] = cfg_euler_backward_types(a);
+  const at::Tensor& like = cfg_euler_backward_like(a);
+  auto out = [&](bool need, at::ScalarType type) {
+    return need ? at::empty(like.sizes(), like.options().dtype(type)) : at::empty({0}, like.options().dtype(type));
+  };
+  return {out(a.need_uncond, velocity_type), out(a.need_cond, velocity_type), out(a.need_x, state_type)};
 }
 
 // x as a contiguous tensor of `type`, or nullopt.

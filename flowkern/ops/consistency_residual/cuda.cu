@@ -11,6 +11,7 @@
 
 #include "flowkern/cuda_dispatch.cuh"
 #include "kernel.cuh"
+#include "../cfg_euler/kernel.h"  // dispatch_velocity_state
 #include "kernel.h"
 
 namespace flowkern {
@@ -39,24 +40,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_consistency_residual<c10::kCU
   const bool compute_grad = a.compute_grad;
   const c10::cuda::CUDAGuard guard(c.device());
   const int64_t batch = c.size(0), d = c.numel() / batch, chunks = (d + kChunk - 1) / kChunk;
-  const auto acc_options = c.options().dtype(acc_type_of(c));
+  const auto acc_options = c.options().dtype(acc_type_of(a.ghat));  // acc_t<TX>
   at::Tensor q = compute_grad ? at::empty(c.sizes(), acc_options) : at::empty({0}, acc_options);
   at::Tensor work = at::empty({2 * batch * chunks + 1}, acc_options);
   at::Tensor l_cons = at::empty({}, acc_options), l_bnd = at::empty({}, acc_options);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (d > 0) {  // [B, 0]: no launch (an empty grid is an invalid launch)
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "consistency_residual_cuda", [&] {
-    using T = cuda_t<scalar_t>;
-    using A = acc_t<T>;
-    auto ptr = [](const at::Tensor& x) { return reinterpret_cast<const T*>(x.const_data_ptr()); };
-    const ConsistencyInputs<T> in{ptr(c),      ptr(a.c_t),    ptr(a.c_x), ptr(a.ghat),
-                                  ptr(a.ghat_t), ptr(a.ghat_x), ptr(a.vb),  ptr(a.vb_G)};
+  // c, c_t, c_x in TV, the targets in TX: op.cpp passes a pair velocity_state_types allows
+  dispatch_velocity_state(c.scalar_type(), a.ghat.scalar_type(), "consistency_residual_cuda",
+                          [&]<typename TVa, typename TXa>() {
+    using TV = cuda_t<TVa>;
+    using TX = cuda_t<TXa>;
+    using A = acc_t<TX>;
+    auto v = [](const at::Tensor& x) { return reinterpret_cast<const TV*>(x.const_data_ptr()); };
+    auto x = [](const at::Tensor& y) { return reinterpret_cast<const TX*>(y.const_data_ptr()); };
+    const ConsistencyInputs<TV, TX> in{v(c),      v(a.c_t),      v(a.c_x), x(a.ghat),
+                                       x(a.ghat_t), x(a.ghat_x), x(a.vb),  x(a.vb_G)};
     A* qp = compute_grad ? q.mutable_data_ptr<A>() : nullptr;
-    const bool vec = d % Pack<T>::N == 0 && aligned16(in.c) && aligned16(in.c_t) && aligned16(in.c_x) &&
-                     aligned16(in.ghat) && aligned16(in.ghat_t) && aligned16(in.ghat_x) && aligned16(in.vb) &&
-                     aligned16(in.vb_G) && (qp == nullptr || aligned16(qp));
+    const bool vec = d % group_size<TV, TX>() == 0 &&
+                     all_aligned16({in.c, in.c_t, in.c_x, in.ghat, in.ghat_t, in.ghat_x, in.vb, in.vb_G, qp});
     const A q_scale = A(2.0 / static_cast<double>(c.numel()));
-    auto* kernel = vec ? consistency_residual_kernel<T, true> : consistency_residual_kernel<T, false>;
+    auto* kernel = vec ? consistency_residual_kernel<TV, TX, true> : consistency_residual_kernel<TV, TX, false>;
     kernel<<<batch * chunks, kThreads, 0, stream>>>(
         in, a.t.get<A>(), a.rho_w.get<A>(), a.rho_G.get<A>(), qp,
         loss_outputs<A>(work, l_cons, l_bnd, a.mask, batch, chunks, static_cast<double>(c.numel()), stream), d, chunks,

@@ -1,5 +1,6 @@
 // consistency_residual (M17, M18, M20) and consistency_residual_exact (M21) CUDA kernels, torch-free.
-// One block per (sample, chunk) tile; 16-byte loads when every pointer is aligned and D_b % N == 0, scalar otherwise.
+// One block per (sample, chunk) tile; 16-byte loads when every pointer is aligned and D_b % N == 0 (forward:
+// D_b % group_size<TV, TX>() == 0, the value outputs in TV and the targets in TX), scalar otherwise.
 //   forward:  R = (G_t - G)/e_b + rho_w (G_x - G)/eps_x + rho_G (vb_G - vb)/eps_x; partial[tile] = (sum R^2, sum c^2);
 //             q = 2R/D in fp32 (fp64 for fp64) for the backward; both losses in the last block (one launch) (8R + 1W)
 //   backward: grad_c_t = g q/e_b, grad_c_x = g q rho_w/eps_x, grad_c = -g q (1/e_b + rho_w/eps_x) + g_bnd 2 m_b c/D,
@@ -56,17 +57,18 @@ __device__ __forceinline__ void finish_losses(A acc_r, A acc_c, const LossOutput
   }
 }
 
-// The eight [B, ...] inputs of the finite-difference residual (M20).
-template <typename T>
+// The eight [B, ...] inputs of the finite-difference residual (M20): the value outputs (velocity units) in TV, the
+// targets in TX (TV == TX, or a bf16/fp16 TV with fp32 TX: read without a cast copy).
+template <typename TV, typename TX>
 struct ConsistencyInputs {
-  const T* c;       // c_phi(x, t)
-  const T* c_t;     // c_phi(x, t + e_b)
-  const T* c_x;     // c_phi(x_w, t)
-  const T* ghat;    // ghat at the same three points (M8)
-  const T* ghat_t;
-  const T* ghat_x;
-  const T* vb;      // v_base(x, t)
-  const T* vb_G;    // v_base(x_G, t)
+  const TV* c;       // c_phi(x, t)
+  const TV* c_t;     // c_phi(x, t + e_b)
+  const TV* c_x;     // c_phi(x_w, t)
+  const TX* ghat;    // ghat at the same three points (M8)
+  const TX* ghat_t;
+  const TX* ghat_x;
+  const TX* vb;      // v_base(x, t)
+  const TX* vb_G;    // v_base(x_G, t)
 };
 
 // Per-sample coefficients of R.
@@ -80,13 +82,13 @@ struct ResidualCoefs {
   }
 };
 
-template <typename T, bool kVec>
+template <typename TV, typename TX, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-    consistency_residual_kernel(ConsistencyInputs<T> in, Coef<acc_t<T>> t,
-                                Coef<acc_t<T>> rho_w, Coef<acc_t<T>> rho_g,
-                                acc_t<T>* __restrict__ q, LossOutputs<acc_t<T>> losses, int64_t d, int64_t chunks,
-                                acc_t<T> beta, int eta_mode, acc_t<T> eps_t, acc_t<T> eps_x, acc_t<T> q_scale) {
-  using A = acc_t<T>;
+    consistency_residual_kernel(ConsistencyInputs<TV, TX> in, Coef<acc_t<TX>> t,
+                                Coef<acc_t<TX>> rho_w, Coef<acc_t<TX>> rho_g,
+                                acc_t<TX>* __restrict__ q, LossOutputs<acc_t<TX>> losses, int64_t d, int64_t chunks,
+                                acc_t<TX> beta, int eta_mode, acc_t<TX> eps_t, acc_t<TX> eps_x, acc_t<TX> q_scale) {
+  using A = acc_t<TX>;
   const int64_t tile = blockIdx.x, b = tile / chunks, start = (tile % chunks) * kChunk;
   const int64_t n = min(kChunk, d - start), base = b * d + start;
   const A tb = t[b], step = consistency_detail::signed_step(tb, eps_t);
@@ -94,30 +96,35 @@ __global__ void __launch_bounds__(kThreads)
                                   rho_w[b] / eps_x, rho_g[b] / eps_x};
   A acc_r = 0, acc_c = 0;
   if constexpr (kVec) {
-    constexpr int N = Pack<T>::N;
-    for (int64_t i = threadIdx.x * N; i < n; i += kThreads * N) {  // d % N == 0, so no partial packs
+    constexpr int G = group_size<TV, TX>();
+    for (int64_t i = threadIdx.x * G; i < n; i += kThreads * G) {  // d % G == 0, so no partial groups
       const int64_t j = base + i;
-      const Pack<T> c = load_pack(in.c + j), c_t = load_pack(in.c_t + j), c_x = load_pack(in.c_x + j);
-      const Pack<T> g = load_pack(in.ghat + j), g_t = load_pack(in.ghat_t + j), g_x = load_pack(in.ghat_x + j);
-      const Pack<T> vb = load_pack(in.vb + j), vb_g = load_pack(in.vb_G + j);
-      alignas(16) A out[N];
+      A c[G], c_t[G], c_x[G], g[G], g_t[G], g_x[G], vb[G], vb_g[G];
+      load_group<G>(in.c + j, c);
+      load_group<G>(in.c_t + j, c_t);
+      load_group<G>(in.c_x + j, c_x);
+      load_group<G>(in.ghat + j, g);
+      load_group<G>(in.ghat_t + j, g_t);
+      load_group<G>(in.ghat_x + j, g_x);
+      load_group<G>(in.vb + j, vb);
+      load_group<G>(in.vb_G + j, vb_g);
+      alignas(16) A out[G];
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const A cc = to_acc(c.v[k]);
-        const A r = residual(cc, to_acc(c_t.v[k]), to_acc(c_x.v[k]), to_acc(g.v[k]), to_acc(g_t.v[k]),
-                             to_acc(g_x.v[k]), to_acc(vb.v[k]), to_acc(vb_g.v[k]));
+      for (int k = 0; k < G; ++k) {
+        const A r = residual(c[k], c_t[k], c_x[k], g[k], g_t[k], g_x[k], vb[k], vb_g[k]);
         acc_r += r * r;
-        acc_c += cc * cc;
+        acc_c += c[k] * c[k];
         out[k] = r * q_scale;
       }
-      if (q != nullptr) consistency_detail::store_acc<N>(q + j, out);
+      if (q != nullptr) consistency_detail::store_acc<G>(q + j, out);
     }
   } else {
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
       const int64_t j = base + i;
       const A cc = to_acc(in.c[j]);
-      const A r = residual(cc, to_acc(in.c_t[j]), to_acc(in.c_x[j]), to_acc(in.ghat[j]), to_acc(in.ghat_t[j]),
-                           to_acc(in.ghat_x[j]), to_acc(in.vb[j]), to_acc(in.vb_G[j]));
+      const A r = residual(cc, A(to_acc(in.c_t[j])), A(to_acc(in.c_x[j])), A(to_acc(in.ghat[j])),
+                           A(to_acc(in.ghat_t[j])), A(to_acc(in.ghat_x[j])), A(to_acc(in.vb[j])),
+                           A(to_acc(in.vb_G[j])));
       acc_r += r * r;
       acc_c += cc * cc;
       if (q != nullptr) q[j] = r * q_scale;

@@ -5,6 +5,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "flowkern/op.h"
+#include "../cfg_euler/kernel.h"  // velocity_state_types
 #include "kernel.h"
 
 namespace flowkern {
@@ -31,8 +32,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_residual(Residual& a)
   const at::ScalarType c_type = a.c.scalar_type();
   const at::ScalarType type = common_type({&a.c, &a.c_t, &a.c_x, &a.ghat, &a.ghat_t, &a.ghat_x, &a.vb, &a.vb_G});
   for (CoefArg* coef : {&a.t, &a.rho_w, &a.rho_G, &a.mask}) coef->check(a.c, acc_type(type));
-  a.c = as_type(a.c, type);
-  for (const auto& [x, name] : others) *x = as_type(*x, type);
+  if constexpr (kDevice == c10::kCPU) {  // the CPU kernel reads one element type
+    a.c = as_type(a.c, type);
+    for (const auto& [x, name] : others) *x = as_type(*x, type);
+  } else {  // the value outputs c, c_t, c_x in TV, the targets in TX: bf16 values next to fp32 targets are read as is
+    const auto [tv, tx] = velocity_state_types(common_type({&a.c, &a.c_t, &a.c_x}),
+                                               common_type({&a.ghat, &a.ghat_t, &a.ghat_x, &a.vb, &a.vb_G}));
+    for (at::Tensor* x : {&a.c, &a.c_t, &a.c_x}) *x = as_type(*x, tv);
+    for (at::Tensor* x : {&a.ghat, &a.ghat_t, &a.ghat_x, &a.vb, &a.vb_G}) *x = as_type(*x, tx);
+  }
   auto [l_cons, l_bnd, q] = run_consistency_residual<kDevice>(a);
   const at::ScalarType out = acc_type(c_type);  // q and the losses follow c even when another input is fp64
   return {to_type(l_cons, out), to_type(l_bnd, out), to_type(q, out)};
