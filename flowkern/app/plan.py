@@ -131,6 +131,13 @@ def measured_transient(func, args: tuple, kwargs: dict) -> int:
 
 
 # ---------------------------------------------------------------- storage tracking
+def _holds_no_memory(t: torch.Tensor) -> bool:
+    """A tensor whose storage allocates nothing although its ``nbytes`` is its size: an efficient zero tensor
+    (``aten._efficientzerotensor``: the zero tangents ``torch.func.jvp`` gives inputs without one) or a meta tensor
+    (the shape computations of the zero tensors' decompositions, ``to(device='meta')`` then ``prims.add``)."""
+    return t.device.type == "meta" or t._is_zerotensor()
+
+
 class StorageTracker(PlausibleScalars):
     """Counts live storages created by ops (see the module docstring); peaks overall, by phase and by kind.
 
@@ -233,7 +240,7 @@ class StorageTracker(PlausibleScalars):
             if isinstance(a, torch.Tensor) and not a.is_sparse
         }
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.is_sparse:
+            if not isinstance(t, torch.Tensor) or t.is_sparse or _holds_no_memory(t):
                 continue
             st = t.untyped_storage()
             if id(st) in inputs:
