@@ -56,9 +56,11 @@ def _knobs(method: str) -> dict:
     return dict(precision="fp32", batch=2, lora_rank=4, micro_batch=1, **METHODS[method])
 
 
-# CI runs one case per backbone and per method but VGG-Flow exact (a known gap); FLOWKERN_PLAN_MATRIX=1 runs all 24
-# (~10 min on 2 idle cores: the trace costs ~0.3 ms of fake-tensor dispatch an op, a VGG-Flow update is ~60k ops)
-CI_CASES = {("sd3", "refl"), ("flux", "draft"), ("flux2", "dam"), ("sit", "am"), ("sit", "vggflow-fd")}
+# CI runs one case per backbone and per method (VGG-Flow exact on SiT, the cheapest: torch.func.jvp's zero tangents);
+# FLOWKERN_PLAN_MATRIX=1 runs all 24 (~10 min on 2 idle cores: the trace costs ~0.3 ms of fake-tensor dispatch an
+# op, a VGG-Flow update is ~60k ops)
+CI_CASES = {("sd3", "refl"), ("flux", "draft"), ("flux2", "dam"), ("sit", "am"), ("sit", "vggflow-fd"),
+            ("sit", "vggflow-exact")}  # fmt: skip
 MATRIX = os.environ.get("FLOWKERN_PLAN_MATRIX") == "1"
 # over-predictions not yet fixed (issue 16, open), measured with this file's settings
 _FLUX2_VAE = "ReFL / DRaFT on FLUX.2: +55 kB through the reward gradient of the FLUX.2 VAE decode"
