@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -225,10 +226,25 @@ class StorageTracker(PlausibleScalars):
         self.first_seen_bytes.append(nbytes)
         self._add(nbytes, kind)
 
+    def _reused_gradient(self, func, args: tuple, kwargs: dict) -> int | None:
+        """The autograd engine sums two gradients of one input (``InputBuffer::accumulate``) in place into one of
+        them when it holds the only reference to it; under a Python dispatch mode, or on fake tensors (tensor
+        subclasses), it cannot, and ``old + new`` allocates. The key of the buffer the real sum reuses, or None."""
+        if func is not torch.ops.aten.add.Tensor or not _engine_accumulates(args, kwargs):
+            return None
+        for a in args:
+            st = a.untyped_storage()
+            key = self._key(st)
+            # one tensor on the storage (2: that tensor and the count's own reference), of the sum's size
+            if key is not None and torch._C._storage_Use_Count(st._cdata) <= 2 and st.nbytes() == a.nbytes:
+                return key
+        return None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
             return self.scalar(args[0])
+        reused = self._reused_gradient(func, args, kwargs)
         before = self.running
         out = self.data_dependent(func, args, kwargs)
         if out is None:
@@ -251,6 +267,9 @@ class StorageTracker(PlausibleScalars):
                     self._add(grow, self.live[key][1])
                 continue
             if self._key(st) is None:
+                if reused is not None:  # the sum lands in the buffer it reuses: that buffer's bytes, not more
+                    self._free(reused)
+                    reused = None
                 self._allocate(st)
         if self.cpu_workspaces and func.__name__.split(".")[0] in CPU_WORKSPACE_OPS:
             extra = measured_transient(func, args, kwargs)
@@ -259,6 +278,25 @@ class StorageTracker(PlausibleScalars):
                 self._add(bump, "activations")
                 self._add(-bump, "activations")
         return out
+
+
+def _engine_accumulates(args: tuple, kwargs: dict) -> bool:
+    """Whether this ``add`` is the autograd engine summing two gradients of one input: called from the engine's
+    C++ (the innermost Python frame outside torch is ``_engine_run_backward``) with two gradients of one shape."""
+    if kwargs or len(args) != 2 or torch._C._current_autograd_node() is None:
+        return False
+    a, b = args
+    if not (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype):
+        return False
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "_engine_run_backward":
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR) and frame.f_code.co_filename != __file__:
+            return False  # Python code (a module's forward, a custom backward) called this add
+        frame = frame.f_back
+    return frame is not None
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 @contextlib.contextmanager
