@@ -166,8 +166,9 @@ def build_transformer(kind: str, dtype: torch.dtype, seed: int = 0, layers: int 
             if b is not None and b.is_floating_point():
                 sub._buffers[name] = b.to(dtype)
     _random_parameters(model, dtype, seed)
-    # under the planner's FakeTensorMode the parameters are fake, not meta: converted like the real ones
-    return model.to(dtype).eval().requires_grad_(False)
+    if any(p.dtype != dtype for p in model.parameters()):  # under the planner's FakeTensorMode: fake, not meta
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False)
 
 
 def build_vae(kind: str, latent_channels: int, seed: int = 0) -> torch.nn.Module:
