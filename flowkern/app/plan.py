@@ -5,7 +5,10 @@ the reward tower, the adjoint sweep or the consistency terms, the loss, the back
 tensors: shapes, dtypes and devices, no data. A dispatch mode stacked over the fake mode (:class:`StorageTracker`)
 sees every op's outputs and counts *storages*, not Python objects: a storage is allocated when an op returns one
 that none of its inputs hold, and freed when its C++ storage dies (a weakref finalizer on the preserved Python
-storage object), so tensors that autograd saves with no Python reference are counted while they live.
+storage object), so tensors that autograd saves with no Python reference are counted while they live. Efficient zero
+tensors (``torch.func.jvp``'s zero tangents) and meta tensors allocate nothing and are not counted; a sum of two
+gradients by the autograd engine is charged in place of the buffer it reuses (``_reused_gradient``: the real engine
+accumulates in place, which it cannot do on fake tensors).
 
 Data-dependent scalars (``float(loss)``, ``bool(isfinite(...))``, ``.item()``) have no value under fake tensors:
 the tracker answers ``aten._local_scalar_dense`` itself with a plausible value (1 / True: finite, keep the update),
