@@ -16,8 +16,10 @@ table are allocated before). Each event is attributed to the innermost phase run
     other          everything else of the update (draws, bookkeeping)
 
 A phase's peak is the highest level the running total reached while that phase was innermost; the update's peak
-is the maximum over phases. :func:`measure` returns one record (a dict with ``phases``); :func:`predicted_peaks`
-is the hook a memory planner fills in to print its per-phase prediction beside each measurement.
+is the maximum over phases. :func:`measure` returns one record (a dict with ``phases``) with ``flowkern plan``'s
+prediction (CPU mode, :func:`predicted_peaks`: the same run traced on fake tensors) beside each measured peak; the
+update is measured with Python's cyclic collector off, as the planner traces (``flowkern.app.plan.no_cyclic_gc``).
+The planner traces the reference torch ops: ``FLOWKERN_BACKEND=torch`` measures the same ops.
 
 Usage (each row takes minutes and several GiB: always under the shared lock)::
 
@@ -164,6 +166,8 @@ def build_transformer(kind: str, dtype: torch.dtype, seed: int = 0, layers: int 
             if b is not None and b.is_floating_point():
                 sub._buffers[name] = b.to(dtype)
     _random_parameters(model, dtype, seed)
+    if any(p.dtype != dtype for p in model.parameters()):  # under the planner's FakeTensorMode: fake, not meta
+        model = model.to(dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -393,6 +397,17 @@ def phase_profile(fn: Callable[[], object]) -> tuple[dict[str, dict[str, float]]
 
 
 # ---------------------------------------------------------------- measurement
+@contextlib.contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """``flowkern.app.plan.no_cyclic_gc`` where the measured checkout has it (else the collector as it is)."""
+    try:
+        from flowkern.app.plan import no_cyclic_gc as off
+    except ImportError:
+        off = contextlib.nullcontext
+    with off():
+        yield
+
+
 def predicted_peaks(spec: Spec, info: dict, seed: int = 0) -> dict[str, int] | None:
     """``flowkern plan``'s per-phase peak prediction (CPU mode, bytes above the frozen weights) for ``spec``: the
     same run built by :func:`build_run` under fake tensors and traced by ``flowkern.app.plan.trace_update``.
@@ -404,12 +419,15 @@ def predicted_peaks(spec: Spec, info: dict, seed: int = 0) -> dict[str, int] | N
         from flowkern.app.plan_models import fake_building
     except ImportError:
         return None
+    from flowkern.ops.backend import use_backend
+
+    start = time.perf_counter()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_building(fake) as known:
         trainer, _ = build_run(spec, seed)
-    with fake:
+    with fake, use_backend("torch"):  # as flowkern plan: the reference ops (fused kernels have no fake kernels)
         update = trace_update(trainer, "cpu", known)
-    return {**update["phases"], "peak": update["peak_bytes"]}
+    return {**update["phases"], "peak": update["peak_bytes"], "seconds": round(time.perf_counter() - start, 1)}
 
 
 def measure(spec: Spec, label: str, seed: int = 0, native_bf16: bool = False) -> dict:
@@ -423,7 +441,8 @@ def measure(spec: Spec, label: str, seed: int = 0, native_bf16: bool = False) ->
     update = lambda: metrics.update(trainer.train_step())  # noqa: E731
 
     emulate = spec.precision == "bf16" and not native_bf16
-    with phase_markers(trainer), Bf16GemmInFp32() if emulate else contextlib.nullcontext():
+    # Python's cyclic collector off inside the update, as the planner traces (flowkern.app.plan.no_cyclic_gc)
+    with no_cyclic_gc(), phase_markers(trainer), Bf16GemmInFp32() if emulate else contextlib.nullcontext():
         phases, peak, wall = phase_profile(update)
     skipped = [list(s) for s in trainer.skipped]
     trainer = update = None  # free the real run before the planner builds its fake one
@@ -557,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = dataclasses.replace(spec, resolution=args.resolution)
         record = measure(spec, args.label, native_bf16=args.native_bf16)
         print(markdown([record]).splitlines()[-1], flush=True)
+        if record["predicted"]:
+            predicted, measured = record["predicted"]["peak"], record["peak_bytes"]
+            print(f"{spec.name}: flowkern plan (CPU mode) predicts {predicted} B, measured {measured} B "
+                  f"({100 * (predicted - measured) / measured:+.2f}%), planned in {record['predicted']['seconds']} s",
+                  flush=True)  # fmt: skip
         if args.out:
             records = json.load(open(args.out)) if os.path.isfile(args.out) else []
             records.append(record)

@@ -5,7 +5,10 @@ the reward tower, the adjoint sweep or the consistency terms, the loss, the back
 tensors: shapes, dtypes and devices, no data. A dispatch mode stacked over the fake mode (:class:`StorageTracker`)
 sees every op's outputs and counts *storages*, not Python objects: a storage is allocated when an op returns one
 that none of its inputs hold, and freed when its C++ storage dies (a weakref finalizer on the preserved Python
-storage object), so tensors that autograd saves with no Python reference are counted while they live.
+storage object), so tensors that autograd saves with no Python reference are counted while they live. Efficient zero
+tensors (``torch.func.jvp``'s zero tangents) and meta tensors allocate nothing and are not counted; a sum of two
+gradients by the autograd engine is charged in place of the buffer it reuses (``_reused_gradient``: the real engine
+accumulates in place, which it cannot do on fake tensors).
 
 Data-dependent scalars (``float(loss)``, ``bool(isfinite(...))``, ``.item()``) have no value under fake tensors:
 the tracker answers ``aten._local_scalar_dense`` itself with a plausible value (1 / True: finite, keep the update),
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -135,6 +139,13 @@ def measured_transient(func, args: tuple, kwargs: dict) -> int:
 
 
 # ---------------------------------------------------------------- storage tracking
+def _holds_no_memory(t: torch.Tensor) -> bool:
+    """A tensor whose storage allocates nothing although its ``nbytes`` is its size: an efficient zero tensor
+    (``aten._efficientzerotensor``: the zero tangents ``torch.func.jvp`` gives inputs without one) or a meta tensor
+    (the shape computations of the zero tensors' decompositions, ``to(device='meta')`` then ``prims.add``)."""
+    return t.device.type == "meta" or t._is_zerotensor()
+
+
 class StorageTracker(PlausibleScalars):
     """Counts live storages created by ops (see the module docstring); peaks overall, by phase and by kind.
 
@@ -261,10 +272,25 @@ class StorageTracker(PlausibleScalars):
         self.first_seen_bytes.append(nbytes)
         self._add(nbytes, kind)
 
+    def _reused_gradient(self, func, args: tuple, kwargs: dict) -> int | None:
+        """The autograd engine sums two gradients of one input (``InputBuffer::accumulate``) in place into one of
+        them when it holds the only reference to it; under a Python dispatch mode, or on fake tensors (tensor
+        subclasses), it cannot, and ``old + new`` allocates. The key of the buffer the real sum reuses, or None."""
+        if func is not torch.ops.aten.add.Tensor or not _engine_accumulates(args, kwargs):
+            return None
+        for a in args:
+            st = a.untyped_storage()
+            key = self._key(st)
+            # one tensor on the storage (2: that tensor and the count's own reference), of the sum's size
+            if key is not None and torch._C._storage_Use_Count(st._cdata) <= 2 and st.nbytes() == a.nbytes:
+                return key
+        return None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
             return self.scalar(args[0])
+        reused = self._reused_gradient(func, args, kwargs)
         before = self.running
         out = self.data_dependent(func, args, kwargs)
         if out is None:
@@ -276,7 +302,7 @@ class StorageTracker(PlausibleScalars):
             if isinstance(a, torch.Tensor) and not a.is_sparse
         }
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.is_sparse:
+            if not isinstance(t, torch.Tensor) or t.is_sparse or _holds_no_memory(t):
                 continue
             st = t.untyped_storage()
             if id(st) in inputs:
@@ -287,6 +313,9 @@ class StorageTracker(PlausibleScalars):
                     self._add(grow, self.live[key][1])
                 continue
             if self._key(st) is None:
+                if reused is not None:  # the sum lands in the buffer it reuses: that buffer's bytes, not more
+                    self._free(reused)
+                    reused = None
                 self._allocate(st)
         if self.cpu_workspaces and func.__name__.split(".")[0] in CPU_WORKSPACE_OPS:
             extra = measured_transient(func, args, kwargs)
@@ -295,6 +324,25 @@ class StorageTracker(PlausibleScalars):
                 self._add(bump, "activations")
                 self._add(-bump, "activations")
         return out
+
+
+def _engine_accumulates(args: tuple, kwargs: dict) -> bool:
+    """Whether this ``add`` is the autograd engine summing two gradients of one input: called from the engine's
+    C++ (the innermost Python frame outside torch is ``_engine_run_backward``) with two gradients of one shape."""
+    if kwargs or len(args) != 2 or torch._C._current_autograd_node() is None:
+        return False
+    a, b = args
+    if not (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype):
+        return False
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "_engine_run_backward":
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR) and frame.f_code.co_filename != __file__:
+            return False  # Python code (a module's forward, a custom backward) called this add
+        frame = frame.f_back
+    return frame is not None
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 @contextlib.contextmanager
