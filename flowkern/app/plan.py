@@ -15,7 +15,9 @@ the tracker answers ``aten._local_scalar_dense`` itself with a plausible value (
 so the update runs its ordinary path; nothing it decides from those values changes what it allocates except the
 skip path, which the answer avoids.
 
-CPU mode (``device='cpu'``) predicts what the profiler's allocator events measure on this machine (the checks);
+CPU mode (``device='cpu'``) predicts what the profiler's allocator events measure on this machine (the checks),
+with the CPU kernels' hidden temporaries measured once per signature (:data:`CPU_WORKSPACE_OPS`, and ops mixing
+floating dtypes, whose CPU TensorIterator casts an input to a copy first: a bf16 output plus an fp32 LoRA term);
 GPU mode (``device='cuda'``) predicts ``torch.cuda.max_memory_allocated`` and models, explicitly:
 
 - attention: ``F.scaled_dot_product_attention`` is routed to the flash kernel (bf16/fp16) or the memory-efficient
@@ -33,7 +35,10 @@ GPU mode (``device='cuda'``) predicts ``torch.cuda.max_memory_allocated`` and mo
 
 Frozen weights are counted from the modules' parameters before the update (``resident``); a quantized frozen base
 (``base_precision`` int8 / fp8, issue 17) through ``flowkern.models.quantize.quantized_weight_bytes`` (values and
-per-row scales); the dequantized bf16 weight each quantized linear makes inside its forward is not traced.
+per-row scales). The update runs through torchao's own quantized linears on fake tensors (``build_run`` quantizes the
+base as ``flowkern train`` does), so their temporaries (the bf16 cast of an int8 weight, the fp32 copies of an fp8
+one) and the bf16 weight autograd keeps for the input gradient are traced; torchao's weight-only path is the same
+code on CPU and CUDA, so both modes model it.
 """
 
 from __future__ import annotations
@@ -98,6 +103,18 @@ CPU_WORKSPACE_OPS = (
     "_scaled_dot_product_flash_attention_for_cpu_backward",
 )
 _TRANSIENTS: dict[tuple, int] = {}
+
+
+def _mixed_dtypes(args: tuple, kwargs: dict) -> bool:
+    """Whether an op mixes floating dtypes in its (non-scalar) tensor inputs: a CPU TensorIterator casts the inputs
+    not in the common dtype to copies first (a bf16 base's output plus an fp32 LoRA term: an fp32 copy of the bf16
+    output), which no op returns; CUDA kernels cast in registers."""
+    dtypes = {
+        a.dtype
+        for a in tree_flatten((args, kwargs))[0]
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.is_floating_point()
+    }
+    return len(dtypes) > 1
 
 
 def _signature(a: Any) -> Any:
@@ -317,7 +334,7 @@ class StorageTracker(PlausibleScalars):
                     self._free(reused)
                     reused = None
                 self._allocate(st)
-        if self.cpu_workspaces and func.__name__.split(".")[0] in CPU_WORKSPACE_OPS:
+        if self.cpu_workspaces and (func.__name__.split(".")[0] in CPU_WORKSPACE_OPS or _mixed_dtypes(args, kwargs)):
             extra = measured_transient(func, args, kwargs)
             if extra:  # held inside the op only: a peak candidate, not a live storage
                 bump = max(before, self.running) + extra - self.running

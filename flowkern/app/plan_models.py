@@ -377,6 +377,10 @@ def build_run(spec: ModelSpec, knobs: Knobs, device: str = "cpu", seed: int = 0)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         transformer = _cast(getattr(diffusers, tcls)(**spec.transformer), dtype)
+        if knobs.base_precision in ("int8", "fp8"):  # torchao's own quantized linears, traced as they run
+            from flowkern.models.quantize import quantize_base
+
+            quantize_base(transformer.requires_grad_(False), knobs.base_precision)
         vae = getattr(diffusers, spec.vae_class)(**spec.vae).eval().requires_grad_(False)
         flow = getattr(adapters, flow_name)(transformer)
         flow.add_lora(knobs.lora_rank)
