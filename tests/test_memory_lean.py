@@ -238,6 +238,71 @@ def test_vggflow_exact_with_central_reward_hvp_matches_autograd(backbone, monkey
         run("double")
 
 
+class QueryLengths(torch.overrides.TorchFunctionMode):
+    """Records the query length of every scaled_dot_product_attention call."""
+
+    def __init__(self, sizes: list):
+        super().__init__()
+        self.sizes = sizes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.sizes.append((kwargs or {}).get("query", args[0] if args else None).shape[-2])
+        return func(*args, **(kwargs or {}))
+
+
+def test_query_chunked_attention_equals_sdpa_under_jvp():
+    """QueryChunkedAttention (M21's JVPs): SDPA's math kernel in query chunks gives the unchunked value and JVP
+    (fp64, with a per-query mask, a broadcast mask and none; chunks that do not divide L), and calls SDPA per chunk."""
+    from flowkern.methods._common import QueryChunkedAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 4, generator=g, dtype=torch.float64) for n in (11, 7, 7))
+    tangents = tuple(torch.randn(x.shape, generator=g, dtype=torch.float64) for x in (q, k, v))
+    sizes = []
+    for mask in (None, torch.randn(11, 7, generator=g, dtype=torch.float64), torch.rand(1, 7, generator=g) > 0.3):
+        attention = lambda *qkv, m=mask: torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=m)
+        with sdpa_kernel(SDPBackend.MATH):
+            out, tangent = torch.func.jvp(attention, (q, k, v), tangents)
+            with QueryLengths(sizes), QueryChunkedAttention(4):  # the chunks' calls reach the outer mode
+                out_c, tangent_c = torch.func.jvp(attention, (q, k, v), tangents)
+        torch.testing.assert_close(out_c, out, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(tangent_c, tangent, rtol=1e-13, atol=1e-14)
+    assert sizes == [4, 4, 3] * 3
+    with pytest.raises(ValueError, match="chunk"):
+        QueryChunkedAttention(0)
+
+
+@pytest.mark.parametrize("backbone", ["sd3", "sit"])
+def test_vggflow_exact_jvp_attention_chunks_change_nothing(backbone, monkeypatch):
+    """VGG-Flow 'exact' with the JVPs' attention in chunks of 5 query rows (the tiny models have more tokens) gives
+    the loss and gradients of unchunked attention (measured: SD3 bitwise, SiT 1.9e-8 relative)."""
+    import flowkern.methods.vggflow as vggflow_module
+
+    def run(chunk):
+        monkeypatch.setattr(vggflow_module, "JVP_ATTENTION_CHUNK", chunk)
+        model, cond, reward, _, value_net = _backbone(backbone)
+        velocity, base_velocity = flow_callables(model)
+        method = VGGFlow(
+            velocity, base_velocity, reward, value_net=value_net, beta=10.0, alpha=3.0, consistency="exact",
+            subsample_fraction=None, tau0=0.05,
+        )  # fmt: skip
+        batch = method.rollout(randn(2, *SAMPLE_SHAPE, seed=6), uniform_grid(4), cond)
+        with QueryLengths(sizes):
+            loss, _ = method.loss(batch)
+        loss.backward()
+        params = model.trainable_parameters() + list(method.value_parameters())
+        return loss.detach(), torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+    sizes = []
+    loss, grads = run(10**9)
+    assert min(sizes) > 5
+    loss_c, grads_c = run(5)
+    assert min(sizes) <= 5  # the JVPs' calls ran in chunks
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=0)
+    assert float((grads_c - grads).norm() / grads.norm()) < 1e-6
+
+
 def test_reward_hvp_defaults_and_flag():
     """'central' for the pipelines, 'autograd' (exact) for the tiny model and the toy; a bad value names the flag."""
     from flowkern.app.build import default_reward_hvp

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from flowkern.adjoint import graph_leaves, terminal_reward_grad
 from flowkern.methods.base import MethodBase
@@ -268,6 +269,36 @@ def sq_norm_per_sample(x: torch.Tensor) -> torch.Tensor:
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off (M20: the network calls entering a finite difference run in fp32)."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class QueryChunkedAttention(TorchFunctionMode):
+    """Inside this mode ``F.scaled_dot_product_attention`` runs ``chunk`` query rows at a time (each row's softmax
+    sees every key, so the result is the unchunked one, row by row): the L x L scores of SDPA's math kernel, which
+    forward-mode AD needs (M21's JVPs), exist ``chunk`` rows at a time. Causal or dropout calls run unchunked."""
+
+    def __init__(self, chunk: int):
+        super().__init__()
+        self.chunk = check_int("chunk", chunk)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = {**dict(zip(SDPA_ARGS, args)), **kwargs}
+        query, mask = call["query"], call.get("attn_mask")
+        if query.shape[-2] <= self.chunk or call.get("is_causal") or call.get("dropout_p"):
+            return func(**call)
+        parts = []
+        for lo in range(0, query.shape[-2], self.chunk):
+            rows = slice(lo, lo + self.chunk)
+            part = {**call, "query": query[..., rows, :]}
+            if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:  # a per-query mask: its rows
+                part["attn_mask"] = mask[..., rows, :]
+            parts.append(func(**part))
+        return torch.cat(parts, dim=-2)
 
 
 # ---------------------------------------------------------------- deferred backward

@@ -45,6 +45,7 @@ from flowkern.ops.consistency_residual.reference import boundary_loss
 from flowkern.sampling import sample_euler, subsample_transitions
 
 CONSISTENCY_MODES = ("fd", "exact")
+JVP_ATTENTION_CHUNK = 1024  # query rows per math-kernel attention call under M21's JVPs (C.QueryChunkedAttention)
 FD_SCHEMES = ("forward", "central")
 
 
@@ -461,9 +462,10 @@ class VGGFlow(MethodBase):
         g_phi = c0 - beta * eta_t * ghat  # G_phi (M15)
         w = (v_b - g_phi).detach()  # w = sg(v_base - G_phi) (shared by M20/M21)
         ones = torch.ones_like(t)
-        # forward-mode AD through attention: only SDPA's math kernel has a JVP rule (the fused ones raise)
+        # forward-mode AD through attention: only SDPA's math kernel has a JVP rule (the fused ones raise); its
+        # L x L scores in query chunks (at 1024 px SD3 has L = 4429: 1.75 GiB of fp32 scores per unchunked call)
         with C.no_autocast(device):
-            with sdpa_kernel(SDPBackend.MATH):
+            with sdpa_kernel(SDPBackend.MATH), C.QueryChunkedAttention(JVP_ATTENTION_CHUNK):
                 c, dc = torch.func.jvp(lambda xx, tt: self._value(xx, tt, cond), (x, t), (w, ones))
 
                 def x_hat1(xx, tt):  # (M6), differentiated along (w, 1) through v_theta
