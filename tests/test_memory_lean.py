@@ -238,6 +238,9 @@ def test_vggflow_exact_with_central_reward_hvp_matches_autograd(backbone, monkey
         run("double")
 
 
+SDPA = torch.nn.functional.scaled_dot_product_attention  # query_chunked_attention replaces the attribute
+
+
 class QueryLengths(torch.overrides.TorchFunctionMode):
     """Records the query length of every scaled_dot_product_attention call."""
 
@@ -246,15 +249,15 @@ class QueryLengths(torch.overrides.TorchFunctionMode):
         self.sizes = sizes
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.nn.functional.scaled_dot_product_attention:
+        if func is SDPA:
             self.sizes.append((kwargs or {}).get("query", args[0] if args else None).shape[-2])
         return func(*args, **(kwargs or {}))
 
 
 def test_query_chunked_attention_equals_sdpa_under_jvp():
-    """QueryChunkedAttention (M21's JVPs): SDPA's math kernel in query chunks gives the unchunked value and JVP
+    """query_chunked_attention (M21's JVPs): SDPA's math kernel in query chunks gives the unchunked value and JVP
     (fp64, with a per-query mask, a broadcast mask and none; chunks that do not divide L), and calls SDPA per chunk."""
-    from flowkern.methods._common import QueryChunkedAttention
+    from flowkern.methods._common import query_chunked_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 4, generator=g, dtype=torch.float64) for n in (11, 7, 7))
@@ -264,13 +267,14 @@ def test_query_chunked_attention_equals_sdpa_under_jvp():
         attention = lambda *qkv, m=mask: torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=m)
         with sdpa_kernel(SDPBackend.MATH):
             out, tangent = torch.func.jvp(attention, (q, k, v), tangents)
-            with QueryLengths(sizes), QueryChunkedAttention(4):  # the chunks' calls reach the outer mode
+            with QueryLengths(sizes), query_chunked_attention(4):  # the chunks' SDPA calls
                 out_c, tangent_c = torch.func.jvp(attention, (q, k, v), tangents)
         torch.testing.assert_close(out_c, out, rtol=1e-13, atol=1e-14)
         torch.testing.assert_close(tangent_c, tangent, rtol=1e-13, atol=1e-14)
     assert sizes == [4, 4, 3] * 3
-    with pytest.raises(ValueError, match="chunk"):
-        QueryChunkedAttention(0)
+    assert torch.nn.functional.scaled_dot_product_attention is SDPA  # restored
+    with pytest.raises(ValueError, match="chunk"), query_chunked_attention(0):
+        pass
 
 
 @pytest.mark.parametrize("backbone", ["sd3", "sit"])

@@ -22,11 +22,10 @@ import contextlib
 import dataclasses
 import logging
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from flowkern.adjoint import graph_leaves, terminal_reward_grad
 from flowkern.methods.base import MethodBase
@@ -271,34 +270,36 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+@contextlib.contextmanager
+def query_chunked_attention(chunk: int) -> Iterator[None]:
+    """Inside, ``F.scaled_dot_product_attention`` runs ``chunk`` query rows at a time (each row's softmax sees every
+    key, so the result is the unchunked one, row by row): the L x L scores of SDPA's math kernel, which forward-mode
+    AD needs (M21's JVPs), exist ``chunk`` rows at a time. Causal or dropout calls run unchunked.
 
+    It replaces the module attribute (which diffusers' attention reads at each call, as the planner's GPU model of
+    SDPA does, so a planned run sees the chunks) for the duration: one thread at a time."""
+    chunk = check_int("chunk", chunk)
+    functional = torch.nn.functional
+    sdpa = functional.scaled_dot_product_attention
 
-class QueryChunkedAttention(TorchFunctionMode):
-    """Inside this mode ``F.scaled_dot_product_attention`` runs ``chunk`` query rows at a time (each row's softmax
-    sees every key, so the result is the unchunked one, row by row): the L x L scores of SDPA's math kernel, which
-    forward-mode AD needs (M21's JVPs), exist ``chunk`` rows at a time. Causal or dropout calls run unchunked."""
-
-    def __init__(self, chunk: int):
-        super().__init__()
-        self.chunk = check_int("chunk", chunk)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not torch.nn.functional.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = {**dict(zip(SDPA_ARGS, args)), **kwargs}
-        query, mask = call["query"], call.get("attn_mask")
-        if query.shape[-2] <= self.chunk or call.get("is_causal") or call.get("dropout_p"):
-            return func(**call)
+    def chunked(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        call = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if query.shape[-2] <= chunk or is_causal or dropout_p:
+            return sdpa(query, key, value, attn_mask, **call)
+        rows_mask = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1  # per query row
         parts = []
-        for lo in range(0, query.shape[-2], self.chunk):
-            rows = slice(lo, lo + self.chunk)
-            part = {**call, "query": query[..., rows, :]}
-            if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:  # a per-query mask: its rows
-                part["attn_mask"] = mask[..., rows, :]
-            parts.append(func(**part))
+        for lo in range(0, query.shape[-2], chunk):
+            rows = slice(lo, lo + chunk)
+            parts.append(
+                sdpa(query[..., rows, :], key, value, attn_mask[..., rows, :] if rows_mask else attn_mask, **call)
+            )
         return torch.cat(parts, dim=-2)
+
+    functional.scaled_dot_product_attention = chunked
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = sdpa
 
 
 # ---------------------------------------------------------------- deferred backward

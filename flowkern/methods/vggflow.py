@@ -45,7 +45,7 @@ from flowkern.ops.consistency_residual.reference import boundary_loss
 from flowkern.sampling import sample_euler, subsample_transitions
 
 CONSISTENCY_MODES = ("fd", "exact")
-JVP_ATTENTION_CHUNK = 1024  # query rows per math-kernel attention call under M21's JVPs (C.QueryChunkedAttention)
+JVP_ATTENTION_CHUNK = 1024  # query rows per math-kernel attention call under M21's JVPs (C.query_chunked_attention)
 FD_SCHEMES = ("forward", "central")
 
 
@@ -465,7 +465,7 @@ class VGGFlow(MethodBase):
         # forward-mode AD through attention: only SDPA's math kernel has a JVP rule (the fused ones raise); its
         # L x L scores in query chunks (at 1024 px SD3 has L = 4429: 1.75 GiB of fp32 scores per unchunked call)
         with C.no_autocast(device):
-            with sdpa_kernel(SDPBackend.MATH), C.QueryChunkedAttention(JVP_ATTENTION_CHUNK):
+            with sdpa_kernel(SDPBackend.MATH), C.query_chunked_attention(JVP_ATTENTION_CHUNK):
                 c, dc = torch.func.jvp(lambda xx, tt: self._value(xx, tt, cond), (x, t), (w, ones))
 
                 def x_hat1(xx, tt):  # (M6), differentiated along (w, 1) through v_theta
