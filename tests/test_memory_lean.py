@@ -316,6 +316,12 @@ def test_reward_hvp_defaults_and_flag():
     assert default_reward_hvp("tiny") == default_reward_hvp("toy") == "autograd"
     with pytest.raises(ValueError, match=r"^--reward-hvp must be 'autograd' or 'central', got 'fd'$"):
         MethodSettings(reward_hvp="fd").check(4)
+    from flowkern.app.run import TrainOptions
+    from flowkern.cli import _build_parser
+
+    args = _build_parser().parse_args(["train", "--method", "vggflow", "--reward-hvp", "autograd"])
+    assert TrainOptions(reward_hvp=args.reward_hvp).method_settings().reward_hvp == "autograd"
+    assert TrainOptions().method_settings().reward_hvp is None  # the model kind's default (method_for_run)
 
 
 # ---------------------------------------------------------------- LoRA: one fp32 copy of each input
