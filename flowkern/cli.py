@@ -232,6 +232,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=S,
         help="VGG-Flow consistency residual: finite differences or JVP [fd; exact with bf16]",
     )
+    g.add_argument(
+        "--reward-hvp",
+        choices=("autograd", "central"),
+        default=S,
+        help="VGG-Flow exact consistency's reward Hessian-vector product: double backward or central difference "
+        "of two reward gradients [central for sd3/flux/flux2/sit; autograd]",
+    )
     g = train.add_argument_group("optimisation")
     g.add_argument("--steps", type=_int_min(1), default=S, help="updates [400]")
     g.add_argument("--batch-size", type=_int_min(1), default=S, help="trajectories per micro-batch and process [8]")

@@ -199,6 +199,7 @@ class TrainOptions:
     alpha: float = MethodSettings.alpha
     subsample: float | None = MethodSettings.subsample
     consistency: str | None = None
+    reward_hvp: str | None = None
     lora_rank: int = 8
     lora_alpha: float | None = None
     steps: int = TrainConfig.num_updates  # the Trainer's defaults where the CLI has no reason to differ
@@ -295,6 +296,7 @@ class TrainOptions:
             alpha=self.alpha,
             subsample=self.subsample,
             consistency=self.consistency,
+            reward_hvp=self.reward_hvp,
             micro_batch=self.micro_batch,
             offload_trajectory=self.offload_trajectory,
         )

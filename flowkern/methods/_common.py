@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -144,16 +144,31 @@ def reward_and_grad(
     return (rs[0], gs[0]) if len(rs) == 1 else (torch.cat(rs), torch.cat(gs))
 
 
-def reward_grad_and_hvp(reward: Reward, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad r(y), H(y) v) per sample, H the Hessian of r, by double backward (M21's forward-over-reverse JVP of
-    grad r along v: the Jacobian of a gradient is the symmetric Hessian, so J v = H v = grad_y <grad r(y), v>).
+REWARD_HVP_MODES = ("autograd", "central")
 
-    Reverse-over-reverse runs through any differentiable decoder (forward-mode AD fails in group_norm); attention
-    (a VAE's mid block) runs SDPA's math kernel, the one whose backward is differentiable.
+
+def reward_grad_and_hvp(
+    reward: Reward, y: torch.Tensor, v: torch.Tensor, mode: str = "autograd"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad r(y), H(y) v) per sample, H the Hessian of r (M21's derivative of grad r along v: the Jacobian of a
+    gradient is the symmetric Hessian, so J v = H v = grad_y <grad r(y), v>).
+
+    ``mode`` 'autograd': double backward, exact. Reverse-over-reverse runs through any differentiable decoder
+    (forward-mode AD fails in group_norm); attention (a VAE's mid block) runs SDPA's math kernel, the one whose
+    backward is differentiable. The first backward's graph (create_graph) keeps every recomputed activation of a
+    checkpointed decoder alive: at 1024 px the peak of an SD3 VAE decode (see docs/math.md, M21).
+
+    ``mode`` 'central': H v ~ (grad r(y + e v) - grad r(y - e v)) / (2 e), O(e^2) error, three ordinary reward
+    gradients (``reward_and_grad``: fp32, the decoder's per-layer checkpointing). e per sample is
+    ``hvp_step`` relative to |y| / |v|.
 
     A reward whose gradient does not depend on y (linear in the pixels, e.g. redness through a linear decoder) has
     H = 0: its gradient carries no graph back to y, and the HVP is zeros. A reward that does not depend on y at all
     is a ValueError, as in ``terminal_reward_grad``."""
+    if mode == "central":
+        return _reward_grad_and_hvp_central(reward, y, v)
+    if mode != "autograd":
+        raise ValueError(f"reward_hvp must be one of {REWARD_HVP_MODES}, got {mode!r}")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     yy = y.detach().requires_grad_(True)
@@ -167,6 +182,34 @@ def reward_grad_and_hvp(reward: Reward, y: torch.Tensor, v: torch.Tensor) -> tup
         # materialize_grads: a gradient that has a graph (e.g. through reward parameters) but none back to y -> 0
         (hv,) = torch.autograd.grad(g, yy, grad_outputs=v.to(g.dtype), materialize_grads=True)
     return g.detach(), hv
+
+
+def hvp_step(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The central difference's step e_b = u^(1/3) |y_b| / |v_b| ([B], u the unit roundoff of the fp32/fp64
+    accumulation dtype; 1 where |y_b| = 0).
+
+    The shift e v has the norm u^(1/3) |y|: the step that balances a central difference's truncation error
+    (~ e^2 |v|^2 |d^3 r|) against the rounding of the two gradients (~ u |grad r| / e), relative to the scale of
+    y (latents of RMS ~1 in the pipelines); 4.9e-3 |y| in fp32, 6.1e-6 |y| in fp64."""
+    acc = acc_dtype(y)
+    rel = torch.finfo(acc).eps ** (1.0 / 3.0)
+    y_norm = y.detach().to(acc).flatten(1).norm(dim=1)
+    v_norm = v.detach().to(acc).flatten(1).norm(dim=1)
+    scale = torch.where(y_norm > 0, y_norm, torch.ones_like(y_norm))
+    return rel * scale / v_norm.clamp(min=torch.finfo(acc).tiny)
+
+
+def _reward_grad_and_hvp_central(reward: Reward, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reward_grad_and_hvp``'s 'central' mode: grad r(y) and (grad r(y + e v) - grad r(y - e v)) / (2 e)."""
+    acc = acc_dtype(y)
+    yy, vv = y.detach().to(acc), v.detach().to(acc)
+    e = batch_column(hvp_step(yy, vv), yy)
+    g = reward_and_grad(reward, yy)[1]
+    g_plus = reward_and_grad(reward, yy + e * vv)[1]
+    g_minus = reward_and_grad(reward, yy - e * vv)[1]
+    hv = (g_plus - g_minus) / (2 * e)
+    zero = batch_column(vv.flatten(1).norm(dim=1) == 0, yy)  # v_b = 0: H v = 0 exactly
+    return g, torch.where(zero, torch.zeros_like(hv), hv)
 
 
 # ---------------------------------------------------------------- batches
@@ -225,6 +268,38 @@ def sq_norm_per_sample(x: torch.Tensor) -> torch.Tensor:
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off (M20: the network calls entering a finite difference run in fp32)."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+@contextlib.contextmanager
+def query_chunked_attention(chunk: int) -> Iterator[None]:
+    """Inside, ``F.scaled_dot_product_attention`` runs ``chunk`` query rows at a time (each row's softmax sees every
+    key, so the result is the unchunked one, row by row): the L x L scores of SDPA's math kernel, which forward-mode
+    AD needs (M21's JVPs), exist ``chunk`` rows at a time. Causal or dropout calls run unchunked.
+
+    It replaces the module attribute (which diffusers' attention reads at each call, as the planner's GPU model of
+    SDPA does, so a planned run sees the chunks) for the duration: one thread at a time."""
+    chunk = check_int("chunk", chunk)
+    functional = torch.nn.functional
+    sdpa = functional.scaled_dot_product_attention
+
+    def chunked(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        call = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if query.shape[-2] <= chunk or is_causal or dropout_p:
+            return sdpa(query, key, value, attn_mask, **call)
+        rows_mask = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1  # per query row
+        parts = []
+        for lo in range(0, query.shape[-2], chunk):
+            rows = slice(lo, lo + chunk)
+            parts.append(
+                sdpa(query[..., rows, :], key, value, attn_mask[..., rows, :] if rows_mask else attn_mask, **call)
+            )
+        return torch.cat(parts, dim=-2)
+
+    functional.scaled_dot_product_attention = chunked
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = sdpa
 
 
 # ---------------------------------------------------------------- deferred backward

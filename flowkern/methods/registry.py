@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from flowkern.methods._common import Reward, Velocity
+from flowkern.methods._common import REWARD_HVP_MODES, Reward, Velocity
 from flowkern.methods.adjoint_matching import AdjointMatching
 from flowkern.methods.base import Method
 from flowkern.methods.draft import DRaFT
@@ -50,7 +50,7 @@ METHODS: dict[str, MethodEntry] = {
             "vggflow",
             VGGFlow,
             "VGG-Flow: value-gradient matching with a learned value net (M6-M22)",
-            ("beta", "lam", "eta", "alpha", "subsample", "consistency", "value_lr", "micro_batch"),
+            ("beta", "lam", "eta", "alpha", "subsample", "consistency", "reward_hvp", "value_lr", "micro_batch"),
         ),
         MethodEntry(
             "dam",
@@ -83,7 +83,9 @@ class MethodSettings:
     steps; p: DAM's cost power (M26); eta: VGG-Flow's eta_t (M15); alpha: VGG-Flow's boundary weight (M17);
     subsample: VGG-Flow's transition fraction f (M22); consistency: VGG-Flow's 'fd' (M20) or 'exact' (M21), None
     picks 'exact' for non-fp32 weights (a bf16 network rounds away the finite-difference step, M20) and 'fd'
-    otherwise; value_hidden, value_depth: the 'small' value net (its own defaults); micro_batch: samples per network
+    otherwise; reward_hvp: 'exact' consistency's Hessian-vector product, 'autograd' (double backward) or 'central'
+    (central difference of reward gradients), None: 'autograd' (``flowkern.app.build`` picks 'central' for the
+    pipelines); value_hidden, value_depth: the 'small' value net (its own defaults); micro_batch: samples per network
     call with grad, per VJP and per reward gradient in VGG-Flow, DAM and AM.
 
     The defaults of p, eta, alpha and subsample are the constructors' (one definition each). They are checked by
@@ -99,6 +101,7 @@ class MethodSettings:
     alpha: float = _default(VGGFlow, "alpha")
     subsample: float | None = _default(VGGFlow, "subsample_fraction")
     consistency: str | None = None
+    reward_hvp: str | None = None
     value_hidden: int | None = None
     value_depth: int | None = None
     micro_batch: int | None = None
@@ -120,6 +123,8 @@ class MethodSettings:
             raise ValueError(f"--eta must be 'quad', 'linear' or 'constant', got {self.eta!r}")
         if self.consistency not in (None, "fd", "exact"):
             raise ValueError(f"--consistency must be 'fd' or 'exact', got {self.consistency!r}")
+        if self.reward_hvp not in (None, *REWARD_HVP_MODES):
+            raise ValueError(f"--reward-hvp must be 'autograd' or 'central', got {self.reward_hvp!r}")
         if self.subsample is not None and not (_number(self.subsample) and 0 < self.subsample <= 1):
             raise ValueError(f"--subsample must be in (0, 1], got {self.subsample!r}")
         for name in ("micro_batch", "value_hidden", "value_depth"):
@@ -186,7 +191,7 @@ def build_method(
                 args["value_net"] = SmallValueNet(sample_shape, num_classes=num_classes, **sizes).to(device)
         consistency = settings.consistency or ("exact" if weights_dtype != torch.float32 else "fd")
         args.update(eta_mode=settings.eta, alpha=settings.alpha, subsample_fraction=settings.subsample,
-                    consistency=consistency)  # fmt: skip
+                    consistency=consistency, reward_hvp=settings.reward_hvp or "autograd")  # fmt: skip
         return VGGFlow(velocity, base_velocity, reward, **{**args, **overrides})
     if name == "dam":
         del args["generator"]  # deterministic

@@ -45,6 +45,7 @@ from flowkern.ops.consistency_residual.reference import boundary_loss
 from flowkern.sampling import sample_euler, subsample_transitions
 
 CONSISTENCY_MODES = ("fd", "exact")
+JVP_ATTENTION_CHUNK = 1024  # query rows per math-kernel attention call under M21's JVPs (C.query_chunked_attention)
 FD_SCHEMES = ("forward", "central")
 
 
@@ -150,7 +151,10 @@ class VGGFlow(MethodBase):
         value_net: 'small' (a :class:`SmallValueNet` on ``sample_shape``) or any module/callable
             ``(x, t, cond) -> c_phi`` shaped like x, in velocity units (e.g. a LoRA copy of the transformer).
         beta: 1/lambda > 0 (M10). alpha: boundary weight (M17, M19). eta_mode: 'quad' | 'linear' | 'constant'.
-        consistency: 'fd' (M20) or 'exact' (M21). eps_x, eps_t: finite-difference steps (per-element RMS step
+        consistency: 'fd' (M20) or 'exact' (M21).
+        reward_hvp: 'exact' only: M21's H(y) dy by 'autograd' (double backward, exact) or 'central' (a central
+            difference of two reward gradients, O(eps^2), ordinary backwards: ``_common.reward_grad_and_hvp``).
+        eps_x, eps_t: finite-difference steps (per-element RMS step
             and paper time, per unit t).
         fd_scheme: 'fd' only. 'forward' (default, M20: one-sided differences reusing the centre, the fused
             ``consistency_residual`` op) or 'central' (M20's option, paper Eqs. 44-45 as printed: T1, T2, T3 by
@@ -177,6 +181,7 @@ class VGGFlow(MethodBase):
         alpha: float = 1e4,
         eta_mode: str = "quad",
         consistency: str = "fd",
+        reward_hvp: str = "autograd",
         fd_scheme: str = "forward",
         eps_x: float = 1e-3,
         eps_t: float = 1e-3,
@@ -198,6 +203,7 @@ class VGGFlow(MethodBase):
         self.eta_mode = eta_mode
         self.consistency = V.check_choice("consistency", consistency, CONSISTENCY_MODES)
         self.fd_scheme = V.check_choice("fd_scheme", fd_scheme, FD_SCHEMES)
+        self.reward_hvp = V.check_choice("reward_hvp", reward_hvp, C.REWARD_HVP_MODES)
         if self.fd_scheme != "forward" and self.consistency != "fd":
             raise ValueError(f"fd_scheme={fd_scheme!r} needs consistency='fd', got consistency={consistency!r}")
         self.eps_x = C.check_positive("eps_x", eps_x)
@@ -446,7 +452,8 @@ class VGGFlow(MethodBase):
 
     def _consistency_exact(self, x, t, cond, v_b, ghat, rho, mask):
         """(M21) T1+T2 = d/ds G_phi(x + s w, t + s) by forward-mode JVPs (c_phi with grad to phi; x_hat1 through
-        v_theta), the reward gradient's derivative by a Hessian-vector product (detached), T3 = J_vb^T sg(G)."""
+        v_theta; SDPA's math kernel), the reward gradient's derivative by a Hessian-vector product (detached,
+        ``reward_hvp``), T3 = J_vb^T sg(G) (reverse mode, the default attention kernels)."""
         device = x.device
         beta, mode = self.beta, self.eta_mode
         with torch.no_grad(), C.no_autocast(device):
@@ -455,24 +462,26 @@ class VGGFlow(MethodBase):
         g_phi = c0 - beta * eta_t * ghat  # G_phi (M15)
         w = (v_b - g_phi).detach()  # w = sg(v_base - G_phi) (shared by M20/M21)
         ones = torch.ones_like(t)
-        # forward-mode AD through attention: only SDPA's math kernel has a JVP rule (the fused ones raise), and only
-        # its backward is twice differentiable (a decoder's attention in the Hessian-vector product)
-        with C.no_autocast(device), sdpa_kernel(SDPBackend.MATH):
-            c, dc = torch.func.jvp(lambda xx, tt: self._value(xx, tt, cond), (x, t), (w, ones))
+        # forward-mode AD through attention: only SDPA's math kernel has a JVP rule (the fused ones raise); its
+        # L x L scores in query chunks (at 1024 px SD3 has L = 4429: 1.75 GiB of fp32 scores per unchunked call)
+        with C.no_autocast(device):
+            with sdpa_kernel(SDPBackend.MATH), C.query_chunked_attention(JVP_ATTENTION_CHUNK):
+                c, dc = torch.func.jvp(lambda xx, tt: self._value(xx, tt, cond), (x, t), (w, ones))
 
-            def x_hat1(xx, tt):  # (M6), differentiated along (w, 1) through v_theta
-                return xx + C.batch_column(1 - tt, xx) * self.velocity(xx, tt, cond).to(xx.dtype)
+                def x_hat1(xx, tt):  # (M6), differentiated along (w, 1) through v_theta
+                    return xx + C.batch_column(1 - tt, xx) * self.velocity(xx, tt, cond).to(xx.dtype)
 
+                with torch.no_grad():
+                    y, dy = torch.func.jvp(x_hat1, (x, t), (w, ones))
             with torch.no_grad():
-                y, dy = torch.func.jvp(x_hat1, (x, t), (w, ones))
                 eta_y, d_eta = torch.func.jvp(lambda tt: eta(tt, mode), (t,), (ones,))
             # d/ds [eta rho grad r(y)] = eta' rho grad r(y) + eta rho H(y) dy (M7; rho fixed, M9)
-            g_y, h_dy = C.reward_grad_and_hvp(self.reward, y, dy)
+            g_y, h_dy = C.reward_grad_and_hvp(self.reward, y, dy, self.reward_hvp)
             d_eta_ghat = C.batch_column(d_eta * rho, x) * g_y.to(x.dtype) + C.batch_column(eta_y * rho, x) * h_dy.to(
                 x.dtype
             )
             del g_y, h_dy, y, dy
-            with torch.enable_grad():
+            with torch.enable_grad():  # T3: reverse mode only, any attention kernel (flash/efficient on a GPU)
                 xr = x.detach().requires_grad_(True)
                 vb = self.base_velocity(xr, t, cond)
                 (t3,) = torch.autograd.grad(vb, xr, grad_outputs=g_phi.detach().to(vb.dtype))
