@@ -42,6 +42,28 @@ def test_bad_backend_names(monkeypatch):
         selected()
 
 
+def test_backend_for_matches_select_backend(monkeypatch):
+    """The public functions' shortcut (no torch.device in the common case) chooses what select_backend chooses."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    def check(x=X, device="cpu"):
+        assert backend.backend_for("op", vgg.IMPLS, "v_ft", x) == selected(device=device)
+
+    check()
+    check(X.as_subclass(Sub))  # not a plain tensor: through select_backend
+    with flowkern.use_backend("torch"):
+        check()
+    monkeypatch.setenv("FLOWKERN_BACKEND", "torch")
+    check()
+    monkeypatch.setenv("FLOWKERN_BACKEND", "auto")
+    check()
+    check(torch.zeros(2, 3, device="meta"), device="meta")
+    with pytest.raises(TypeError, match="v_ft must be a torch.Tensor, got list"):
+        backend.backend_for("op", vgg.IMPLS, "v_ft", [1.0])
+
+
 def test_forced_backend_that_cannot_serve_raises():
     with flowkern.use_backend("cuda"), pytest.raises(backend.BackendUnavailableError, match="cuda"):
         selected()

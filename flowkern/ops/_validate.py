@@ -59,13 +59,18 @@ def check_tensors(primary: torch.Tensor, primary_name: str, **others: object) ->
             check_tensor(name, x, primary, primary_name)  # raises the error naming it
 
 
-def native_coefficients(*values: object) -> tuple:
+def native_coefficients(*values: object) -> list:
     """Per-sample coefficients for a native op, flattened: (tensor, 0.0) for a tensor, (None, 0.0) for None (unused),
     (None, value) otherwise. C++ checks them (a value of the wrong Python type fails the binding of `<name>_value`:
-    raise_type_error names it)."""
-    out: tuple = ()
+    raise_type_error names it). On every eager call: a list, and `type(...) is` before isinstance (half the time)."""
+    out: list = []
     for value in values:
-        out += (value, 0.0) if isinstance(value, torch.Tensor) else (None, 0.0 if value is None else value)
+        if value is None:
+            out += (None, 0.0)
+        elif type(value) is torch.Tensor or isinstance(value, torch.Tensor):
+            out += (value, 0.0)
+        else:
+            out += (None, value)
     return out
 
 

@@ -5,7 +5,8 @@ Backends: ``torch`` (the op's reference.py, any device), ``triton`` (CUDA; CPU u
 dispatcher picks by device (C++ autograd, so an eager call stays in C++).
 Priority: ``use_backend(...)`` context > ``FLOWKERN_BACKEND`` env var > automatic
 (CUDA tensor: cuda, else triton; CPU tensor: cpp, else triton when interpreting, else torch).
-The public function of each op selects before calling; under torch.compile the choice is made once while tracing.
+The public function of each op selects before calling (`backend_for`: the common case, eager CPU with nothing forced,
+without building a torch.device); under torch.compile the choice is made once while tracing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
+
+from flowkern.ops._validate import device_of
 
 BACKEND_NAMES = ("torch", "triton", "cpp", "cuda")
 
@@ -155,6 +158,19 @@ def _warn_no_ext() -> None:
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def backend_for(op: str, impls: Mapping[str, Callable | None], name: str, x: object) -> str:
+    """The backend that runs ``op`` for its primary input ``x`` (argument ``name``): 'cpp' at once in the common case
+    (eager, ``x`` a plain CPU tensor, flowkern._C loaded, no backend forced), else ``select_backend`` on ``x``'s device.
+
+    The common case builds no torch.device: a device's ``.type`` string costs about 0.5 us alone and, measured inside a
+    forward+backward on [4, 8], slows the call by 4-5 us (benchmarks/bench_overhead.py).
+    """
+    if not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.is_cpu and HAS_EXT:
+        if forced_backend() is None:
+            return "cpp"
+    return select_backend(op, impls, device_of(name, x))
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates the choice once, while tracing

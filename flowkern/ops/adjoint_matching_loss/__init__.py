@@ -29,7 +29,7 @@ from flowkern.ops import _validate as V
 from flowkern.ops._autograd import register_fake, saved_gradient_loss
 from flowkern.ops.adjoint_matching_loss.reference import ELEMENTWISE, MEMORYLESS, MODES, NORM
 from flowkern.ops.adjoint_matching_loss.reference import adjoint_matching_loss as reference
-from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
+from flowkern.ops.backend import HAS_TRITON, backend_for, implementations, native_op
 
 OP = "adjoint_matching_loss"
 # The native op's arguments, written once (C++ reads them from a struct generated from this: docs/ops.md).
@@ -97,7 +97,7 @@ def adjoint_matching_loss(
         sigma: memoryless only (required there): sigma_i per sample, > 0 ([B], 0-dim or float).
         lct: memoryless only (required there): the loss clamp LCT > 0; float('inf') disables the clamp.
     """
-    backend = select_backend(OP, IMPLS, V.device_of("v_ft", v_ft))
+    backend = backend_for(OP, IMPLS, "v_ft", v_ft)
     if (sigma is None) != (mode != "memoryless") or (lct is None) != (mode != "memoryless"):
         _check_mode_arguments(mode, sigma, lct)
     sigma_pair, lct_value = ((None, 0.0), math.inf) if sigma is None else (V.native_coefficients(sigma), lct)

@@ -25,7 +25,7 @@ from flowkern.ops import _validate as V
 from flowkern.ops._autograd import register_fake, schema_call
 from flowkern.ops.adjoint_step.reference import MODES
 from flowkern.ops.adjoint_step.reference import adjoint_step as reference
-from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
+from flowkern.ops.backend import HAS_TRITON, backend_for, implementations, native_op
 from flowkern.ops.cfg_euler import _velocity_state_types
 
 OP = "adjoint_step"
@@ -114,7 +114,7 @@ def adjoint_step(
 
     a_new is fp32 (fp64 for fp64 a). Differentiable (linear) in a, vjp_u, vjp_c, through both outputs.
     """
-    backend = select_backend(OP, IMPLS, V.device_of("a", a))
+    backend = backend_for(OP, IMPLS, "a", a)
     V.check_tensors(a, "a", vjp_u=vjp_u, vjp_c=vjp_c)
     if type(return_cot) is not bool:
         raise TypeError(f"return_cot must be a bool, got {type(return_cot).__name__}")

@@ -24,7 +24,7 @@ import torch
 
 from flowkern.ops import _validate as V
 from flowkern.ops._autograd import register_fake, schema_call
-from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
+from flowkern.ops.backend import HAS_TRITON, backend_for, implementations, native_op
 from flowkern.ops.cfg_euler.reference import MODES
 from flowkern.ops.cfg_euler.reference import cfg_euler as reference
 
@@ -133,7 +133,7 @@ def cfg_euler(
         mode: 'ode' (M2) or 'memoryless' (M30: x + h(2v - kappa x) + sqrt(h) sigma noise).
         kappa, sigma: per-sample coefficients of the memoryless step (M29); noise: xi ~ N(0, I) like x.
     """
-    backend = select_backend(OP, IMPLS, V.device_of("v_cond", v_cond))
+    backend = backend_for(OP, IMPLS, "v_cond", v_cond)
     if not (mode == "ode" and kappa is None and sigma is None and noise is None):
         _check_mode_arguments(mode, kappa, sigma, noise)
     if type(detach_uncond) is not bool or type(stopgrad_xhat) is not bool:

@@ -23,7 +23,7 @@ import torch
 
 from flowkern.ops import _validate as V
 from flowkern.ops._autograd import register_fake, schema_call
-from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
+from flowkern.ops.backend import HAS_TRITON, backend_for, implementations, native_op
 from flowkern.ops.consistency_probes.reference import consistency_probes as reference
 
 OP = "consistency_probes"
@@ -80,7 +80,7 @@ def consistency_probes(
     evaluates c_phi and ghat for T2), x_G = x + eps_x*G/rho_G (where it evaluates v_base for T3);
     rho = rms over each sample, floored at 1e-12. Pass rho_w, rho_G on to `consistency_residual`.
     """
-    backend = select_backend(OP, IMPLS, V.device_of("x", x))
+    backend = backend_for(OP, IMPLS, "x", x)
     if backend in V.NATIVE:  # every check in C++ (op.cpp); not differentiable: no autograd history
         try:
             return IMPLS[backend](x, v_base, value_out, reward_grad, *V.native_coefficients(t), beta, eta_mode, eps_x)

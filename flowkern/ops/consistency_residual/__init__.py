@@ -37,7 +37,7 @@ import torch
 
 from flowkern.ops import _validate as V
 from flowkern.ops._autograd import register_fake, schema_call
-from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
+from flowkern.ops.backend import HAS_TRITON, backend_for, implementations, native_op
 from flowkern.ops.consistency_residual.reference import consistency_residual as reference
 from flowkern.ops.consistency_residual.reference import consistency_residual_exact as reference_exact
 from flowkern.ops.consistency_residual.reference import signed_time_step
@@ -165,7 +165,7 @@ def consistency_residual(
 
     The caller forms L_cons + alpha * L_bnd (M19).
     """
-    backend = select_backend(OP, IMPLS, V.device_of("c", c))
+    backend = backend_for(OP, IMPLS, "c", c)
     if backend in V.NATIVE:  # every check in C++ (op.cpp)
         t, t_v, rho_w, rho_w_v, rho_G, rho_G_v, mask, mask_v = V.native_coefficients(t, rho_w, rho_G, mask)
         try:
@@ -208,7 +208,7 @@ def consistency_residual_exact(
 
     R = dG + t3, L_cons = mean(R^2), L_bnd = (1/B) sum_b m_b mean_b(c_b^2). The caller forms L_cons + alpha L_bnd.
     """
-    backend = select_backend(OP_EXACT, EXACT_IMPLS, V.device_of("dG", dG))
+    backend = backend_for(OP_EXACT, EXACT_IMPLS, "dG", dG)
     if backend in V.NATIVE:  # every check in C++ (op.cpp)
         try:
             l_cons, l_bnd, _ = EXACT_IMPLS[backend](dG, t3, c, *V.native_coefficients(mask))

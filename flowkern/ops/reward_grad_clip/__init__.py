@@ -21,7 +21,7 @@ import torch
 
 from flowkern.ops import _validate as V
 from flowkern.ops._autograd import register_fake, schema_call
-from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
+from flowkern.ops.backend import HAS_TRITON, backend_for, implementations, native_op
 from flowkern.ops.reward_grad_clip.reference import reward_grad_clip as reference
 
 OP = "reward_grad_clip"
@@ -65,7 +65,7 @@ def reward_grad_clip(grad: torch.Tensor, tau: float) -> tuple[torch.Tensor, torc
     Not differentiable: the outputs never require grad (backward through them raises PyTorch's "does not require
     grad" error).
     """
-    backend = select_backend(OP, IMPLS, V.device_of("grad", grad))
+    backend = backend_for(OP, IMPLS, "grad", grad)
     if backend in V.NATIVE:  # every check in C++ (op.cpp)
         try:
             return IMPLS[backend](grad, tau)

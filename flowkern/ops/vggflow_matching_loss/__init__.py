@@ -16,7 +16,7 @@ import torch
 
 from flowkern.ops import _validate as V
 from flowkern.ops._autograd import register_fake, saved_gradient_loss
-from flowkern.ops.backend import HAS_TRITON, implementations, native_op, select_backend
+from flowkern.ops.backend import HAS_TRITON, backend_for, implementations, native_op
 from flowkern.ops.vggflow_matching_loss.reference import vggflow_matching_loss as reference
 
 OP = "vggflow_matching_loss"
@@ -67,7 +67,7 @@ def vggflow_matching_loss(
         t: paper time per sample ([B] or scalar). beta: 1/lambda > 0.
         eta_mode: 'quad' (t^2, default), 'linear' (t) or 'constant' (1).
     """
-    backend = select_backend(OP, IMPLS, V.device_of("v_ft", v_ft))
+    backend = backend_for(OP, IMPLS, "v_ft", v_ft)
     if backend in V.NATIVE:  # every check in C++ (op.cpp)
         try:
             return IMPLS[backend](v_ft, v_base, reward_grad, value_out, *V.native_coefficients(t), beta, eta_mode)[0]
