@@ -296,6 +296,33 @@ def test_a_view_written_in_place_is_traced_as_autograd_regenerates_it(view):
     assert tracker.peak == measured
 
 
+def test_a_view_has_the_strides_of_the_real_kernel():
+    """A VAE attention block's output reshaped to [1, C, H, W] gets the C++ view's strides on fake tensors too, so
+    GroupNorm's memory-format choice (a contiguous copy first, not channels-last kernels from there on) and every
+    later kernel's temporaries are traced as they run: exact against the profiler, workspaces included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def build():
+        torch.manual_seed(0)
+        norm, conv = torch.nn.GroupNorm(8, 64), torch.nn.Conv2d(64, 64, 3, padding=1)
+        return norm.requires_grad_(False), conv.requires_grad_(False), torch.randn(1, 64, 16, 16)
+
+    def block(norm, conv, x):
+        h = x.flatten(2).transpose(1, 2).contiguous()  # attention's [B, HW, C] output (diffusers' Attention)
+        h = h.transpose(-1, -2).reshape(x.shape)  # back to [B, C, H, W]: a view, channels-last-like strides
+        return conv(norm(h + x)), h.stride()
+
+    real = build()
+    measured = peak_memory(lambda: block(*real))
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        modules = build()
+    tracker = planner.StorageTracker(lambda n: n, None, cpu_workspaces=True)
+    with fake, tracker:
+        _, strides = block(*modules)
+    assert strides == block(*real)[1]
+    assert tracker.peak == measured
+
+
 @pytest.mark.parametrize(("precision", "bias"), [("int8", False), ("fp8", False), ("fp8", True), ("int8", True)])
 def test_quantized_linear_is_traced_as_torchao_allocates(precision, bias):
     """The planner traces torchao's own weight-only linears (build_run quantizes the fake base as flowkern train
