@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -430,8 +431,11 @@ def predicted_peaks(spec: Spec, info: dict, seed: int = 0) -> dict[str, int] | N
     return {**update["phases"], "peak": update["peak_bytes"], "seconds": round(time.perf_counter() - start, 1)}
 
 
-def measure(spec: Spec, label: str, seed: int = 0, native_bf16: bool = False) -> dict:
-    """Build the run, warm nothing, time and profile exactly one update; one JSON-able record."""
+def measure(
+    spec: Spec, label: str, seed: int = 0, native_bf16: bool = False, planned: Callable[[], dict | None] = lambda: None
+) -> dict:
+    """Build the run, warm nothing, time and profile exactly one update; one JSON-able record. ``planned()``, asked
+    after the update: the planner's prediction traced by another process (``--plan-only``); None: traced here."""
     import flowkern
 
     t0 = time.perf_counter()
@@ -447,7 +451,7 @@ def measure(spec: Spec, label: str, seed: int = 0, native_bf16: bool = False) ->
     skipped = [list(s) for s in trainer.skipped]
     trainer = update = None  # free the real run before the planner builds its fake one
     gc.collect()
-    predicted = predicted_peaks(spec, info, seed)
+    predicted = planned() or predicted_peaks(spec, info, seed)
     return {
         "row": spec.name,
         "label": label,
@@ -530,6 +534,14 @@ def extrapolate_layers(records: list[dict], layers: int) -> dict:
     return {"phases": phases, "peak_bytes": max(phases.values()), "per_block_bytes": slopes, "from_layers": [l1, l2]}
 
 
+def _planned(path: str | None, spec: Spec) -> dict | None:
+    """The prediction for ``spec`` in a file of ``--plan-only`` records (read when the update is done), or None."""
+    if not path or not os.path.isfile(path):
+        return None
+    wanted = dataclasses.asdict(spec)
+    return next((r["predicted"] for r in json.load(open(path)) if r["spec"] == wanted), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=[], help=f"rows to measure: {', '.join(ROWS)}")
@@ -541,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--flowkern", help="checkout whose flowkern to measure [this repository]")
     parser.add_argument("--native-bf16", action="store_true", help="no fp32 emulation of bf16 GEMMs")
+    parser.add_argument(
+        "--plan-only", action="store_true", help="only the planner's prediction of each row (no update), to --out"
+    )
+    parser.add_argument(
+        "--plan-from", help="JSON of --plan-only records: a row's prediction from there instead of tracing it again"
+    )
     parser.add_argument("--table", nargs="*", help="print the markdown table of these JSON files and exit")
     parser.add_argument(
         "--extrapolate", type=int, metavar="L", help="with --table: per-phase peaks at L blocks from two block counts"
@@ -574,9 +592,14 @@ def main(argv: list[str] | None = None) -> int:
         spec = dataclasses.replace(ROWS[row], settings={**ROWS[row].settings, **extra}, layers=args.layers)
         if args.resolution:
             spec = dataclasses.replace(spec, resolution=args.resolution)
-        record = measure(spec, args.label, native_bf16=args.native_bf16)
-        print(markdown([record]).splitlines()[-1], flush=True)
-        if record["predicted"]:
+        if args.plan_only:
+            record = {"row": spec.name, "spec": dataclasses.asdict(spec), "predicted": predicted_peaks(spec, {})}
+            print(f"{spec.name}: flowkern plan (CPU mode) predicts {record['predicted']}", flush=True)
+        else:
+            planned = functools.partial(_planned, args.plan_from, spec)
+            record = measure(spec, args.label, native_bf16=args.native_bf16, planned=planned)
+            print(markdown([record]).splitlines()[-1], flush=True)
+        if record["predicted"] and not args.plan_only:
             predicted, measured = record["predicted"]["peak"], record["peak_bytes"]
             print(f"{spec.name}: flowkern plan (CPU mode) predicts {predicted} B, measured {measured} B "
                   f"({100 * (predicted - measured) / measured:+.2f}%), planned in {record['predicted']['seconds']} s",

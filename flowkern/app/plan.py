@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -156,6 +157,92 @@ def measured_transient(func, args: tuple, kwargs: dict) -> int:
 
 
 # ---------------------------------------------------------------- storage tracking
+# backward nodes of views whose backward only views the gradient (no allocation); see _as_strided_backward
+PURE_VIEW_BACKWARDS = frozenset(
+    {"ViewBackward0", "AliasBackward0", "TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0",
+     "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3",
+     "SqueezeBackward4", "ViewAsRealBackward0", "ViewAsComplexBackward0"}
+)  # fmt: skip
+_INPLACE_VIEW = "_flowkern_plan_inplace_view"  # set on a view an in-place op wrote to (its grad_fn is regenerated)
+
+
+def _storage_extent(size: Any, stride: Any, offset: int) -> int:
+    """Elements a storage needs for this geometry (c10's ``_min_storage_size``)."""
+    return offset + 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else 0
+
+
+def _as_strided_backward(view: torch.Tensor) -> Callable:
+    """A pre-hook making the fake-replayed backward of ``view`` (written in place) allocate as the real one does.
+
+    After an in-place op on a view, autograd regenerates the view's grad_fn. On real tensors (CPU and CUDA) that is
+    ``AsStridedBackward0``, whose backward (``as_strided_backward``) allocates a zero buffer spanning the base and the
+    view, copies the gradient into it and passes on a view of it; on fake tensors (a tensor subclass) autograd
+    replays the view instead (``ViewBackward0``: a view of the incoming gradient, no allocation). The hook hands the
+    replayed node the real node's buffer (e.g. torchao's int8 linear adds its bias in place to a reshaped output)."""
+    base = view._base
+    offset = view.storage_offset() - base.storage_offset()
+    shared = min(offset, 0)  # as_strided_backward: offsets relative to the smaller of the two
+    extent = max(
+        _storage_extent(base.shape, base.stride(), -shared), _storage_extent(view.shape, view.stride(), offset - shared)
+    )
+    size, stride = tuple(view.shape), view.stride()
+
+    def hook(grad_outputs: tuple) -> tuple:
+        grad = grad_outputs[0]
+        if grad is None:
+            return grad_outputs
+        storage = grad.new_zeros(extent)
+        strided = storage.as_strided(size, stride, offset - shared)
+        strided.copy_(grad)
+        return (strided, *grad_outputs[1:])
+
+    return hook
+
+
+def _writes_a_view(func, args: tuple) -> bool:
+    """Whether ``func`` writes in place to its first argument, a view, with autograd recording it."""
+    schema = func._schema
+    if not schema.arguments or not args or not isinstance(args[0], torch.Tensor) or not args[0]._is_view():
+        return False
+    alias = schema.arguments[0].alias_info
+    if alias is None or not alias.is_write or not torch.is_grad_enabled():
+        return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in tree_flatten(args)[0])
+
+
+def _with_real_strides(func, args: tuple, out: Any) -> Any:
+    """``out`` with the strides the real (C++) kernels give it in dimensions of size 1.
+
+    Fake tensors compute strides in Python (``torch._refs``), which can differ from the C++ kernels' in dimensions
+    of size 1, and memory-format decisions read them. A VAE attention output reshaped to [1, C, H, W] is
+    (C, 1, W C, C)-strided on real tensors, (H W C, 1, W C, C) on fake ones; GroupNorm's ``suggest_memory_format``
+    takes the latter for channels-last, and the fake VAE decode then ran channels-last from its mid block on, with
+    other kernels' temporaries and without the real run's contiguous copy (FLUX.2-Klein's VAE at 256 px: 33 MB, 5.5%
+    under the real peak). Two rules: ``aten.view`` gets the strides of the same view of a meta tensor (the C++
+    kernel); a new tensor of the shape of inputs that share one dense layout gets that layout where they differ only
+    in size-1 dimensions, as TensorIterator (and ``empty_like``) keep the inputs' strides."""
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.device.type == "meta":
+        return out
+    if func is torch.ops.aten.view.default:
+        src = args[0]
+        with _disable_current_modes():
+            meta = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device="meta").view(out.shape)
+        if meta.stride() != out.stride():
+            return torch.ops.aten.as_strided.default(src, out.shape, meta.stride(), out.storage_offset())
+        return out
+    tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
+    same = [a for a in tensors if a.shape == out.shape]
+    if not same or len({a.stride() for a in same}) != 1 or not is_non_overlapping_and_dense_or_false(same[0]):
+        return out
+    if any(a.untyped_storage() is out.untyped_storage() for a in tensors):  # a view or an in-place op
+        return out
+    strides = same[0].stride()
+    differ = [d for d, (a, b) in enumerate(zip(strides, out.stride(), strict=True)) if a != b]
+    if differ and all(out.shape[d] == 1 for d in differ):
+        out.as_strided_(out.shape, strides, out.storage_offset())
+    return out
+
+
 def _holds_no_memory(t: torch.Tensor) -> bool:
     """A tensor whose storage allocates nothing although its ``nbytes`` is its size: an efficient zero tensor
     (``aten._efficientzerotensor``: the zero tangents ``torch.func.jvp`` gives inputs without one) or a meta tensor
@@ -303,15 +390,31 @@ class StorageTracker(PlausibleScalars):
                 return key
         return None
 
+    def _hook_regenerated_views(self, args: tuple) -> None:
+        """A view written in place and now used again: autograd has regenerated its grad_fn (the using op's autograd
+        kernel collected it before this dispatch); give it the real node's allocation (:func:`_as_strided_backward`)
+        when its replayed backward is a mere view. Only an aten op's arguments are looked at: a view's grad_fn is
+        never read here while autograd rebases or regenerates it (reading it then would keep the stale node)."""
+        for a in args:
+            if not isinstance(a, torch.Tensor) or not getattr(a, _INPLACE_VIEW, False):
+                continue
+            setattr(a, _INPLACE_VIEW, False)
+            node = a.grad_fn
+            if node is not None and node.name() in PURE_VIEW_BACKWARDS and _INPLACE_VIEW not in node.metadata:
+                node.metadata[_INPLACE_VIEW] = True
+                node.register_prehook(_as_strided_backward(a))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
             return self.scalar(args[0])
         reused = self._reused_gradient(func, args, kwargs)
+        if func.namespace != "prim":  # prim.device: also queried inside the in-place op's autograd, before its rebase
+            self._hook_regenerated_views(args)
         before = self.running
         out = self.data_dependent(func, args, kwargs)
         if out is None:
-            out = func(*args, **kwargs)
+            out = _with_real_strides(func, args, func(*args, **kwargs))
             self.note(func, args, kwargs, out)
         inputs = {
             id(a.untyped_storage())
@@ -334,6 +437,8 @@ class StorageTracker(PlausibleScalars):
                     self._free(reused)
                     reused = None
                 self._allocate(st)
+        if _writes_a_view(func, args):
+            setattr(args[0], _INPLACE_VIEW, True)
         if self.cpu_workspaces and (func.__name__.split(".")[0] in CPU_WORKSPACE_OPS or _mixed_dtypes(args, kwargs)):
             extra = measured_transient(func, args, kwargs)
             if extra:  # held inside the op only: a peak candidate, not a live storage
