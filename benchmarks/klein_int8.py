@@ -13,11 +13,11 @@ Not collected by pytest or CI (minutes, ~8 GB of weights). Three steps, each opt
    the peak is measured above the level at the start of the update. ``is_distilled`` is true, as in the released
    FLUX.2-klein-4B (the non-distilled one is FLUX.2-klein-base-4B), so there is no true CFG (w = None).
 2. ``--update``: ``flowkern train DIR --method dam --K 3 --base-precision int8 --resolution 256 --batch-size 1
-   --steps 1 --num-steps 4`` run in-process (``flowkern.cli.main``). Its one update runs under the torch profiler
-   with ``flowkern.app.plan.no_cyclic_gc`` and ``real_size``'s phase markers; the peak is the running sum of the
-   CPU allocator's events above the level at the update's start (``real_size.phase_profile``), with bf16 GEMMs
-   computed in fp32 and folded as native bf16 kernels (``real_size.Bf16GemmInFp32``; ``--native-bf16`` turns it
-   off). The final eval (at least 2 samples) is skipped: it is not part of the update.
+   --steps 1 --num-steps 4 --lora-rank 8`` run in-process (``flowkern.cli.main``). Its one update runs under the
+   torch profiler with ``flowkern.app.plan.no_cyclic_gc`` and ``real_size``'s phase markers; the peak is the running
+   sum of the CPU allocator's events above the level at the update's start (``real_size.phase_profile``), with bf16
+   GEMMs computed in fp32 and folded as native bf16 kernels (``real_size.Bf16GemmInFp32``; ``--native-bf16`` turns
+   it off). The final eval (at least 2 samples) is skipped: it is not part of the update.
 3. ``--plan``: ``flowkern plan DIR --device cpu`` with the same settings, ``--json``, in a subprocess with a time
    limit; its output (or exactly how it failed) goes into the record.
 
@@ -55,9 +55,11 @@ from benchmarks.real_size import (  # noqa: E402
 )
 
 CONFIG = Path(__file__).resolve().parents[1] / "flowkern" / "assets" / "configs" / "flux2-klein-4b.json"
-# the measured run: the CLI flags shared by `flowkern train` and `flowkern plan`
+# the measured run: the CLI flags shared by `flowkern train` and `flowkern plan`, every knob that changes memory
+# given explicitly (the two commands' defaults differ: LoRA rank 8 for train, 16 for plan; the recorded run of
+# 2026-12-07 used train's 8); tests/test_plan_settings.py checks that both commands read them as one run
 SETTINGS = ["--method", "dam", "--K", "3", "--base-precision", "int8", "--resolution", "256", "--batch-size", "1",
-            "--num-steps", "4"]  # fmt: skip
+            "--num-steps", "4", "--lora-rank", "8"]  # fmt: skip
 TEXT_ENCODER = dict(hidden_size=2560, num_hidden_layers=27, num_attention_heads=1, num_key_value_heads=1,
                     head_dim=128, intermediate_size=64, max_position_embeddings=512)  # fmt: skip
 

@@ -319,6 +319,10 @@ class StorageTracker(PlausibleScalars):
         if entry is not None and entry[1] != "host":
             self.running -= entry[0]
             self.by_kind[entry[1]] -= entry[0]
+            # a phase's peak is sampled at every allocator event, frees too (as real_size.phase_profile measures):
+            # a phase that only frees (the update's end after AdamW: its moments still held) peaks at that level
+            phase = self.phase
+            self.phase_peak[phase] = max(self.phase_peak[phase], self.running)
 
     def reclassify(self, t: torch.Tensor, kind: str) -> None:
         """Count ``t``'s storage as ``kind`` from now on (e.g. a LoRA gradient allocated by the backward)."""
