@@ -5,6 +5,7 @@ planner's CPU-mode prediction within 5% of the exact peak; bad values give one V
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -266,3 +267,24 @@ def test_cli_flags_reach_the_options():
     args = parser.parse_args(["train", "--recompute", "none", "--no-checkpoint-reward", "--offload-trajectory"])
     assert (args.recompute, args.checkpoint_reward, args.offload_trajectory) == ("none", False, True)
     assert "recompute" not in vars(parser.parse_args(["train"]))  # not given: the options' defaults (or --config)
+
+
+def test_cli_plan_passes_reward_hvp_and_prints_the_chosen_base(monkeypatch, capsys):
+    from flowkern.cli import main
+
+    planned = []
+
+    def fake_plan(model, device="cuda", **knobs):  # only an fp8 base fits
+        planned.append(knobs)
+        need = (10 if knobs.get("base_precision") == "fp8" else 30) * 2**30
+        return {"model": "m", "total_bytes": need, "cuda_context_bytes": 0, "knobs": knobs}
+
+    monkeypatch.setattr(planner, "plan", fake_plan)
+    monkeypatch.setattr(planner, "quantized_bases", lambda model, device="cuda": ("int8", "fp8"))
+    argv = ["plan", "sit-xl-2", "--method", "vggflow", "--consistency", "exact", "--reward-hvp", "autograd", "--json"]
+    assert main(argv) == 0 and planned[-1]["reward_hvp"] == "autograd"
+    capsys.readouterr()
+    assert main([*argv, "--memory-budget", "16GiB"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert chosen["choice"].startswith("fp8 base: ") and chosen["prediction"]["knobs"]["base_precision"] == "fp8"
+    assert all(k["reward_hvp"] == "autograd" for k in planned)
