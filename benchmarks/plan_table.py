@@ -165,7 +165,7 @@ def _key(r: dict) -> tuple:
 def _choice_cell(c: dict | None, base_precision: str | None) -> str:
     """'defaults: GiB', or what the choice changes from them (base precision, offload, sublayer recompute, K)."""
     if c is None:
-        return "-"
+        return "not planned"
     if c["choice"] is None:
         return f"nothing fits: needs {c['needs_bytes'] / GIB:.1f}"
     k = c["knobs"]
@@ -185,7 +185,7 @@ def _line(r: dict) -> str:
         f"| {r['model']} | {r['resolution']} | {r['row']} | {base} | **{r['needs_bytes'] / GIB:.1f}** | "
         f"{weights / GIB:.1f} | {p['update']['peak_bytes'] / GIB:.2f} | {p['update']['peak_phase']} | "
         + " | ".join(choices)
-        + " |"
+        + f" | {r.get('plan_seconds', r.get('seconds'))} |"
     )
 
 
@@ -195,8 +195,8 @@ def markdown(records: list[dict]) -> str:
     lines = [
         "| model | px | method | base | card needs (GiB) | weights | update peak | peak phase | "
         + " | ".join(f"choice under {b}: GiB" for b in BUDGETS)
-        + " |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(BUDGETS),
+        + " | CPU s |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * (len(BUDGETS) + 1),
     ]
     order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in MODELS))}
     rows = {r: i for i, r in enumerate(METHODS)}
