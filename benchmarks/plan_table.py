@@ -66,7 +66,8 @@ def run_record(model: str, resolution: int, row: str, base_precision: str | None
         for budget, chosen in zip(budgets, results, strict=True):
             if chosen["choice"] is None:
                 record["choices"][budget] = {"choice": None, "needs_bytes": chosen["needs_bytes"],
-                                             "error": chosen["error"], "tried": chosen["tried"]}  # fmt: skip
+                                             "error": chosen["error"], "tried": chosen["tried"],
+                                             "unplanned": chosen.get("unplanned", False)}  # fmt: skip
             else:
                 record["choices"][budget] = {"choice": chosen["choice"], "knobs": chosen["prediction"]["knobs"],
                                              "needs_bytes": fits(chosen["prediction"]),
@@ -166,6 +167,8 @@ def _choice_cell(c: dict | None, base_precision: str | None) -> str:
     """'defaults: GiB', or what the choice changes from them (base precision, offload, sublayer recompute, K)."""
     if c is None:
         return "not planned"
+    if c.get("unplanned"):
+        return "not planned (the extrapolation refused a candidate)"
     if c["choice"] is None:
         return f"nothing fits: needs {c['needs_bytes'] / GIB:.1f}"
     k = c["knobs"]

@@ -415,3 +415,19 @@ def test_quantized_base_prediction_within_5_percent_of_the_exact_peak(backbone, 
     assert not trainer.skipped, trainer.skipped
     predicted = planner.plan(spec, device="cpu", **knobs)["update"]["peak_bytes"]
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+
+
+def test_budget_search_stops_at_a_setting_it_cannot_plan(monkeypatch):
+    def fake_plan(model, device="cuda", **knobs):  # bf16 fits 24 GiB; the extrapolation refuses the int8 base
+        if knobs.get("base_precision") == "int8":
+            raise RuntimeError("extrapolate: the peak moves between phases with depth")
+        return {"model": "m", "total_bytes": 18 * 2**30, "resident": {"transformer": 16 * 2**30},
+                "cuda_context_bytes": 0, "knobs": knobs}  # fmt: skip
+
+    monkeypatch.setattr(planner, "plan", fake_plan)
+    cands = planner.candidate_knobs({"method": "refl"}, ("int8",), faster=False)
+    big, small = planner.choose_each("sit-xl-2", [24 * 2**30, 14 * 2**30], candidates=cands, method="refl")
+    assert big["choice"].endswith("(the default)")
+    assert small["unplanned"] and "could not plan 'int8 base" in small["error"]
+    with pytest.raises(RuntimeError, match="the peak moves between phases"):
+        planner.choose("sit-xl-2", 14 * 2**30, candidates=cands, method="refl")

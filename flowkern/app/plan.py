@@ -808,7 +808,7 @@ def choose(
     replaces :func:`plan` (e.g. one that caches predictions)."""
     result = choose_each(model, [budget], device, candidates, plan_fn, **knobs)[0]
     if result["choice"] is None:
-        raise ValueError(result["error"])
+        raise (RuntimeError if result.get("unplanned") else ValueError)(result["error"])
     return result
 
 
@@ -824,7 +824,9 @@ def choose_each(
     candidate that fits it; the pass stops once every budget has one. A candidate is not planned when the frozen
     weights alone (the resident bytes of a planned candidate with the same base precision, + the CUDA context)
     exceed every open budget: no knob here changes them. Per budget: the :func:`choose` dict, or ``{'choice':
-    None, 'needs_bytes': the smallest need, 'error': the one-line refusal, 'tried': ...}``."""
+    None, 'needs_bytes': the smallest need, 'error': the one-line refusal, 'tried': ...}``; a candidate the planner
+    cannot plan (a RuntimeError: the extrapolation refused) ends the search, its error in the open budgets' dicts
+    (``'unplanned': True``)."""
     needs = [budget if isinstance(budget, int) else parse_budget(budget) for budget in budgets]
     if candidates is None:
         candidates = candidate_knobs(knobs, base_precisions=quantized_bases(model, device))
@@ -842,7 +844,12 @@ def choose_each(
         if floor is not None and floor > max(open_needs):
             skipped.append((what, setting, floor))
             continue
-        prediction = run(model, device=device, **setting)
+        try:
+            prediction = run(model, device=device, **setting)
+        except RuntimeError as err:  # the extrapolation refused (the peak moves between phases with depth)
+            line = f"--memory-budget: could not plan {what!r}: {err}"
+            return [chosen.get(n) or {"choice": None, "needs_bytes": None, "tried": list(tried), "error": line,
+                                      "unplanned": True} for n in needs]  # fmt: skip
         name, need = prediction["model"], fits(prediction)
         tried.append((what, need))
         if "resident" in prediction:
