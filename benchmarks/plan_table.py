@@ -101,9 +101,17 @@ def _disk_plan(model: str, device: str, knobs: dict) -> dict:
         with open(PLAN_CACHE) as f:
             for line in f:
                 entry = json.loads(line)
+                if entry["key"] == key and "error" in entry:
+                    raise RuntimeError(entry["error"])
                 if entry["key"] == key:
                     return entry["plan"]
-    prediction = plan(model, device=device, **knobs)
+    try:
+        prediction = plan(model, device=device, **knobs)
+    except RuntimeError as err:  # the extrapolation refused: cached too, a rerun does not trace it again
+        if PLAN_CACHE:
+            with open(PLAN_CACHE, "a") as f:
+                f.write(json.dumps({"key": key, "error": str(err)}) + "\n")
+        raise
     if PLAN_CACHE:
         with open(PLAN_CACHE, "a") as f:
             f.write(json.dumps({"key": key, "plan": prediction}) + "\n")
