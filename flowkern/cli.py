@@ -353,13 +353,18 @@ def _build_parser() -> argparse.ArgumentParser:
             "Runs one update of the real training code on fake tensors (shapes only) and reports its peak memory "
             "by phase and by kind. MODEL: a shipped config (sd3-medium, sd3.5-large, flux1-dev, flux2-klein-4b, "
             "sit-xl-2) or a local diffusers pipeline directory. With --memory-budget, picks the fastest knobs "
-            "that fit (gradient checkpointing, batch with accumulation, K) or names the smallest budget that would."
+            "that fit (gradient checkpointing, trajectory offload, batch with accumulation, K, then an int8 / fp8 "
+            "frozen base where torchao is installed) or names the smallest budget that would."
         ),
     )
     pl.add_argument("model", help="config name or pipeline directory")
     pl.add_argument("--method", default="dam", choices=["vggflow", "dam", "am", "draft", "refl"], help="[dam]")
     pl.add_argument("--K", type=_int_min(1), default=None, help="DAM / DRaFT / ReFL steps")
     pl.add_argument("--consistency", choices=["fd", "exact"], default=None, help="VGG-Flow's consistency terms")
+    pl.add_argument(
+        "--reward-hvp", choices=["autograd", "central"], default=None,
+        help="VGG-Flow exact consistency's reward Hessian-vector product [central for real pipelines]",
+    )  # fmt: skip
     pl.add_argument("--lora-rank", type=_int_min(1), default=16, help="[16]")
     pl.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="frozen weights [bf16]")
     pl.add_argument("--base-precision", **BASE_PRECISION)
@@ -552,7 +557,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         precision=args.precision, batch=args.batch_size, grad_accum=args.grad_accum, micro_batch=args.micro_batch,
         resolution=args.resolution, num_steps=args.num_steps, base_precision=args.base_precision,
         extrapolate=args.extrapolate, recompute=args.recompute, checkpoint_reward=args.checkpoint_reward,
-        offload_trajectory=args.offload_trajectory, reward=args.reward,
+        offload_trajectory=args.offload_trajectory, reward=args.reward, reward_hvp=args.reward_hvp,
     )  # fmt: skip
     if budget is None:
         result = plan(args.model, device=args.device, **knobs)

@@ -5,6 +5,7 @@ planner's CPU-mode prediction within 5% of the exact peak; bad values give one V
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -188,7 +189,7 @@ def test_candidates_go_cheapest_first_and_each_keeps_the_previous():
     line = planner.knob_line(last)
     assert line == (
         "recompute sublayer, VAE checkpointing on, reward-tower checkpointing on, trajectory offload on, "
-        "batch 1 x 4 accumulation, K 1"
+        "batch 1 x 4 accumulation, K 1, base bf16"
     )
 
 
@@ -207,8 +208,32 @@ def test_train_budget_applies_the_chosen_knobs(monkeypatch):
     assert opts.batch_size == 2
     assert lines == [
         "--memory-budget 16GiB: recompute the backbone per sublayer (attention, MLP): recompute sublayer, VAE "
-        "checkpointing on, reward-tower checkpointing on, trajectory offload on, batch 2 x 1 accumulation, K None"
+        "checkpointing on, reward-tower checkpointing on, trajectory offload on, batch 2 x 1 accumulation, K None, "
+        "base fp32"
     ]
+
+
+def test_train_budget_plans_its_reward_hvp_and_takes_a_quantized_base(monkeypatch):
+    from flowkern.app import run
+
+    planned = []
+
+    def fake_plan(model, device="cuda", **knobs):  # bf16 never fits (its weights); an int8 base does
+        planned.append(knobs)
+        fits = knobs.get("base_precision") == "int8"
+        return {"model": "m", "total_bytes": (10 if fits else 30) * 2**30, "cuda_context_bytes": 0, "knobs": knobs}
+
+    monkeypatch.setattr(planner, "plan", fake_plan)
+    monkeypatch.setattr(planner, "quantized_bases", lambda model, device="cuda": ("int8", "fp8"))
+    opts = run.TrainOptions(model="flux1-dev", method="vggflow", consistency="exact", reward_hvp="autograd",
+                            precision="bf16", batch_size=1, memory_budget="16GiB")  # fmt: skip
+    lines = []
+    run._fit_budget(opts, lines.append)
+    assert planned and all(k["reward_hvp"] == "autograd" for k in planned)
+    assert opts.base_precision == "int8" and opts.reward_hvp == "autograd"
+    assert lines[0].startswith("--memory-budget 16GiB: int8 base: checkpoint the VAE decode only") and lines[
+        0
+    ].endswith("base int8")
 
 
 def test_bad_knob_values_name_the_setting():
@@ -242,3 +267,24 @@ def test_cli_flags_reach_the_options():
     args = parser.parse_args(["train", "--recompute", "none", "--no-checkpoint-reward", "--offload-trajectory"])
     assert (args.recompute, args.checkpoint_reward, args.offload_trajectory) == ("none", False, True)
     assert "recompute" not in vars(parser.parse_args(["train"]))  # not given: the options' defaults (or --config)
+
+
+def test_cli_plan_passes_reward_hvp_and_prints_the_chosen_base(monkeypatch, capsys):
+    from flowkern.cli import main
+
+    planned = []
+
+    def fake_plan(model, device="cuda", **knobs):  # only an fp8 base fits
+        planned.append(knobs)
+        need = (10 if knobs.get("base_precision") == "fp8" else 30) * 2**30
+        return {"model": "m", "total_bytes": need, "cuda_context_bytes": 0, "knobs": knobs}
+
+    monkeypatch.setattr(planner, "plan", fake_plan)
+    monkeypatch.setattr(planner, "quantized_bases", lambda model, device="cuda": ("int8", "fp8"))
+    argv = ["plan", "sit-xl-2", "--method", "vggflow", "--consistency", "exact", "--reward-hvp", "autograd", "--json"]
+    assert main(argv) == 0 and planned[-1]["reward_hvp"] == "autograd"
+    capsys.readouterr()
+    assert main([*argv, "--memory-budget", "16GiB"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert chosen["choice"].startswith("fp8 base: ") and chosen["prediction"]["knobs"]["base_precision"] == "fp8"
+    assert all(k["reward_hvp"] == "autograd" for k in planned)

@@ -204,13 +204,100 @@ def test_budget_picks_the_fastest_setting_that_fits_or_names_the_smallest_budget
         return {"model": "m", "total_bytes": need * 2**30, "cuda_context_bytes": 0}
 
     monkeypatch.setattr(planner, "plan", fake_plan)
-    chosen = planner.choose("m", "16GiB", method="dam", batch=4, K=3)
+    chosen = planner.choose("sit-xl-2", "16GiB", method="dam", batch=4, K=3)
     assert chosen["choice"].startswith("batch 1 with 4 accumulation steps")
     assert [b // 2**30 for _, b in chosen["tried"]] == [30, 30, 20, 20, 20, 12]  # default, + offload, + sublayer
-    assert planner.choose("m", "24GiB", method="dam", batch=4)["choice"].startswith("per-block checkpointing")
-    assert planner.choose("m", "40GiB", method="dam")["choice"].startswith("no gradient checkpointing")
+    assert planner.choose("sit-xl-2", "24GiB", method="dam", batch=4)["choice"].startswith("per-block checkpointing")
+    assert planner.choose("sit-xl-2", "40GiB", method="dam")["choice"].startswith("no gradient checkpointing")
     with pytest.raises(ValueError, match=r"smallest budget that would is 12.0 GiB"):
-        planner.choose("m", "8GiB", method="dam", batch=4)
+        planner.choose("sit-xl-2", "8GiB", method="dam", batch=4)
+
+
+def _fake_plans(weights: dict, update: dict, calls: list):
+    """A plan() whose frozen weights depend on the base precision and whose update on the knobs (GiB)."""
+
+    def fake_plan(model, device="cuda", **knobs):
+        calls.append(knobs)
+        bp = knobs.get("base_precision") or "bf16"
+        u = update["offload"] if knobs.get("offload_trajectory") else update["default"]
+        resident = {"transformer": weights[bp] * 2**30}
+        return {"model": "m", "total_bytes": (weights[bp] + u) * 2**30, "resident": resident, "cuda_context_bytes": 0,
+                "knobs": knobs}  # fmt: skip
+
+    return fake_plan
+
+
+def test_budget_search_tries_int8_then_fp8_bases_after_bf16(monkeypatch):
+    # FLUX.1-dev-like: 22 GiB of bf16 weights, 11 in int8/fp8; the update needs 4 GiB (3 with the trajectory offloaded)
+    calls = []
+    monkeypatch.setattr(planner, "plan", _fake_plans({"bf16": 22, "int8": 11, "fp8": 11}, {"default": 4, "offload": 3},
+                                                      calls))  # fmt: skip
+    knobs = dict(method="vggflow", consistency="fd")
+    cands = planner.candidate_knobs(knobs, ("int8", "fp8"), faster=False)
+    assert [w for w, _ in cands][3:6] == [
+        "int8 base: per-block checkpointing of the backbone, per-layer of the VAE and the reward tower (the default)",
+        "int8 base: offload the stored trajectory to pinned CPU memory",
+        "int8 base: recompute the backbone per sublayer (attention, MLP)",
+    ]
+    assert {k.get("base_precision") for _, k in cands} == {None, "int8", "fp8"}
+    # one pass serves both budgets; bf16 is not planned past its first setting (its weights alone exceed both)
+    big, small = planner.choose_each("sit-xl-2", [20 * 2**30, 14 * 2**30], candidates=cands, **knobs)
+    assert [c.get("base_precision") for c in calls] == [None, "int8", "int8"]
+    assert big["choice"].startswith("int8 base: per-block") and small["choice"].startswith("int8 base: offload")
+    line = planner.knob_line(small["prediction"]["knobs"])
+    assert line.endswith("trajectory offload on, batch 1 x 1 accumulation, K None, base int8")
+    assert planner.knob_line({**knobs, "base_precision": "fp8"}).endswith(f"base fp8 ({planner.FP8_ASSUMES})")
+    # nothing fits: one line naming the smallest need; the settings skipped for their weights are planned after the
+    # pass where they might need less than the smallest planned (the quantized ones), the bf16 ones cannot
+    calls.clear()
+    (refused,) = planner.choose_each("sit-xl-2", [10 * 2**30], candidates=cands, **knobs)
+    assert refused["choice"] is None and refused["needs_bytes"] == 14 * 2**30
+    assert refused["error"].endswith("the smallest budget that would is 14.0 GiB")
+    assert [c.get("base_precision") for c in calls] == [None, "int8", "fp8", "int8", "int8", "fp8", "fp8"]
+    # an int8 run tries fp8 after it, an fp8 or fp32 run no quantized base
+    assert {k["base_precision"] for _, k in planner.candidate_knobs({"base_precision": "int8"}, ("int8", "fp8"))} == {
+        "int8", "fp8"}  # fmt: skip
+    for own in ({"base_precision": "fp8"}, {"precision": "fp32"}):
+        assert len(planner.candidate_knobs(own, ("int8", "fp8"))) == len(planner.candidate_knobs(own))
+
+
+def test_quantized_bases_need_torchao(monkeypatch):
+    import importlib.util
+
+    assert planner.quantized_bases("flux1-dev", "cuda")[0] == "int8"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torchao" else find_spec(name))
+    assert planner.quantized_bases("flux1-dev", "cuda") == ()
+
+
+def test_budget_search_plans_an_int8_base_on_a_tiny_flux():
+    pytest.importorskip("torchao")
+    knobs = dict(method="vggflow", consistency="fd", precision="bf16", batch=1, lora_rank=4)
+    default, int8 = [c for c in planner.candidate_knobs(knobs, ("int8",), faster=False) if "(the default)" in c[0]]
+    cache = {}
+
+    def cached_plan(model, device="cuda", **k):
+        key = repr(sorted(k.items()))
+        cache[key] = cache.get(key) or planner.plan(model, device=device, **k)
+        return cache[key]
+
+    need_int8 = planner.fits(cached_plan(TINY["flux"], **int8[1]))
+    chosen = planner.choose(TINY["flux"], need_int8, candidates=[default, int8], plan_fn=cached_plan, **knobs)
+    assert len(cache) == 2 and chosen["tried"][0][1] > need_int8  # the bf16 base does not fit, the int8 base does
+    assert chosen["choice"].startswith("int8 base") and chosen["prediction"]["knobs"]["base_precision"] == "int8"
+    assert knobs["precision"] == "bf16" and planner.knob_line(chosen["prediction"]["knobs"]).endswith("base int8")
+
+
+def test_reward_hvp_knob_plans_the_mode_it_names():
+    knobs = dict(method="vggflow", consistency="exact", precision="bf16", batch=1, lora_rank=4)
+    trainer, _ = build_run(TINY["flux"], Knobs(reward_hvp="autograd", **knobs))
+    assert trainer.method.reward_hvp == "autograd"
+    autograd, central = (planner.plan(TINY["flux"], reward_hvp=mode, **knobs) for mode in ("autograd", "central"))
+    assert autograd["knobs"]["reward_hvp"] == "autograd" and central["knobs"]["reward_hvp"] == "central"
+    # the double backward through the VAE decode and the reward holds more than two ordinary reward gradients
+    assert autograd["update"]["peak_bytes"] > central["update"]["peak_bytes"]
+    with pytest.raises(ValueError, match=r"^reward_hvp: expected autograd or central, got 'exact'$"):
+        Knobs(reward_hvp="exact").check(TINY["flux"])
 
 
 def test_cli_plan_bad_input_is_one_line(capsys, tmp_path):
@@ -382,3 +469,19 @@ def test_quantized_base_prediction_within_5_percent_of_the_exact_peak(backbone, 
     assert not trainer.skipped, trainer.skipped
     predicted = planner.plan(spec, device="cpu", **knobs)["update"]["peak_bytes"]
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+
+
+def test_budget_search_stops_at_a_setting_it_cannot_plan(monkeypatch):
+    def fake_plan(model, device="cuda", **knobs):  # bf16 fits 24 GiB; the extrapolation refuses the int8 base
+        if knobs.get("base_precision") == "int8":
+            raise RuntimeError("extrapolate: the peak moves between phases with depth")
+        return {"model": "m", "total_bytes": 18 * 2**30, "resident": {"transformer": 16 * 2**30},
+                "cuda_context_bytes": 0, "knobs": knobs}  # fmt: skip
+
+    monkeypatch.setattr(planner, "plan", fake_plan)
+    cands = planner.candidate_knobs({"method": "refl"}, ("int8",), faster=False)
+    big, small = planner.choose_each("sit-xl-2", [24 * 2**30, 14 * 2**30], candidates=cands, method="refl")
+    assert big["choice"].endswith("(the default)")
+    assert small["unplanned"] and "could not plan 'int8 base" in small["error"]
+    with pytest.raises(RuntimeError, match="the peak moves between phases"):
+        planner.choose("sit-xl-2", 14 * 2**30, candidates=cands, method="refl")

@@ -819,16 +819,54 @@ def fits(prediction: dict) -> int:
     return prediction["total_bytes"] + prediction["cuda_context_bytes"]
 
 
-def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
+def quantized_bases(model: Any, device: str = "cuda") -> tuple[str, ...]:
+    """The quantized frozen bases (issue 17) the budget search may try after bf16: int8, then fp8, where torchao is
+    importable and the model kind loads quantized bases (``build.FOR_MODELS['base_precision']``); fp8 only where
+    the device serves it: probed on a CPU or a visible GPU (``quantize.check_fp8``); a GPU that is not here (the
+    planner's ``'cuda'`` on this machine) is assumed to store float8 weights, which weight-only fp8 needs (no fp8
+    matmul: before sm_89 torchao dequantizes to bf16), and :func:`knob_line` says so."""
+    import importlib.util
+
+    from flowkern.app.build import FOR_MODELS
+    from flowkern.app.plan_models import resolve
+
+    if importlib.util.find_spec("torchao") is None or resolve(model).kind not in FOR_MODELS["base_precision"]:
+        return ()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return ("int8", "fp8")
+    from flowkern.models.quantize import check_fp8
+
+    try:
+        check_fp8(device)
+    except ValueError:
+        return ("int8",)
+    return ("int8", "fp8")
+
+
+def candidate_knobs(knobs: dict, base_precisions: tuple[str, ...] = (), faster: bool = True) -> list[tuple[str, dict]]:
     """The knob settings the budget search tries, cheapest in time first: (what changed, knobs). Each step keeps
     the previous ones: no recomputation; the VAE decode's; the default (per-block backbone, per-layer VAE and
     reward tower); the stored trajectory offloaded to pinned CPU memory (host copies of a few latents per step);
     per-sublayer recomputation of the backbone (~one more forward of its attention and MLP); batch 1 with
-    accumulation; K = 1."""
+    accumulation; K = 1. Then the same steps again with each of ``base_precisions`` (int8, fp8: a quantized frozen
+    base, :func:`quantized_bases`) stored below the knobs' own (bf16 < int8 < fp8; an fp32 run is not quantized:
+    that would change its compute dtype). ``faster=False`` starts each precision's steps at the default."""
+    own = knobs.get("base_precision") or ("bf16" if knobs.get("precision", "bf16") == "bf16" else None)
+    order = ("bf16", "int8", "fp8")
+    lower = [q for q in order if own in order and order.index(q) > order.index(own) and q in base_precisions]
+    out = _knob_steps(knobs, faster)
+    for q in lower:
+        out += [(f"{q} base: {what}", setting) for what, setting in _knob_steps({**knobs, "base_precision": q}, faster)]
+    return out
+
+
+def _knob_steps(knobs: dict, faster: bool) -> list[tuple[str, dict]]:
     base = {"checkpoint_backbone": True, "checkpoint_vae": True, "checkpoint_reward": True, **knobs}
     off = {"checkpoint_backbone": False, "checkpoint_vae": False, "checkpoint_reward": False}
-    out = [("no gradient checkpointing (fastest)", {**base, **off})]
-    out.append(("checkpoint the VAE decode only", {**base, **off, "checkpoint_vae": True}))
+    out = []
+    if faster:
+        out.append(("no gradient checkpointing (fastest)", {**base, **off}))
+        out.append(("checkpoint the VAE decode only", {**base, **off, "checkpoint_vae": True}))
     out.append(("per-block checkpointing of the backbone, per-layer of the VAE and the reward tower (the default)",
                 base))  # fmt: skip
     if not base.get("offload_trajectory"):
@@ -847,15 +885,21 @@ def candidate_knobs(knobs: dict) -> list[tuple[str, dict]]:
     return out
 
 
+FP8_ASSUMES = "weight-only: assumes the GPU's torch stores float8_e4m3fn; no fp8 matmul needed"
+
+
 def knob_line(knobs: dict) -> str:
-    """The memory knobs of a setting in one line (what ``--memory-budget`` prints)."""
+    """The memory knobs of a setting in one line (what ``--memory-budget`` prints), its frozen base's precision
+    last (an fp8 base with what it assumes of the GPU)."""
     k = {"checkpoint_backbone": True, "checkpoint_vae": True, "checkpoint_reward": True, "recompute": "block",
          "offload_trajectory": False, "batch": 1, "grad_accum": 1, **knobs}  # fmt: skip
     on = lambda flag: "on" if flag else "off"
+    base = k.get("base_precision") or k.get("precision", "bf16")
     return (
         f"recompute {k['recompute'] if k['checkpoint_backbone'] else 'none'}, VAE checkpointing "
         f"{on(k['checkpoint_vae'])}, reward-tower checkpointing {on(k['checkpoint_reward'])}, trajectory offload "
-        f"{on(k['offload_trajectory'])}, batch {k['batch']} x {k['grad_accum']} accumulation, K {k.get('K')}"
+        f"{on(k['offload_trajectory'])}, batch {k['batch']} x {k['grad_accum']} accumulation, K {k.get('K')}, "
+        f"base {base}" + (f" ({FP8_ASSUMES})" if base == "fp8" else "")
     )
 
 
@@ -867,22 +911,76 @@ def choose(
     plan_fn: Callable[..., dict] | None = None,
     **knobs: Any,
 ) -> dict:
-    """The first setting of :func:`candidate_knobs` whose prediction fits ``budget`` (bytes or a size string):
-    ``{'choice': what changed, 'prediction': plan(...), 'tried': [(what, bytes needed)]}``. Nothing fits:
-    ValueError with one line naming the smallest budget that would. ``plan_fn`` replaces :func:`plan` (e.g. one
-    that caches predictions across budgets)."""
-    need = parse_budget(budget) if not isinstance(budget, int) else budget
-    tried = []
-    for what, setting in candidates if candidates is not None else candidate_knobs(knobs):
-        prediction = (plan_fn or plan)(model, device=device, **setting)
-        tried.append((what, fits(prediction)))
-        if fits(prediction) <= need:
-            return {"choice": what, "prediction": prediction, "tried": tried}
+    """The first setting of :func:`candidate_knobs` (with the :func:`quantized_bases` step) whose prediction fits
+    ``budget`` (bytes or a size string): ``{'choice': what changed, 'prediction': plan(...), 'tried': [(what,
+    bytes needed)]}``. Nothing fits: ValueError with one line naming the smallest budget that would. ``plan_fn``
+    replaces :func:`plan` (e.g. one that caches predictions)."""
+    result = choose_each(model, [budget], device, candidates, plan_fn, **knobs)[0]
+    if result["choice"] is None:
+        raise (RuntimeError if result.get("unplanned") else ValueError)(result["error"])
+    return result
+
+
+def choose_each(
+    model: Any,
+    budgets: list[Any],
+    device: str = "cuda",
+    candidates: list[tuple[str, dict]] | None = None,
+    plan_fn: Callable[..., dict] | None = None,
+    **knobs: Any,
+) -> list[dict]:
+    """:func:`choose` for several budgets in one pass over the candidates: each budget's choice is the first
+    candidate that fits it; the pass stops once every budget has one. A candidate is not planned when the frozen
+    weights alone (the resident bytes of a planned candidate with the same base precision, + the CUDA context)
+    exceed every open budget: no knob here changes them. Per budget: the :func:`choose` dict, or ``{'choice':
+    None, 'needs_bytes': the smallest need, 'error': the one-line refusal, 'tried': ...}``; a candidate the planner
+    cannot plan (a RuntimeError: the extrapolation refused) ends the search, its error in the open budgets' dicts
+    (``'unplanned': True``)."""
+    needs = [budget if isinstance(budget, int) else parse_budget(budget) for budget in budgets]
+    if candidates is None:
+        candidates = candidate_knobs(knobs, base_precisions=quantized_bases(model, device))
+    run = plan_fn or plan
+    tried: list[tuple[str, int]] = []
+    floors: dict[Any, int] = {}  # base precision -> bytes its frozen weights need alone
+    skipped: list[tuple[str, dict, int]] = []
+    chosen: dict[int, dict] = {}
+    name = getattr(model, "name", model)
+    for what, setting in candidates:
+        open_needs = [n for n in needs if n not in chosen]
+        if not open_needs:
+            break
+        floor = floors.get(setting.get("base_precision"))
+        if floor is not None and floor > max(open_needs):
+            skipped.append((what, setting, floor))
+            continue
+        try:
+            prediction = run(model, device=device, **setting)
+        except RuntimeError as err:  # the extrapolation refused (the peak moves between phases with depth)
+            line = f"--memory-budget: could not plan {what!r}: {err}"
+            return [chosen.get(n) or {"choice": None, "needs_bytes": None, "tried": list(tried), "error": line,
+                                      "unplanned": True} for n in needs]  # fmt: skip
+        name, need = prediction["model"], fits(prediction)
+        tried.append((what, need))
+        if "resident" in prediction:
+            floors[setting.get("base_precision")] = (
+                sum(prediction["resident"].values()) + prediction["cuda_context_bytes"]
+            )
+        for n in open_needs:
+            if need <= n:
+                chosen[n] = {"choice": what, "prediction": prediction, "tried": list(tried)}
+    if len(chosen) < len(set(needs)):  # the smallest need: skipped settings are planned where they might be smaller
+        for what, setting, floor in skipped:
+            if floor < min(b for _, b in tried):
+                tried.append((what, fits(run(model, device=device, **setting))))
     smallest = min(b for _, b in tried)
-    raise ValueError(
-        f"--memory-budget: nothing fits {need / GIB:.1f} GiB for {prediction['model']} {knobs.get('method', 'dam')}; "
-        f"the smallest budget that would is {math.ceil(smallest / GIB * 10) / 10:.1f} GiB"
-    )
+    refusal = lambda n: {
+        "choice": None,
+        "needs_bytes": smallest,
+        "tried": list(tried),
+        "error": f"--memory-budget: nothing fits {n / GIB:.1f} GiB for {name} {knobs.get('method', 'dam')}; "
+        f"the smallest budget that would is {math.ceil(smallest / GIB * 10) / 10:.1f} GiB",
+    }
+    return [chosen[n] if n in chosen else refusal(n) for n in needs]
 
 
 def format_table(prediction: dict) -> str:

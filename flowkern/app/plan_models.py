@@ -162,6 +162,7 @@ class Knobs:
     recompute: str = "block"  # none | block | sublayer (TransformerFlowModel.set_recompute; with checkpoint_backbone)
     checkpoint_reward: bool = True  # per-layer checkpointing of a reward tower (rewards.clip.set_layer_checkpointing)
     offload_trajectory: bool = False  # the rollout's stored states in (pinned) CPU memory (sampling.host_buffer)
+    reward_hvp: str | None = None  # VGG-Flow exact: autograd | central (None: the kind's, build.default_reward_hvp)
 
     def check(self, spec: ModelSpec) -> None:
         if self.base_precision is not None:
@@ -180,6 +181,8 @@ class Knobs:
         from flowkern.models._adapter import check_recompute
 
         check_recompute(self.recompute)
+        if self.reward_hvp not in (None, "autograd", "central"):
+            raise ValueError(f"reward_hvp: expected autograd or central, got {self.reward_hvp!r}")
         for name in ("checkpoint_reward", "offload_trajectory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
@@ -403,7 +406,7 @@ def build_run(spec: ModelSpec, knobs: Knobs, device: str = "cpu", seed: int = 0)
     )
     settings = build.MethodSettings(
         K=knobs.K, consistency=knobs.consistency, micro_batch=knobs.micro_batch,
-        offload_trajectory=knobs.offload_trajectory,
+        offload_trajectory=knobs.offload_trajectory, reward_hvp=knobs.reward_hvp,
     )  # fmt: skip
     method = build.method_for_run(knobs.method, setup, reward_fn, settings, default_beta=5e4, seed=seed)
     config = TrainConfig(

@@ -502,7 +502,7 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
 
     device = str(accelerator.device) if accelerator is not None else opts.device
     if opts.memory_budget is not None and not opts.resume:
-        _fit_budget(opts, echo)
+        _fit_budget(opts, echo, device)
     setup = load_model(
         opts.model,
         lora_rank=opts.lora_rank,
@@ -563,27 +563,32 @@ def _build_run(opts: TrainOptions, accelerator, checkpoints: Path, echo):
     return setup, reward_fn, reward_module, method, trainer
 
 
-def _fit_budget(opts: TrainOptions, echo) -> None:
+def _fit_budget(opts: TrainOptions, echo, device: str = "cuda") -> None:
     """--memory-budget: the planner's choice among the knobs training has (the backbone's recompute granularity,
-    trajectory offload, reward-tower checkpointing, batch with accumulation, K; the pipelines always checkpoint the
-    VAE decode), applied to ``opts`` and printed in one line; nothing fits: one-line ValueError. The planner builds
-    the aesthetic tower without weights; other rewards are planned as the pixel reward 'redness'."""
-    from flowkern.app.plan import candidate_knobs, choose, knob_line
+    trajectory offload, reward-tower checkpointing, batch with accumulation, K, then an int8 / fp8 frozen base where
+    ``quantized_bases`` allows it on the run's device; the pipelines always checkpoint the VAE decode), planned with
+    the run's --reward-hvp and --base-precision, applied to ``opts`` and printed in one line; nothing fits: one-line
+    ValueError. The planner builds the aesthetic tower without weights; other rewards are planned as 'redness'."""
+    from flowkern.app.plan import candidate_knobs, choose, knob_line, quantized_bases
 
     knobs = dict(
         method=opts.method, K=opts.K, consistency=opts.consistency, lora_rank=opts.lora_rank or 16,
         precision=opts.precision, batch=opts.batch_size, grad_accum=opts.grad_accum,
         micro_batch=opts.micro_batch or 1, resolution=opts.resolution, num_steps=opts.num_steps,
         recompute=opts.recompute, checkpoint_reward=opts.checkpoint_reward,
-        offload_trajectory=opts.offload_trajectory,
+        offload_trajectory=opts.offload_trajectory, reward_hvp=opts.reward_hvp,
+        base_precision=None if opts.base_precision == "bf16" else opts.base_precision,
     )  # fmt: skip
     from flowkern.app.build import parse_reward_spec
 
     if [parse_reward_spec(s)[0] for s in opts.reward] == ["aesthetic"]:
         knobs["reward"] = "aesthetic"
-    settings = [(what, k) for what, k in candidate_knobs(knobs) if k.get("checkpoint_vae", True)]
+    bases = quantized_bases(opts.model, device)
+    settings = [(what, k) for what, k in candidate_knobs(knobs, bases) if k.get("checkpoint_vae", True)]
     result = choose(opts.model, opts.memory_budget, candidates=settings, **knobs)
     chosen = result["prediction"]["knobs"]
+    if chosen.get("base_precision") is not None:
+        opts.base_precision = chosen["base_precision"]
     opts.batch_size, opts.grad_accum, opts.K = chosen["batch"], chosen["grad_accum"], chosen["K"]
     opts.recompute = chosen["recompute"] if chosen["checkpoint_backbone"] else "none"
     opts.checkpoint_reward, opts.offload_trajectory = chosen["checkpoint_reward"], chosen["offload_trajectory"]
