@@ -365,7 +365,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--reward-hvp", choices=["autograd", "central"], default=None,
         help="VGG-Flow exact consistency's reward Hessian-vector product [central for real pipelines]",
     )  # fmt: skip
-    pl.add_argument("--lora-rank", type=_int_min(1), default=16, help="[16]")
+    pl.add_argument("--lora-rank", type=_int_min(1), default=None, help="[8, as flowkern train]")
     pl.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="frozen weights [bf16]")
     pl.add_argument("--base-precision", **BASE_PRECISION)
     pl.add_argument("--batch-size", type=_int_min(1), default=1, help="trajectories per micro-batch [1]")
@@ -546,19 +546,26 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_knobs(args: argparse.Namespace) -> dict:
+    """The planner's knobs (flowkern.app.plan_models.Knobs fields) of `flowkern plan`'s flags."""
+    from flowkern.models.lora import DEFAULT_RANK
+
+    return dict(
+        method=args.method, K=args.K, consistency=args.consistency, lora_rank=args.lora_rank or DEFAULT_RANK,
+        precision=args.precision, batch=args.batch_size, grad_accum=args.grad_accum, micro_batch=args.micro_batch,
+        resolution=args.resolution, num_steps=args.num_steps, base_precision=args.base_precision,
+        extrapolate=args.extrapolate, recompute=args.recompute, checkpoint_reward=args.checkpoint_reward,
+        offload_trajectory=args.offload_trajectory, reward=args.reward, reward_hvp=args.reward_hvp,
+    )  # fmt: skip
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from flowkern.app.plan import choose, format_table, knob_line, parse_budget, plan
     from flowkern.app.plan_models import resolve
 
     budget = parse_budget(args.memory_budget) if args.memory_budget is not None else None
     resolve(args.model)  # an unknown name or directory: one line before any work
-    knobs = dict(
-        method=args.method, K=args.K, consistency=args.consistency, lora_rank=args.lora_rank,
-        precision=args.precision, batch=args.batch_size, grad_accum=args.grad_accum, micro_batch=args.micro_batch,
-        resolution=args.resolution, num_steps=args.num_steps, base_precision=args.base_precision,
-        extrapolate=args.extrapolate, recompute=args.recompute, checkpoint_reward=args.checkpoint_reward,
-        offload_trajectory=args.offload_trajectory, reward=args.reward, reward_hvp=args.reward_hvp,
-    )  # fmt: skip
+    knobs = _plan_knobs(args)
     if budget is None:
         result = plan(args.model, device=args.device, **knobs)
         print(json.dumps(result, indent=1) if args.json else format_table(result))

@@ -1,8 +1,9 @@
 """A measured run and its plan must describe one update: the knobs ``flowkern train`` runs with and those
 ``flowkern plan`` traces, from the same flags (benchmarks/klein_int8.py's SETTINGS).
 
-The two commands' defaults differ where a knob is not given (LoRA rank: train 8, plan 16; method, precision, batch
-too). The Klein-4B int8 record of 2026-12-07 was measured without ``--lora-rank`` (rank 8) and planned at rank 16: the
+The two commands' defaults differ where a knob is not given (method, precision, batch: the planner's are the docs
+table's); the LoRA rank was one of them (train 8, plan 16) and is now shared (flowkern.models.lora.DEFAULT_RANK). The
+Klein-4B int8 record of 2026-12-07 was measured without ``--lora-rank`` (rank 8) and planned at rank 16: the
 planner's loss_backward (+43.3 MB), probe (+23.6 MB: the rank-16 minus rank-8 LoRA gradients, 47,185,920 / 2 bytes)
 and optimizer (2x: gradients + AdamW moments are 3 x the LoRA) over-predictions were those of a LoRA twice as big.
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowkern.app.plan_models import Knobs
 from flowkern.app.run import TrainOptions
 from flowkern.cli import _build_parser
+from flowkern.cli import _plan_knobs as _cli_plan_knobs
 
 
 def _train_knobs(argv: list[str]) -> dict:
@@ -28,13 +31,12 @@ def _train_knobs(argv: list[str]) -> dict:
 
 
 def _plan_knobs(argv: list[str]) -> dict:
-    a = _build_parser().parse_args(argv)
-    return dict(
-        method=a.method, K=a.K, lora_rank=a.lora_rank, batch=a.batch_size, grad_accum=a.grad_accum,
-        micro_batch=a.micro_batch, resolution=a.resolution, num_steps=a.num_steps, base_precision=a.base_precision,
-        recompute=a.recompute, checkpoint_reward=a.checkpoint_reward, offload_trajectory=a.offload_trajectory,
-        reward=[a.reward],
-    )  # fmt: skip
+    knobs = _cli_plan_knobs(_build_parser().parse_args(argv))
+    return {
+        k: [v] if k == "reward" else v
+        for k, v in knobs.items()
+        if k not in ("consistency", "precision", "extrapolate", "reward_hvp")
+    }
 
 
 def test_klein_benchmark_trains_and_plans_the_same_update():
@@ -44,3 +46,10 @@ def test_klein_benchmark_trains_and_plans_the_same_update():
     planned = _plan_knobs(["plan", "DIR", "--device", "cpu", *SETTINGS, "--json"])
     assert train == planned
     assert train["lora_rank"] == 8  # the recorded measurement's rank
+
+
+def test_plan_and_train_share_the_lora_rank_default():
+    """`flowkern plan` without --lora-rank plans the rank `flowkern train` (and the Python Knobs) use without it."""
+    assert _cli_plan_knobs(_build_parser().parse_args(["plan", "sd3-medium"]))["lora_rank"] == TrainOptions().lora_rank
+    assert Knobs().lora_rank == TrainOptions().lora_rank == 8
+    assert _cli_plan_knobs(_build_parser().parse_args(["plan", "sd3-medium", "--lora-rank", "16"]))["lora_rank"] == 16

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from flowkern.methods.registry import METHODS, MethodSettings
+from flowkern.models.lora import DEFAULT_RANK
 from flowkern.models.prompt_bank import PromptBankFlow
 from flowkern.models.toy import ToyFlow
 from flowkern.rewards.registry import reward_names
@@ -290,7 +291,7 @@ class _Load:
 def load_model(
     spec: str,
     *,
-    lora_rank: int | None = 8,
+    lora_rank: int | None = DEFAULT_RANK,
     lora_alpha: float | None = None,
     lora_path: str | os.PathLike | None = None,
     precision: str = "fp32",

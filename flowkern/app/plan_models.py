@@ -21,6 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
+from flowkern.models.lora import DEFAULT_RANK
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "configs"
 KINDS = {  # kind -> (adapter module, FlowModel, conditioning, transformer class)
     "sd3": ("flowkern.models.sd3", "SD3FlowModel", "SD3Conditioning", "SD3Transformer2DModel"),
@@ -148,7 +150,7 @@ class Knobs:
     method: str = "dam"
     K: int | None = None
     consistency: str | None = None  # VGG-Flow: fd | exact (None: exact for bf16, fd for fp32)
-    lora_rank: int = 16
+    lora_rank: int = DEFAULT_RANK  # flowkern train's
     precision: str = "bf16"
     batch: int = 1
     grad_accum: int = 1

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from flowkern.methods.registry import MethodSettings
+from flowkern.models.lora import DEFAULT_RANK
 from flowkern.train.config import TrainConfig
 
 __all__ = ["JsonlLog", "TrainOptions", "ensure_output_dir", "progress_bar", "run_directory", "saved_options",
@@ -200,7 +201,7 @@ class TrainOptions:
     subsample: float | None = MethodSettings.subsample
     consistency: str | None = None
     reward_hvp: str | None = None
-    lora_rank: int = 8
+    lora_rank: int = DEFAULT_RANK
     lora_alpha: float | None = None
     steps: int = TrainConfig.num_updates  # the Trainer's defaults where the CLI has no reason to differ
     batch_size: int = 8
@@ -572,7 +573,7 @@ def _fit_budget(opts: TrainOptions, echo, device: str = "cuda") -> None:
     from flowkern.app.plan import candidate_knobs, choose, knob_line, quantized_bases
 
     knobs = dict(
-        method=opts.method, K=opts.K, consistency=opts.consistency, lora_rank=opts.lora_rank or 16,
+        method=opts.method, K=opts.K, consistency=opts.consistency, lora_rank=opts.lora_rank or DEFAULT_RANK,
         precision=opts.precision, batch=opts.batch_size, grad_accum=opts.grad_accum,
         micro_batch=opts.micro_batch or 1, resolution=opts.resolution, num_steps=opts.num_steps,
         recompute=opts.recompute, checkpoint_reward=opts.checkpoint_reward,

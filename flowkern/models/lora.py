@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DEFAULT_RANK",
     "DEFAULT_TARGETS",
     "LORA_WEIGHT_NAME",
     "add_lora",
@@ -44,6 +45,9 @@ __all__ = [
     "save_lora",
 ]
 
+# The rank of a run's LoRA when none is given: flowkern train, load_model and flowkern plan share it, so a plan
+# without --lora-rank predicts the run without it.
+DEFAULT_RANK = 8
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
 
