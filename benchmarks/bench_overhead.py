@@ -167,6 +167,11 @@ def main() -> int:
         worst, worst_paired = max(worst, f_us / e_us), max(worst_paired, paired)
         print(f"{name:36s} {'4x8':8s} {e_us:9.1f} {f_us:12.1f} {f_us / e_us:6.2f} {paired:14.2f}")
     print(f"worst ratio {worst:.2f}, worst paired median {worst_paired:.2f} (target <= 0.5)")
+    # torch's own floor under every loss row: the autograd engine on the smallest graph, one node and a leaf
+    leaf = _inputs()["v"]
+    floor = lambda: _backward(leaf.sum())  # noqa: E731
+    floor_us = min(interleaved_us(floor, floor, rounds=20)[:2])
+    print(f"floor: v.sum().backward() on the [4, 8] leaf takes {floor_us:.1f} us (no op can go below it)")
     return 0
 
 
