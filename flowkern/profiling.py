@@ -7,16 +7,35 @@ reuse, C++ allocations unseen). CUDA: reset_peak_memory_stats + max_memory_alloc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off (after one collection): tensors held by reference cycles live until
+    the block ends, whenever the collector would have run (its timing depends on the whole process's history).
+    The measurements here and the planner's traces run this way: a collection inside would free tensors allocated
+    before the entry and lower the running sum by bytes that are not the measured code's (the peak with no collection
+    inside is the one the planner predicts; with one, the real peak can only be lower)."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def cpu_peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by the CPU allocator above the level at entry while `fn` runs."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with no_cyclic_gc(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Raw kineto events carry every allocation (+nbytes) and free (-nbytes); prof.events() folds
     # allocations into their ops' totals, so it cannot give a running sum.
@@ -34,7 +53,8 @@ def cuda_peak_memory(fn: Callable[[], object], device: torch.device | str | None
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    fn()
+    with no_cyclic_gc():
+        fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
 

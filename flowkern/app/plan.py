@@ -59,6 +59,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from flowkern import sampling
 from flowkern.app.plan_models import PlausibleScalars
+from flowkern.profiling import no_cyclic_gc
 
 GIB = 2**30
 MIB = 2**20
@@ -585,24 +586,6 @@ def module_bytes(modules: dict[str, Any]) -> dict[str, int]:
                     total += t.numel() * t.element_size()
         out[name] = total
     return out
-
-
-@contextlib.contextmanager
-def no_cyclic_gc() -> Iterator[None]:
-    """Python's cyclic garbage collector off (after one collection): tensors held by reference cycles live until
-    the update ends, whenever the collector would have run (its timing depends on the whole process's history).
-    The planner traces, and the checks measure, this way: the prediction is the peak with no collection inside
-    the update (with one, the real peak can only be lower)."""
-    import gc
-
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def trace_update(trainer: Any, device: str = "cpu", known: PlausibleScalars | None = None) -> dict:
